@@ -1,0 +1,38 @@
+"""NSA attention operators.
+
+`reference` holds the pure-PyTorch oracle (any device); fast backends compute the same functions.
+Layout: q [B, T, HQ, D], k/v [B, T, H, D] (the layout of other NSA libraries), or flat varlen tensors
+with a `QueryLayout` for the `*_varlen` entry points.
+"""
+
+from .layout import (
+    CompressionBlocks,
+    QueryLayout,
+    SparsePattern,
+    cu_seqlens_from_batch,
+    cu_seqlens_from_left_padding,
+    cu_seqlens_from_position_ids,
+    num_compressed_blocks,
+)
+from .reference import (
+    compressed_attention,
+    nsa_attention,
+    select_blocks,
+    selection_attention,
+    sliding_window_attention,
+)
+
+__all__ = [
+    "CompressionBlocks",
+    "QueryLayout",
+    "SparsePattern",
+    "compressed_attention",
+    "cu_seqlens_from_batch",
+    "cu_seqlens_from_left_padding",
+    "cu_seqlens_from_position_ids",
+    "nsa_attention",
+    "num_compressed_blocks",
+    "select_blocks",
+    "selection_attention",
+    "sliding_window_attention",
+]
