@@ -150,6 +150,7 @@ class NsaCacheLayer(CacheLayerMixin):
 
     def crop(self, max_length: int) -> None:
         """Keep the first `max_length` tokens; a value <= 0 removes that many tokens from the end (transformers >= 5.x)."""
+        max_length = int(max_length)  # transformers 5.17 passes a 0-d tensor
         target = max_length if max_length > 0 else self.seq_len + max_length
         removed = self.seq_len - target
         if removed <= 0 or not self.is_initialized:

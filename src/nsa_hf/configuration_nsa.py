@@ -1,6 +1,6 @@
 """NSA model configuration: a Llama-style decoder whose attention is Native Sparse Attention."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: @strict reads the real annotations to type-check fields.
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -55,8 +55,8 @@ class NsaConfig(PreTrainedConfig):
     head_dim: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 131072
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    initializer_range: int | float = 0.02
+    rms_norm_eps: int | float = 1e-6
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None

@@ -296,6 +296,13 @@ def _leading_padding(attention_mask: Tensor) -> Tensor:
     return starts
 
 
+def _packed_boundaries(position_ids: Tensor | None, batch: int) -> Tensor | None:
+    """Document boundaries of one packed row whose `position_ids` restart at 0 (DataCollatorWithFlattening)."""
+    if position_ids is None or batch != 1 or position_ids.shape[-1] < 2 or not bool((position_ids[..., 1:] == 0).any()):
+        return None
+    return cu_seqlens_from_position_ids(position_ids.view(1, -1))
+
+
 class NsaModel(NsaPreTrainedModel):
     def __init__(self, config: NsaConfig):
         super().__init__(config)
@@ -318,7 +325,6 @@ class NsaModel(NsaPreTrainedModel):
         self,
         hidden_states: Tensor,
         attention_mask: Tensor | None,
-        position_ids: Tensor | None,
         cache: NsaCache | None,
         cu_seqlens: Tensor | None,
     ) -> NsaForwardPlan:
@@ -338,9 +344,6 @@ class NsaModel(NsaPreTrainedModel):
             cos, sin = self.rotary_emb(hidden_states, positions.clamp(min=0))
             return NsaForwardPlan(cos, sin, self.rotary_emb, doc_starts=doc_starts)
 
-        if cu_seqlens is None and position_ids is not None and batch == 1 and position_ids.shape[-1] > 1:
-            if bool((position_ids[0, 1:] == 0).any()):  # positions restart: packed documents
-                cu_seqlens = cu_seqlens_from_position_ids(position_ids.view(1, -1))
         if cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"packed sequences (`cu_seq_lens_q`) need batch size 1, got {batch}.")
@@ -375,23 +378,27 @@ class NsaModel(NsaPreTrainedModel):
         `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) packs documents in one row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
         if past_key_values is not None and not isinstance(past_key_values, NsaCache):
             raise TypeError(f"NSA models need an `NsaCache`, got {type(past_key_values).__name__}.")
+        if cu_seq_lens_q is None and attention_mask is None and past_key_values is None:
+            cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0])
+        packed = cu_seq_lens_q is not None
+        if packed and (use_cache or past_key_values is not None):
+            raise ValueError("packed sequences (`cu_seq_lens_q` or restarting `position_ids`) cannot use a cache.")
+        if use_cache is None:  # a cache only pays off when decoding: not in training, not for packed rows
+            use_cache = self.config.use_cache and not self.training and not packed
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = NsaCache(self.config)
-        if past_key_values is not None and cu_seq_lens_q is not None:
-            raise ValueError("packed sequences (`cu_seq_lens_q`) cannot be decoded with a cache.")
         cache = past_key_values if use_cache or past_key_values is not None else None
 
         hidden_states = inputs_embeds
-        plan = self._plan(hidden_states, attention_mask, position_ids, cache, cu_seq_lens_q)
+        plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q)
         all_hidden_states = () if output_hidden_states else None
         for decoder_layer in self.layers:
             if output_hidden_states:
