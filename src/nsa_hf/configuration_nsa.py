@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 
 COMPRESSION_TYPES = ("mlp", "linear", "mean")
 BRANCH_KV_MODES = ("independent", "shared")
-NSA_BACKENDS = ("auto", "reference")
+NSA_BACKENDS = ("auto", "reference", "triton")
 
 
 @strict

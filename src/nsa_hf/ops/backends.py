@@ -1,11 +1,15 @@
 """Choosing the NSA attention backend named by `NsaConfig.nsa_backend`.
 
-Every backend computes `nsa_attention_varlen`'s function with its signature:
-(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o.
+Every backend computes `reference.nsa_attention_varlen`'s function with its signature:
+(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. A backend only
+swaps the two attention primitives (interval and block attention); block selection, index building
+and the gates are shared code, so no backend can drift from the reference's math there.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 from typing import Protocol
 
@@ -13,11 +17,11 @@ import torch
 from torch import Tensor
 
 from .layout import QueryLayout, SparsePattern
-from .reference import nsa_attention_varlen
+from .reference import REFERENCE, Primitives, nsa_attention_varlen
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 class NsaBackend(Protocol):
@@ -27,16 +31,32 @@ class NsaBackend(Protocol):
     ) -> Tensor: ...
 
 
-_REGISTRY: dict[str, NsaBackend] = {"reference": nsa_attention_varlen}
-_announced: set[tuple[str, str]] = set()
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _primitives(name: str) -> Primitives:
+    if name == "reference":
+        return REFERENCE
+    from . import triton_kernels  # lazy: the package imports without Triton
+
+    return Primitives(triton_kernels.interval_attention, triton_kernels.block_attention)
+
+
+@functools.cache
+def _announce(requested: str, chosen: str, device_type: str) -> None:
+    logger.info("nsa_backend=%r runs the %r backend on %s.", requested, chosen, device_type)
 
 
 def resolve_backend(name: str, device: torch.device) -> NsaBackend:
-    """The backend for `name` on `device`; "auto" picks the fastest exact backend and says so once."""
+    """The backend for `name` on `device`. "auto" picks Triton on CUDA (when installed), else the reference."""
     if name not in BACKENDS:
         raise ValueError(f"`nsa_backend` must be one of {BACKENDS}, got {name!r}.")
-    chosen = "reference" if name == "auto" else name
-    if name == "auto" and (device.type, chosen) not in _announced:
-        _announced.add((device.type, chosen))
-        logger.info("nsa_backend='auto' uses the %r backend on %s.", chosen, device.type)
-    return _REGISTRY[chosen]
+    if name == "triton" and not triton_available():
+        raise ValueError("`nsa_backend='triton'` needs the `triton` package (pip install 'nsa-hf[triton]').")
+    chosen = name
+    if name == "auto":
+        chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
+        _announce(name, chosen, device.type)
+    return functools.partial(nsa_attention_varlen, primitives=_primitives(chosen))

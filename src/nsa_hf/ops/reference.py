@@ -15,7 +15,7 @@ Two entry levels:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,16 @@ def block_attention(
     return torch.cat([p[0] for p in parts]).to(q.dtype)
 
 
+class Primitives(NamedTuple):
+    """The two attention primitives a backend provides; everything else (indices, selection, gates) is shared."""
+
+    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale) -> (o, lse)
+    block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
+
+
+REFERENCE = Primitives(interval_attention, block_attention)
+
+
 def _overlap_weights(pattern: SparsePattern, device: torch.device) -> Tensor:
     """Eq. 9 as a stride-m convolution over compressed-block scores.
 
@@ -255,30 +265,33 @@ def select_blocks_varlen(
 
 
 def compressed_attention_varlen(
-    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
+    primitives: Primitives = REFERENCE,
 ) -> tuple[Tensor, Tensor]:
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
     counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
-    return interval_attention(q, k_cmp, v_cmp, layout.cmp_offsets, layout.cmp_offsets + counts, scale)
+    return primitives.interval(q, k_cmp, v_cmp, layout.cmp_offsets, layout.cmp_offsets + counts, scale)
 
 
 def selection_attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, layout: QueryLayout, block_size: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, layout: QueryLayout, block_size: int, scale: float,
+    primitives: Primitives = REFERENCE,
 ) -> Tensor:
     """Selection branch on flat tensors; block_indices [Nq, H, n] are relative to each query's document."""
     starts = torch.where(
         block_indices >= 0, layout.key_offsets[:, None, None] + block_indices.long() * block_size, -1
     )
-    return block_attention(q, k, v, starts, block_size, layout.key_offsets + layout.positions + 1, scale)
+    return primitives.block(q, k, v, starts, block_size, layout.key_offsets + layout.positions + 1, scale)
 
 
 def sliding_window_attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float,
+    primitives: Primitives = REFERENCE,
 ) -> Tensor:
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
     own = layout.window_offsets + layout.positions
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
-    return interval_attention(q, k, v, lo, own + 1, scale)[0]
+    return primitives.interval(q, k, v, lo, own + 1, scale)[0]
 
 
 def nsa_attention_varlen(
@@ -293,12 +306,13 @@ def nsa_attention_varlen(
     layout: QueryLayout,
     pattern: SparsePattern,
     scale: float,
+    primitives: Primitives = REFERENCE,
 ) -> Tensor:
     """All three branches and the gates on flat tensors. gates [Nq, HQ, 3] (cmp, slc, win), already in (0, 1)."""
-    o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale)
+    o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, primitives)
     block_indices = select_blocks_varlen(q, k_cmp, lse, layout, pattern, scale)
-    o_slc = selection_attention_varlen(q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale)
-    o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale)
+    o_slc = selection_attention_varlen(q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale, primitives)
+    o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale, primitives)
     gates = gates.to(o_cmp.dtype)
     return o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_win * gates[..., 2:3]
 

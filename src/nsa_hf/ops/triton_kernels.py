@@ -1,0 +1,388 @@
+"""Triton kernels for NSA's two attention primitives, forward and backward.
+
+Both work on the flat varlen tensors of `nsa_hf.ops.reference` (q [Nq, HQ, D], k/v [Nk, H, D]) and
+compute exactly its functions:
+
+- interval attention: query i attends to keys [lo[i], hi[i]) of a flat store. It runs the compressed
+  branch (the document's complete blocks) and the sliding window. One program owns BLOCK_T tokens x the
+  G query heads of one key head, so each key tile is loaded once per GQA group. The backward pass is
+  FlashAttention-2 style: a query-centric kernel for dq and a key-centric kernel for dk/dv, which needs
+  lo and hi to be non-decreasing in the query index (true for every full pass: documents are in order).
+- block attention (selection): query i reads the n blocks [start, start + block_size) it selected,
+  keys s < hi[i]. One program owns one token x the G heads of one key head; each selected K/V block is
+  loaded once for the whole group. dk/dv accumulate with fp32 atomics.
+
+Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package
+imports without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["interval_attention", "block_attention"]
+
+
+def _pow2(x: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(x))
+
+
+@triton.jit
+def _interval_fwd_kernel(
+    Q, K, V, LO, HI, O, LSE,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    num_q, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_T * G_PAD)
+    token = tl.program_id(0) * BLOCK_T + rows // G_PAD
+    group = rows % G_PAD
+    row_ok = (token < num_q) & (group < G)
+    head = kv_head * G + group
+    lo = tl.load(LO + token, mask=row_ok, other=2147483647)
+    hi = tl.load(HI + token, mask=row_ok, other=0)
+    hi = tl.where(hi > lo, hi, 0)
+    lo = tl.where(hi > lo, lo, 2147483647)
+    key_lo = tl.min(lo, axis=0)
+    key_hi = tl.max(hi, axis=0)
+
+    dq = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+        mask=row_ok[:, None] & (dq < D)[None, :], other=0.0,
+    )
+    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_DV], tl.float32)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_hi
+        k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+                    mask=key_ok[:, None] & (dq < D)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv[None, :],
+                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _interval_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, LO, HI, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    num_q, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    rows = tl.arange(0, BLOCK_T * G_PAD)
+    token = tl.program_id(0) * BLOCK_T + rows // G_PAD
+    group = rows % G_PAD
+    row_ok = (token < num_q) & (group < G)
+    head = kv_head * G + group
+    lo = tl.load(LO + token, mask=row_ok, other=2147483647)
+    hi = tl.load(HI + token, mask=row_ok, other=0)
+    hi = tl.where(hi > lo, hi, 0)
+    lo = tl.where(hi > lo, lo, 2147483647)
+    key_lo = tl.min(lo, axis=0)
+    key_hi = tl.max(hi, axis=0)
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                 mask=row_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_D], tl.float32)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_hi
+        k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
+                    mask=key_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+        v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+                    mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+        p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+             (acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dq_idx < D)[None, :])
+
+
+@triton.jit
+def _interval_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, LO, HI, QLO, QHI, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    num_k, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < num_k
+    q_lo = tl.min(tl.load(QLO + keys, mask=key_ok, other=2147483647), axis=0)
+    q_hi = tl.max(tl.load(QHI + keys, mask=key_ok, other=0), axis=0)
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
+                mask=key_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+                mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    rows = tl.arange(0, BLOCK_T * G_PAD)
+    group = rows % G_PAD
+    head = kv_head * G + group
+    for start in range(q_lo, q_hi, BLOCK_T):
+        token = start + rows // G_PAD
+        row_ok = (token < q_hi) & (group < G)
+        lo = tl.load(LO + token, mask=row_ok, other=2147483647)
+        hi = tl.load(HI + token, mask=row_ok, other=0)
+        q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                    mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+        do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                     mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+        lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & key_ok[None, :]
+        p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)  # [M, BLOCK_N]
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    tl.store(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=key_ok[:, None] & (dq_idx < D)[None, :])
+    tl.store(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
+
+
+def _interval_tiles(groups: int) -> tuple[int, int]:
+    g_pad = triton.next_power_of_2(groups)
+    return g_pad, max(1, 64 // g_pad)
+
+
+class _IntervalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float):
+        num_q, heads_q, dim = q.shape
+        heads_kv, dim_v = k.shape[1], v.shape[2]
+        groups = heads_q // heads_kv
+        g_pad, block_t = _interval_tiles(groups)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+        o = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
+        lse = torch.empty(num_q, heads_q, device=q.device, dtype=torch.float32)
+        grid = (triton.cdiv(num_q, block_t), heads_kv)
+        _interval_fwd_kernel[grid](
+            q, k, v, lo, hi, o, lse,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            num_q, scale,
+            G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+        )
+        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do: Tensor, _dlse: Tensor):
+        q, k, v, lo, hi, o, lse = ctx.saved_tensors
+        num_q, heads_q, dim = q.shape
+        num_k, heads_kv, dim_v = v.shape
+        groups = heads_q // heads_kv
+        g_pad, block_t = _interval_tiles(groups)
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+        meta = dict(G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
+        dq = torch.empty_like(q)
+        _interval_bwd_dq_kernel[(triton.cdiv(num_q, block_t), heads_kv)](
+            q, k, v, do, lse, delta, lo, hi, dq, *strides, num_q, ctx.scale, D=dim, DV=dim_v, **meta
+        )
+        # Queries that see key c form [first hi > c, first lo > c) since lo and hi never decrease.
+        key_index = torch.arange(num_k, device=q.device, dtype=torch.int32)
+        q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
+        q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv)](
+            q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale, D=dim, DV_DIM=dim_v, **meta
+        )
+        return dq, dk, dv, None, None, None
+
+
+def interval_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing."""
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale)
+
+
+@triton.jit
+def _block_fwd_kernel(
+    Q, K, V, STARTS, HI, O, LSE,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    group = tl.arange(0, G_PAD)
+    row_ok = group < G
+    head = kv_head * G + group
+    dq = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    hi = tl.load(HI + token)
+    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq[None, :],
+                mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
+    offsets = tl.arange(0, BLOCK_S)
+    for slot in range(NUM_SLOTS):
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot)
+        if start >= 0:
+            keys = start + offsets
+            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
+            k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+                        mask=key_ok[:, None] & (dq < D)[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv[None, :],
+                        mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(O + token * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, STARTS, HI, DQ, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_st, stride_sh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    group = tl.arange(0, G_PAD)
+    row_ok = group < G
+    head = kv_head * G + group
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    hi = tl.load(HI + token)
+    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    do = tl.load(DO + token * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                 mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    offsets = tl.arange(0, BLOCK_S)
+    for slot in range(NUM_SLOTS):
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot)
+        if start >= 0:
+            keys = start + offsets
+            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
+            k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
+                        mask=key_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+            v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+                        mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+            p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+            dk_block = tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+            dv_block = tl.dot(tl.trans(p).to(do.dtype), do)
+            tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk_block,
+                          mask=key_ok[:, None] & (dq_idx < D)[None, :])
+            tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv_block,
+                          mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
+    tl.store(DQ + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (dq_idx < D)[None, :])
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float):
+        num_q, heads_q, dim = q.shape
+        heads_kv, dim_v = k.shape[1], v.shape[2]
+        groups = heads_q // heads_kv
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        starts = block_starts.to(torch.int32).contiguous()
+        hi = hi.to(torch.int32).contiguous()
+        o = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
+        lse = torch.empty(num_q, heads_q, device=q.device, dtype=torch.float32)
+        meta = dict(
+            G=groups, G_PAD=_pow2(groups), NUM_SLOTS=starts.shape[-1], BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size),
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+        )
+        if num_q:
+            _block_fwd_kernel[(num_q, heads_kv)](
+                q, k, v, starts, hi, o, lse,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+                starts.stride(0), starts.stride(1), scale, D=dim, DV=dim_v, **meta,
+            )
+        ctx.save_for_backward(q, k, v, starts, hi, o, lse)
+        ctx.scale, ctx.meta = scale, meta
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, starts, hi, o, lse = ctx.saved_tensors
+        num_q, _, dim = q.shape
+        heads_kv, dim_v = k.shape[1], v.shape[2]
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        if num_q:
+            _block_bwd_kernel[(num_q, heads_kv)](
+                q, k, v, do, lse, delta, starts, hi, dq, dk, dv,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+                starts.stride(0), starts.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                ctx.scale, D=dim, DV_DIM=dim_v, **ctx.meta,
+            )
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def block_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float
+) -> Tensor:
+    """Triton version of `reference.block_attention`."""
+    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale)
