@@ -172,7 +172,7 @@ def _chunk(ids: Tensor, seq_len: int) -> Tensor:
 
 def run_demo(
     output_dir: str | Path,
-    steps: int = 120,
+    steps: int = 150,
     seq_len: int = 512,
     *,
     batch_size: int = 4,

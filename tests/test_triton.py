@@ -1,0 +1,156 @@
+"""Triton kernels against the PyTorch reference: outputs, lse and every gradient.
+
+On a CPU machine the kernels run under the Triton interpreter (tests/conftest.py) at small sizes and
+float32; on a GPU they run compiled, in bf16/fp16 at sizes that are not multiples of the tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from nsa_hf import NsaCache  # noqa: E402
+from nsa_hf.ops import reference  # noqa: E402
+from nsa_hf.ops import triton_kernels  # noqa: E402
+from nsa_hf.ops.backends import resolve_backend  # noqa: E402
+from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks  # noqa: E402
+
+from .factories import make_model, tiny_config  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    # FlashAttention-style: low-precision kernels are compared with a loose absolute bound.
+    return {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+            torch.float16: dict(atol=5e-3, rtol=5e-3)}[dtype]
+
+
+def reference_grads(fn, inputs, grad_out):
+    """Reference in fp32 from the same (rounded) inputs, as FlashAttention's tests do."""
+    upcast = [x.detach().float().requires_grad_() for x in inputs]
+    out = fn(*upcast)
+    out = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(out, upcast, grad_out.float())
+
+
+def assert_close_rel(actual, expected, dtype, name):
+    actual, expected = actual.float(), expected.float()
+    scale = expected.abs().max().clamp(min=1.0)
+    tol = tolerance(dtype)
+    err = (actual - expected).abs().max() / scale
+    assert err <= tol["atol"], f"{name}: max error {err:.2e} (relative to {scale:.2e}) > {tol['atol']:.0e}"
+
+
+def pack_layout(lengths: list[int], block_size: int, stride: int):
+    cu = torch.tensor([0] + lengths).cumsum(0).to(DEVICE)
+    return QueryLayout.from_cu_seqlens(cu, block_size, stride)
+
+
+SIZES = [(4, 4, 64), (6, 2, 64), (8, 1, 32), (16, 1, 128), (1, 1, 64)] if CUDA else [(4, 2, 16), (3, 1, 16), (1, 1, 8)]
+
+
+@pytest.mark.parametrize("heads_q,heads_kv,dim", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interval_attention_matches_reference(heads_q, heads_kv, dim, dtype):
+    torch.manual_seed(heads_q * 7 + dim)
+    lengths = [700, 37, 1100, 5] if CUDA else [45, 7, 70]
+    layout, _ = pack_layout(lengths, 32, 16)
+    total = sum(lengths)
+    q = torch.randn(total, heads_q, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    # A compressed-branch-like store (non-decreasing intervals) and a sliding window over the tokens.
+    for kind in ("compressed", "window"):
+        if kind == "compressed":
+            counts = num_compressed_blocks(layout.positions + 1, 32, 16)
+            lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
+            num_keys = int(hi.max()) + 3
+        else:
+            lo = layout.key_offsets + (layout.positions - 63 + 1).clamp(min=0)
+            hi, num_keys = layout.key_offsets + layout.positions + 1, total
+        k = torch.randn(num_keys, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+        v = torch.randn(num_keys, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+        o, lse = triton_kernels.interval_attention(q, k, v, lo, hi, dim**-0.5)
+        grad_out = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v), grad_out)
+        o_ref, grads_ref = reference_grads(lambda *x: reference.interval_attention(*x, lo, hi, dim**-0.5), (q, k, v), grad_out)
+        _, lse_ref = reference.interval_attention(q.float(), k.float(), v.float(), lo, hi, dim**-0.5)
+        assert torch.isfinite(o).all()
+        assert_close_rel(o, o_ref, dtype, f"{kind} o")
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+        finite = torch.isfinite(lse_ref)
+        assert_close_rel(lse[finite], lse_ref[finite], dtype, f"{kind} lse")
+        for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert_close_rel(g, g_ref, dtype, f"{kind} {name}")
+
+
+@pytest.mark.parametrize("heads_q,heads_kv,dim", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype):
+    torch.manual_seed(heads_q * 5 + dim)
+    block = 64 if CUDA else 16
+    num_q, slots = (1500, 16) if CUDA else (60, 3)
+    q = torch.randn(num_q, heads_q, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(num_q, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(num_q, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    hi = torch.arange(1, num_q + 1, device=DEVICE)
+    blocks = torch.rand(num_q, heads_kv, slots, device=DEVICE).argsort(-1)  # distinct blocks per (query, head)
+    current = ((hi - 1) // block)[:, None, None]
+    starts = torch.where((blocks <= current) & (torch.rand_like(blocks.float()) > 0.1), blocks * block, -1)
+    o = triton_kernels.block_attention(q, k, v, starts, block, hi, dim**-0.5)
+    grad_out = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), grad_out)
+    o_ref, grads_ref = reference_grads(lambda *x: reference.block_attention(*x, starts, block, hi, dim**-0.5), (q, k, v), grad_out)
+    assert_close_rel(o, o_ref, dtype, "o")
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close_rel(g, g_ref, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nsa_attention_backends_agree_on_packed_documents(dtype):
+    torch.manual_seed(0)
+    pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    lengths = [900, 10, 1300] if CUDA else [50, 7, 33]
+    layout, blocks = pack_layout(lengths, pattern.compress_block_size, pattern.compress_stride)
+    total, n_cmp = sum(lengths), blocks.token_starts.numel()
+    heads_q, heads_kv, dim = (8, 2, 64) if CUDA else (4, 2, 16)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
+
+    inputs = [rand(total, heads_q, dim), rand(n_cmp, heads_kv, dim), rand(n_cmp, heads_kv, dim)]
+    inputs += [rand(total, heads_kv, dim) for _ in range(4)]
+    inputs.append(torch.rand(total, heads_q, 3, device=DEVICE, dtype=dtype).requires_grad_())
+    fast = resolve_backend("triton", torch.device(DEVICE))(*inputs, layout, pattern, dim**-0.5)
+    grad_out = torch.randn_like(fast)
+    grads = torch.autograd.grad(fast, inputs, grad_out)
+    ref = resolve_backend("reference", torch.device(DEVICE))
+    out_ref, grads_ref = reference_grads(lambda *x: ref(*x, layout, pattern, dim**-0.5), inputs, grad_out)
+    assert_close_rel(fast, out_ref, dtype, "o")
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert_close_rel(g, g_ref, dtype, f"grad {i}")
+
+
+def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding():
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    config = tiny_config(nsa_backend="reference")
+    model = make_model(config).to(DEVICE, dtype)
+    length, prefill = (300, 200) if CUDA else (40, 33)
+    input_ids = torch.randint(0, config.vocab_size, (2 if CUDA else 1, length), device=DEVICE)
+    loss_ref = model(input_ids, labels=input_ids, use_cache=False).loss
+    grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    model.config.nsa_backend = "triton"
+    out = model(input_ids, labels=input_ids, use_cache=False)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    assert abs(out.loss.item() - loss_ref.item()) <= tolerance(dtype)["atol"] * 3
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_rel(g, g_ref, dtype, "param grad")
+    with torch.no_grad():
+        full = model(input_ids, use_cache=False).logits
+        cache = NsaCache(model.config)
+        steps = [model(input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        steps += [model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, length)]
+    assert_close_rel(torch.cat(steps, 1), full, dtype, "decode vs full")
