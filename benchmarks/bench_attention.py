@@ -89,19 +89,18 @@ def measure(shape: str, length: int, backward: bool) -> dict:
 
     row = {"shape": shape, "T": length, "pass": "fwd+bwd" if backward else "fwd"}
     row["nsa_ms"] = run(lambda *x: nsa(*x, layout, PATTERN, scale), *inputs)
-    # Parts (forward only): where the time goes.
-    if not backward:
-        counts = num_compressed_blocks(layout.positions + 1, 32, 16)
-        with torch.no_grad():
-            lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
-            row["cmp_ms"] = bench(lambda: triton_kernels.interval_attention(q, k_cmp, v_cmp, lo, hi, scale))
-            _, lse = triton_kernels.interval_attention(q, k_cmp, v_cmp, lo, hi, scale)
-            row["select_ms"] = bench(lambda: select_blocks_varlen(q, k_cmp, lse, layout, PATTERN, scale))
-            idx = select_blocks_varlen(q, k_cmp, lse, layout, PATTERN, scale)
-            starts = torch.where(idx >= 0, idx.long() * 64, -1)
-            row["slc_ms"] = bench(lambda: triton_kernels.block_attention(q, k_slc, v_slc, starts, 64, layout.positions + 1, scale))
-            wlo = (layout.positions - 511).clamp(min=0)
-            row["win_ms"] = bench(lambda: triton_kernels.interval_attention(q, k_win, v_win, wlo, layout.positions + 1, scale))
+    # Where the time goes: each part alone, in the same pass.
+    counts = num_compressed_blocks(layout.positions + 1, 32, 16)
+    lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
+    with torch.no_grad():
+        _, lse = triton_kernels.interval_attention(q, k_cmp, v_cmp, lo, hi, scale)
+        idx = triton_kernels.select_blocks(q, k_cmp, lse, layout, PATTERN, scale)
+        row["select_ms"] = bench(lambda: triton_kernels.select_blocks(q, k_cmp, lse, layout, PATTERN, scale))
+    starts = torch.where(idx >= 0, idx.long() * 64, -1)
+    wlo = (layout.positions - PATTERN.window_size + 1).clamp(min=0)
+    row["cmp_ms"] = run(lambda *x: triton_kernels.interval_attention(*x, lo, hi, scale), q, k_cmp, v_cmp)
+    row["slc_ms"] = run(lambda *x: triton_kernels.block_attention(*x, starts, 64, layout.positions + 1, scale), q, k_slc, v_slc)
+    row["win_ms"] = run(lambda *x: triton_kernels.interval_attention(*x, wlo, layout.positions + 1, scale), q, k_win, v_win)
     k, v = rand(length, heads_kv, dim), rand(length, heads_kv, dim)
     row["dense_ms"] = run(lambda *x: dense(*x, cu, length), q, k, v)
     row["window512_ms"] = run(lambda *x: dense(*x, cu, length, window=512), q, k, v)

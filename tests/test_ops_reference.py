@@ -244,6 +244,39 @@ def test_selection_attention_all_empty_or_future_slots_gives_zero():
 
 
 # ---------------------------------------------------------------------------------------------------
+# nsa_attention = gated sum of the three brute-force branches
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_nsa_attention_matches_branch_oracles(G):
+    """o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win with every branch from a dense mask. The selection
+    mask is built from `select_blocks`' indices (that op has its own oracle in test_ops_selection.py)."""
+    B, T, H, D = 2, 45, 2, 8
+    l, d, lp, n, init, local, w = 8, 4, 8, 3, 1, 1, 5
+    HQ = G * H
+    n_cmp = num_blocks_brute(T, l, d)
+    q = _randn(B, T, HQ, D, seed=90)
+    kc, vc = _randn(B, n_cmp, H, D, seed=91), _randn(B, n_cmp, H, D, seed=92)
+    ks, vs, kw, vw = (_randn(B, T, H, D, seed=93 + i) for i in range(4))
+    gates = torch.rand(B, T, HQ, 3, generator=_gen(97), dtype=F64)
+    o = nsa_attention(
+        q, kc, vc, ks, vs, kw, vw, gates, compress_block_size=l, compress_stride=d, select_block_size=lp,
+        num_selected_blocks=n, num_init_blocks=init, num_local_blocks=local, window_size=w,
+    )
+    _, lse = compressed_attention(q, kc, vc, l, d)
+    idx = select_blocks(q, kc, lse, l, d, lp, n, init, local)
+    scale = D**-0.5
+    for b in range(B):
+        o_cmp, _ = dense_attention(q[b], kc[b], vc[b], compressed_mask(T, n_cmp, l, d), scale)
+        o_slc, _ = dense_attention(q[b], ks[b], vs[b], selection_mask(idx[b], T, lp, G), scale)
+        o_win, _ = dense_attention(q[b], kw[b], vw[b], window_mask(T, w), scale)
+        g = gates[b]
+        expected = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
+        torch.testing.assert_close(o[b], expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
 # 5. Packed documents (cu_seqlens): packed output == each document run alone, and isolation
 # ---------------------------------------------------------------------------------------------------
 

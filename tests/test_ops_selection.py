@@ -381,29 +381,33 @@ def test_select_blocks_large_logit_on_invisible_block(dtype, logit):
     """A compressed block not yet visible to a query (here block 3 = tokens [12, 20), complete at t = 19) may
     have any logit; it must not change that query's selection.
 
-    l=8, d=4, l'=8, n=2, no initial block, 1 local block. Queries t = 16..18 (selection block 2) see
-    compressed blocks 0, 1, 2 only; the one free slot goes to block 0 or 1, never to an empty slot (3
-    candidates >= n = 2).
+    l=8, d=4, l'=8, n=2, no initial block, 1 local block, scale 1. Compressed block 0 has logit 2, blocks 1, 2
+    logit 0, block 3 a large logit. Queries t = 16..18 (selection block 2, forced) see compressed blocks
+    0, 1, 2 only: p = (0.79, 0.11, 0.11), so selection block 0 (weights 2, 1 from blocks 0, 1) scores 1.68
+    and block 1 (weights 1, 2 from blocks 1, 2; block 3 invisible) 0.32: the free slot is block 0. From
+    t = 19 on, block 3 is visible and dominates: the free slot is block 1.
     """
     T, l, d, lp, n = 24, 8, 4, 8, 2
     n_cmp = num_compressed_blocks(T, l, d)
     q = _one_hot_queries(T, dtype=dtype)
-    k_cmp = _peaked_k_cmp(n_cmp, {3: logit}, dtype=dtype)
+    k_cmp = _peaked_k_cmp(n_cmp, {0: 2.0, 3: logit}, dtype=dtype)
     idx = _select(q, k_cmp, l, d, lp, n, 0, 1, scale=1.0)
-    for t in range(16, 19):
-        assert -1 not in idx[0, t, 0].tolist(), f"t={t}: empty slot with 3 candidates for n=2: {idx[0, t, 0].tolist()}"
-    assert_matches_oracle(idx[0], q[0], k_cmp[0], l, d, lp, n, 0, 1, 1.0)
+    got = {t: sorted(idx[0, t, 0].tolist()) for t in range(16, T)}
+    expected = {t: [0, 2] if t < 19 else [1, 2] for t in range(16, T)}
+    assert got == expected
+    assert_matches_oracle(idx[0], q[0], k_cmp[0], l, d, lp, n, 0, 1, 1.0, tie_tol=0.0)
 
 
 def test_select_blocks_large_logit_in_another_document():
     """Packed: a large logit on the first compressed block of a later document must not change an earlier
-    document's selection (documents are independent)."""
+    document's selection (documents are independent). Same geometry as the test above, with the large
+    logit moved into document B (block 0 of B sits where block 3 of A would be in the packed k_cmp)."""
     l, d, lp, n = 8, 4, 8, 2
-    lengths = [19, 24]
-    q = _one_hot_queries(sum(lengths))
-    k_a = _randn(1, num_compressed_blocks(19, l, d), 1, 4, seed=30) * 0.1
+    q = _one_hot_queries(19 + 24)
+    k_a = _peaked_k_cmp(num_compressed_blocks(19, l, d), {0: 2.0})
     k_b = _peaked_k_cmp(num_compressed_blocks(24, l, d), {0: 1000.0})
     cu = torch.tensor([0, 19, 43])
     packed = _select(q, torch.cat([k_a, k_b], 1), l, d, lp, n, 0, 1, scale=1.0, cu_seqlens=cu)
     alone = _select(q[:, :19], k_a, l, d, lp, n, 0, 1, scale=1.0)
+    assert [sorted(r) for r in alone[0, 16:19, 0].tolist()] == [[0, 2]] * 3
     assert _as_sets(packed[0, :19]) == _as_sets(alone[0])

@@ -2,8 +2,8 @@
 
 Every backend computes `reference.nsa_attention_varlen`'s function with its signature:
 (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. A backend only
-swaps the two attention primitives (interval and block attention); block selection, index building
-and the gates are shared code, so no backend can drift from the reference's math there.
+swaps the primitives (interval attention, block attention, block scoring); index building, the top-n
+rule and the gates are shared code, so no backend can drift from the reference's math there.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _primitives(name: str) -> Primitives:
         return REFERENCE
     from . import triton_kernels  # lazy: the package imports without Triton
 
-    return Primitives(triton_kernels.interval_attention, triton_kernels.block_attention)
+    return Primitives(triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks)
 
 
 @functools.cache

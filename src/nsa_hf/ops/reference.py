@@ -174,14 +174,6 @@ def block_attention(
     return torch.cat([p[0] for p in parts]).to(q.dtype)
 
 
-class Primitives(NamedTuple):
-    """The two attention primitives a backend provides; everything else (indices, selection, gates) is shared."""
-
-    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale) -> (o, lse)
-    block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
-
-
-REFERENCE = Primitives(interval_attention, block_attention)
 
 
 def _overlap_weights(pattern: SparsePattern, device: torch.device) -> Tensor:
@@ -198,19 +190,24 @@ def _overlap_weights(pattern: SparsePattern, device: torch.device) -> Tensor:
     return torch.minimum(torch.minimum(k + 1, torch.full_like(k, min(r, m))), r + m - 1 - k).float()
 
 
-def _top_blocks(block_scores: Tensor, positions: Tensor, pattern: SparsePattern) -> Tensor:
-    """Top-n selection over [C, H, J] scores: forced blocks first, ties to the lower index, -1 for empty slots."""
+def top_blocks(block_scores: Tensor, positions: Tensor, pattern: SparsePattern) -> Tensor:
+    """Top-n selection over [C, H, J] block scores: forced blocks first, ties to the lower index, -1 for empty slots.
+
+    Shared by every backend. Scores are compared in float32: each becomes an int64 key (float bits above,
+    reversed block index below), so a plain top-k breaks ties toward the lower index deterministically.
+    """
     num_blocks = block_scores.shape[-1]
     current = (positions // pattern.select_block_size)[:, None, None]  # block holding the query
     j = torch.arange(num_blocks, device=block_scores.device)
     candidate = j <= current
     forced = candidate & ((j < pattern.num_init_blocks) | (j > current - pattern.num_local_blocks))
-    keys = torch.where(forced, float("inf"), torch.where(candidate, block_scores, float("-inf")))
-    # A stable descending sort keeps equal scores in index order: ties break toward the lower block.
-    ranked, order = torch.sort(keys, dim=-1, descending=True, stable=True)
+    score_bits = block_scores.float().clamp(min=0).view(torch.int32).long()  # monotone for non-negative floats
+    forced_bits = torch.tensor(float("inf")).view(torch.int32).long()
+    keys = (torch.where(forced, forced_bits, score_bits) << 32) | (2**31 - 1 - j)
+    keys = torch.where(candidate, keys, -1)
     n = pattern.num_selected_blocks
-    order, ranked = order[..., :n], ranked[..., :n]
-    chosen = torch.where(ranked > float("-inf"), order, torch.full_like(order, -1))
+    ranked, order = torch.topk(keys, min(n, num_blocks), dim=-1)
+    chosen = torch.where(ranked >= 0, order, -1)
     if num_blocks < n:
         chosen = F.pad(chosen, (0, n - num_blocks), value=-1)
     return chosen.to(torch.int32)
@@ -259,12 +256,23 @@ def select_blocks_varlen(
             probs_rel = probs.sum(2)  # Eq. 10 first: the group's heads share one selection
         padded = F.pad(probs_rel, (r - 1, max(0, num_sel * m - num_cmp)))[..., : num_sel * m + r - 1]
         block_scores = F.conv1d(padded.reshape(-1, 1, padded.shape[-1]), weights.to(padded.dtype), stride=m)
-        return _top_blocks(block_scores.view(size, heads_kv, num_sel), positions, pattern)
+        return top_blocks(block_scores.view(size, heads_kv, num_sel), positions, pattern)
 
     parts = [select(s, min(s + chunk, num_q)) for s in range(0, num_q, chunk)]
     if not parts:
         return torch.empty(0, heads_kv, pattern.num_selected_blocks, dtype=torch.int32, device=q.device)
     return torch.cat(parts)
+
+
+class Primitives(NamedTuple):
+    """What a backend provides; index building, the top-n rule and the gates are shared code."""
+
+    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale) -> (o, lse)
+    block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
+    select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
+
+
+REFERENCE = Primitives(interval_attention, block_attention, select_blocks_varlen)
 
 
 def compressed_attention_varlen(
@@ -313,7 +321,7 @@ def nsa_attention_varlen(
 ) -> Tensor:
     """All three branches and the gates on flat tensors. gates [Nq, HQ, 3] (cmp, slc, win), already in (0, 1)."""
     o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, primitives)
-    block_indices = select_blocks_varlen(q, k_cmp, lse, layout, pattern, scale)
+    block_indices = primitives.select(q, k_cmp, lse, layout, pattern, scale)
     o_slc = selection_attention_varlen(q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale, primitives)
     o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale, primitives)
     gates = gates.to(o_cmp.dtype)

@@ -23,7 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["interval_attention", "block_attention"]
+from .layout import QueryLayout, SparsePattern
+from .reference import top_blocks
+
+__all__ = ["interval_attention", "block_attention", "select_blocks", "selection_scores"]
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -386,3 +389,105 @@ def block_attention(
 ) -> Tensor:
     """Triton version of `reference.block_attention`."""
     return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale)
+
+
+@triton.jit
+def _selection_scores_kernel(
+    Q, KC, LSE, CMP_OFF, POS, SCORES,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_st, stride_sh,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
+):
+    """Eq. 9 and 10 fused: selection-block scores of one token and key head from its compressed probabilities.
+
+    Loops over tiles of BLOCK_J selection blocks; each reads the compressed blocks that overlap them (the
+    tile's own M * BLOCK_J plus a halo of R - 1 before it), so no [T, N_cmp] tensor reaches HBM.
+    """
+    R: tl.constexpr = L // STRIDE
+    M: tl.constexpr = SEL // STRIDE
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    group = tl.arange(0, G_PAD)
+    row_ok = group < G
+    head = kv_head * G + group
+    pos = tl.load(POS + token)
+    offset = tl.load(CMP_OFF + token)
+    count = tl.where(pos + 1 >= L, (pos + 1 - L) // STRIDE + 1, 0)
+    num_sel = pos // SEL + 1
+    dq = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq[None, :],
+                mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    local_i = tl.arange(0, BLOCK_J * M)
+    local_j = tl.arange(0, BLOCK_J)
+    halo_i = tl.arange(0, HALO) - HALO
+    for j0 in range(0, num_sel, BLOCK_J):
+        j = j0 + local_j
+        # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
+        i = j0 * M + local_i
+        i_ok = i < count
+        k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+                    mask=i_ok[:, None] & (dq < D)[None, :], other=0.0)
+        p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+        p = tl.sum(tl.where(row_ok[:, None] & i_ok[None, :], p, 0.0), axis=0)  # Eq. 10: sum over the group
+        overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
+        scores = tl.sum(p[:, None] * tl.maximum(overlap, 0).to(tl.float32), axis=0)  # Eq. 9
+        if R > 1:  # blocks that start before the tile and reach into its first selection block
+            i = j0 * M + halo_i
+            i_ok = (i >= 0) & (i >= j0 * M - R + 1) & (i < count)
+            k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+                        mask=i_ok[:, None] & (dq < D)[None, :], other=0.0)
+            p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+            p = tl.sum(tl.where(row_ok[:, None] & i_ok[None, :], p, 0.0), axis=0)
+            overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
+            scores += tl.sum(p[:, None] * tl.maximum(overlap, 0).to(tl.float32), axis=0)
+        tl.store(SCORES + token * stride_st + kv_head * stride_sh + j, scores, mask=j < num_sel)
+
+
+def selection_scores(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, positions: Tensor, cmp_offsets: Tensor, pattern: SparsePattern, scale: float
+) -> Tensor:
+    """[Nq, H, J] float32 selection-block scores (Eq. 9, 10); entries past a query's own block are unwritten."""
+    if (pattern.select_block_size // pattern.compress_stride) & (pattern.select_block_size // pattern.compress_stride - 1):
+        raise ValueError("the Triton backend needs select_block_size / compress_stride to be a power of two.")
+    num_q, heads_q, dim = q.shape
+    heads_kv = k_cmp.shape[1]
+    groups = heads_q // heads_kv
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    num_blocks = int(positions.max()) // pattern.select_block_size + 1 if num_q else 0
+    scores = torch.empty(num_q, heads_kv, max(num_blocks, 1), device=q.device, dtype=torch.float32)
+    r = pattern.compress_block_size // pattern.compress_stride
+    m = pattern.select_block_size // pattern.compress_stride
+    block_j = max(1, 64 // m)
+    if num_q:
+        _selection_scores_kernel[(num_q, heads_kv)](
+            q, k_cmp, lse.contiguous(), cmp_offsets.to(torch.int32).contiguous(),
+            positions.to(torch.int32).contiguous(), scores,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1),
+            scale,
+            G=groups, G_PAD=_pow2(groups), D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
+            STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
+        )
+    return scores[..., :num_blocks]
+
+
+@torch.no_grad()
+def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
+    """Triton version of `reference.select_blocks_varlen`: fused scores, then the shared top-n rule.
+
+    Scores of a chunk of queries ([chunk, H, J] float32, J = T / l') are the only intermediate in HBM.
+    """
+    num_q, heads_kv = q.shape[0], k_cmp.shape[1]
+    num_blocks = int(layout.positions.max()) // pattern.select_block_size + 1 if num_q else 1
+    chunk = max(1, (1 << 26) // (heads_kv * num_blocks))
+    parts = []
+    for start in range(0, num_q, chunk):
+        part = slice(start, min(start + chunk, num_q))
+        scores = selection_scores(q[part], k_cmp, lse[part], layout.positions[part], layout.cmp_offsets[part], pattern, scale)
+        parts.append(top_blocks(scores, layout.positions[part], pattern))
+    if not parts:
+        return torch.empty(0, heads_kv, pattern.num_selected_blocks, dtype=torch.int32, device=q.device)
+    return torch.cat(parts)
