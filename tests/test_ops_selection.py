@@ -88,11 +88,12 @@ def _as_sets(indices: torch.Tensor):
     return out
 
 
-def assert_matches_oracle(indices, q, k_cmp, l, d, lp, n, init, local, scale, tie_tol=1e-12):
+def assert_matches_oracle(indices, q, k_cmp, l, d, lp, n, init, local, scale, tie_tol=1e-6):
     """indices [T, H, n] from the op vs the oracle for one document.
 
     Differences are tolerated only between blocks whose oracle scores agree within `tie_tol` (relative):
-    a floating-point near-tie, which random inputs essentially never produce.
+    a floating-point near-tie (an implementation may rank scores in float32), which random inputs almost
+    never produce. Exact-tie behaviour is checked by the hand-made tests with exact expected sets.
     """
     expected, scores, _ = oracle_selection(q, k_cmp, l, d, lp, n, init, local, scale)
     got = _as_sets(indices)
@@ -376,38 +377,44 @@ def test_packed_select_blocks_equals_documents_alone(l, d, lp, n, init, local):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, logit", [(torch.float64, 1000.0), (torch.float32, 100.0)])
-def test_select_blocks_large_logit_on_invisible_block(dtype, logit):
-    """A compressed block not yet visible to a query (here block 3 = tokens [12, 20), complete at t = 19) may
-    have any logit; it must not change that query's selection.
+# Geometry of the two tests below: l=8, d=4, l'=8, n=2, no initial block, 1 local block, scale 1, q = e0.
+# Queries t = 16..18 sit in selection block 2 (forced) and see compressed blocks 0, 1, 2 only; compressed
+# block 3 = tokens [12, 20) completes at t = 19. One visible compressed block gets logit 2, the others 0,
+# so p = (0.79, 0.11, 0.11) on it and the others:
+#   favoured block 0 -> selection block 0 (weights 2, 1 from blocks 0, 1) scores 1.68, block 1 0.32: picks 0;
+#   favoured block 2 -> selection block 1 (weights 1, 2 from blocks 1, 2) scores 1.68, block 0 0.32: picks 1.
+# Both outcomes are checked, so a poisoned score can neither win nor lose its way to the right answer.
+FAVOURED = [({0: 2.0}, 0), ({2: 2.0}, 1)]
 
-    l=8, d=4, l'=8, n=2, no initial block, 1 local block, scale 1. Compressed block 0 has logit 2, blocks 1, 2
-    logit 0, block 3 a large logit. Queries t = 16..18 (selection block 2, forced) see compressed blocks
-    0, 1, 2 only: p = (0.79, 0.11, 0.11), so selection block 0 (weights 2, 1 from blocks 0, 1) scores 1.68
-    and block 1 (weights 1, 2 from blocks 1, 2; block 3 invisible) 0.32: the free slot is block 0. From
-    t = 19 on, block 3 is visible and dominates: the free slot is block 1.
-    """
+
+@pytest.mark.parametrize("favoured, winner", FAVOURED)
+@pytest.mark.parametrize("dtype, logit", [(torch.float64, 1000.0), (torch.float32, 100.0)])
+def test_select_blocks_large_logit_on_invisible_block(dtype, logit, favoured, winner):
+    """A compressed block not yet visible to a query may have any logit; it must not change that query's
+    selection (here block 3 with a logit far above the visible ones; from t = 19 on it is visible and
+    dominates, putting selection block 1 in the free slot)."""
     T, l, d, lp, n = 24, 8, 4, 8, 2
     n_cmp = num_compressed_blocks(T, l, d)
     q = _one_hot_queries(T, dtype=dtype)
-    k_cmp = _peaked_k_cmp(n_cmp, {0: 2.0, 3: logit}, dtype=dtype)
+    k_cmp = _peaked_k_cmp(n_cmp, {**favoured, 3: logit}, dtype=dtype)
     idx = _select(q, k_cmp, l, d, lp, n, 0, 1, scale=1.0)
     got = {t: sorted(idx[0, t, 0].tolist()) for t in range(16, T)}
-    expected = {t: [0, 2] if t < 19 else [1, 2] for t in range(16, T)}
+    expected = {t: sorted([winner, 2]) if t < 19 else [1, 2] for t in range(16, T)}
     assert got == expected
     assert_matches_oracle(idx[0], q[0], k_cmp[0], l, d, lp, n, 0, 1, 1.0, tie_tol=0.0)
 
 
-def test_select_blocks_large_logit_in_another_document():
+@pytest.mark.parametrize("favoured, winner", FAVOURED)
+def test_select_blocks_large_logit_in_another_document(favoured, winner):
     """Packed: a large logit on the first compressed block of a later document must not change an earlier
-    document's selection (documents are independent). Same geometry as the test above, with the large
-    logit moved into document B (block 0 of B sits where block 3 of A would be in the packed k_cmp)."""
+    document's selection (documents are independent). Same geometry as above, document A = 19 tokens; the
+    large logit sits on block 0 of document B, which is where A's block 3 would be in the packed k_cmp."""
     l, d, lp, n = 8, 4, 8, 2
     q = _one_hot_queries(19 + 24)
-    k_a = _peaked_k_cmp(num_compressed_blocks(19, l, d), {0: 2.0})
+    k_a = _peaked_k_cmp(num_compressed_blocks(19, l, d), favoured)
     k_b = _peaked_k_cmp(num_compressed_blocks(24, l, d), {0: 1000.0})
     cu = torch.tensor([0, 19, 43])
     packed = _select(q, torch.cat([k_a, k_b], 1), l, d, lp, n, 0, 1, scale=1.0, cu_seqlens=cu)
     alone = _select(q[:, :19], k_a, l, d, lp, n, 0, 1, scale=1.0)
-    assert [sorted(r) for r in alone[0, 16:19, 0].tolist()] == [[0, 2]] * 3
+    assert [sorted(r) for r in alone[0, 16:19, 0].tolist()] == [sorted([winner, 2])] * 3
     assert _as_sets(packed[0, :19]) == _as_sets(alone[0])
