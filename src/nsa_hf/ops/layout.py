@@ -95,14 +95,17 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).long()
 
 
-def _validate_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"`cu_seqlens` must be a 1-D tensor of document boundaries, got shape {tuple(cu_seqlens.shape)}.")
+def _validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None) -> None:
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"`cu_seqlens` must be a 1-D tensor of document boundaries, got {shape}.")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"`cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}.")
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-    if first != 0 or last != total or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"`cu_seqlens` must rise from 0 to the number of tokens ({total}); got {cu_seqlens.tolist()[:8]}...")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"`cu_seqlens` must start at 0 and never decrease, got {bounds[:8]}...")
+    if num_tokens is not None and bounds[-1] != num_tokens:
+        raise ValueError(f"`cu_seqlens` must end at the number of tokens ({num_tokens}), got {bounds[-1]}.")
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,13 @@ class QueryLayout:
     window_offsets: Tensor  # [Nq] int64
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: Tensor, block_size: int, stride: int) -> tuple[QueryLayout, CompressionBlocks]:
+    def from_cu_seqlens(
+        cls, cu_seqlens: Tensor, block_size: int, stride: int, num_tokens: int | None = None
+    ) -> tuple[QueryLayout, CompressionBlocks]:
         """Layout of a full (non-incremental) pass over packed documents, and the compressed blocks it needs."""
+        _validate_cu_seqlens(cu_seqlens, num_tokens)
         cu = cu_seqlens.long()
         total = int(cu[-1])
-        _validate_cu_seqlens(cu, total)
         tokens = torch.arange(total, device=cu.device)
         doc = torch.searchsorted(cu[1:], tokens, right=True)
         key_offsets = cu[doc]
@@ -151,12 +156,3 @@ class QueryLayout:
         )
         layout = cls(positions=positions, key_offsets=key_offsets, cmp_offsets=cu_blocks[doc], window_offsets=key_offsets)
         return layout, blocks
-
-    def __len__(self) -> int:
-        return self.positions.numel()
-
-    def select(self, index: slice) -> QueryLayout:
-        """The layout of a contiguous range of queries."""
-        return QueryLayout(
-            self.positions[index], self.key_offsets[index], self.cmp_offsets[index], self.window_offsets[index]
-        )

@@ -123,8 +123,8 @@ def interval_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, 
     def attend(start: int, stop: int, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         key_lo, key_hi = bounds[start // chunk]
         qc = _acc(q[start:stop].view(stop - start, heads_kv, groups, -1))
-        if key_hi <= key_lo:
-            out = qc.new_zeros(stop - start, heads_q, v.shape[-1])
+        if key_hi <= key_lo:  # no query of the chunk sees a key: output 0, still connected to the graph
+            out = qc.new_zeros(stop - start, heads_q, v.shape[-1]) + 0 * qc.sum() + 0 * v[:0].sum()
             return out, qc.new_full((stop - start, heads_q), float("-inf"))
         keys, values = _acc(k[key_lo:key_hi]), _acc(v[key_lo:key_hi])
         scores = torch.einsum("chgd,khd->chgk", qc, keys) * scale
@@ -252,7 +252,8 @@ def select_blocks_varlen(
             column = (c_lo - key_lo)[:, None] + rel
             valid = rel < c_counts[:, None]
             column = column.clamp(max=key_hi - key_lo - 1)[:, None, None, :].expand(size, heads_kv, groups, num_cmp)
-            probs = probs.gather(-1, column) * valid[:, None, None, :]
+            # where, not multiply: an invisible block's exp may overflow to inf, and inf * 0 is NaN.
+            probs = torch.where(valid[:, None, None, :], probs.gather(-1, column), 0.0)
             probs_rel = probs.sum(2)  # Eq. 10 first: the group's heads share one selection
         padded = F.pad(probs_rel, (r - 1, max(0, num_sel * m - num_cmp)))[..., : num_sel * m + r - 1]
         block_scores = F.conv1d(padded.reshape(-1, 1, padded.shape[-1]), weights.to(padded.dtype), stride=m)
@@ -280,6 +281,7 @@ def compressed_attention_varlen(
     primitives: Primitives = REFERENCE,
 ) -> tuple[Tensor, Tensor]:
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
+    _check_gqa(q, k_cmp, "k_cmp")
     counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
     return primitives.interval(q, k_cmp, v_cmp, layout.cmp_offsets, layout.cmp_offsets + counts, scale)
 
@@ -333,11 +335,13 @@ def nsa_attention_varlen(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_qkv(q: Tensor, **tensors: Tensor) -> None:
+def _check_qkv(q: Tensor, same_length: tuple[str, ...] = (), **tensors: Tensor) -> None:
+    """Shapes and dtypes of the batch-layout API; `same_length` names tensors that must have q's T."""
     if q.dim() != 4:
         raise ValueError(f"`q` must have shape [B, T, HQ, D], got {tuple(q.shape)}.")
     if not q.is_floating_point():
         raise ValueError(f"`q` must be a floating-point tensor, got {q.dtype}.")
+    heads_kv = None
     for name, t in tensors.items():
         if t.dim() != 4:
             raise ValueError(f"`{name}` must have shape [B, T, H, D], got {tuple(t.shape)}.")
@@ -345,6 +349,13 @@ def _check_qkv(q: Tensor, **tensors: Tensor) -> None:
             raise ValueError(f"`{name}` has batch size {t.shape[0]} but `q` has {q.shape[0]}.")
         if t.dtype != q.dtype:
             raise ValueError(f"`{name}` has dtype {t.dtype} but `q` has {q.dtype}.")
+        if name in same_length and t.shape[1] != q.shape[1]:
+            raise ValueError(f"`{name}` has {t.shape[1]} tokens but `q` has {q.shape[1]}.")
+        if heads_kv is not None and t.shape[2] != heads_kv:
+            raise ValueError(f"`{name}` has {t.shape[2]} key/value heads but the other key/value tensors have {heads_kv}.")
+        heads_kv = t.shape[2]
+        if q.shape[2] % heads_kv:
+            raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of the key/value heads of `{name}` ({heads_kv}).")
 
 
 def _batch_layout(q: Tensor, pattern: SparsePattern, cu_seqlens: Tensor | None) -> tuple[QueryLayout, Tensor]:
@@ -353,7 +364,11 @@ def _batch_layout(q: Tensor, pattern: SparsePattern, cu_seqlens: Tensor | None) 
         cu_seqlens = cu_seqlens_from_batch(batch, seq_len, q.device)
     elif batch != 1:
         raise ValueError(f"with `cu_seqlens` (packed documents) the batch size must be 1, got {batch}.")
-    layout, blocks = QueryLayout.from_cu_seqlens(cu_seqlens.to(q.device), pattern.compress_block_size, pattern.compress_stride)
+    elif not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"`cu_seqlens` must be a tensor, got {type(cu_seqlens).__name__}.")
+    layout, blocks = QueryLayout.from_cu_seqlens(
+        cu_seqlens.to(q.device), pattern.compress_block_size, pattern.compress_stride, num_tokens=batch * seq_len
+    )
     return layout, blocks.cu_blocks
 
 
@@ -451,8 +466,10 @@ def selection_attention(
     """Attention over selected raw blocks. q [B, T, HQ, D], k/v [B, T, H, D], block_indices [B, T, H, n].
 
     Query t attends to every key s <= t inside its selected blocks [j*l', (j+1)*l'); -1 slots are empty.
+    The indices of one (query, head) must be distinct, as `select_blocks` returns them: a repeated index
+    would count its keys twice.
     """
-    _check_qkv(q, k=k, v=v)
+    _check_qkv(q, ('k', 'v'), k=k, v=v)
     if block_indices.dim() != 4 or block_indices.shape[:3] != (*q.shape[:2], k.shape[2]):
         raise ValueError(
             f"`block_indices` must have shape [B, T, H, n] = [{q.shape[0]}, {q.shape[1]}, {k.shape[2]}, n], "
@@ -478,7 +495,7 @@ def sliding_window_attention(
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """Causal attention over the last `window_size` tokens (the query's own included) of its document."""
-    _check_qkv(q, k=k, v=v)
+    _check_qkv(q, ('k', 'v'), k=k, v=v)
     if window_size <= 0:
         raise ValueError(f"`window_size` must be positive, got {window_size}.")
     pattern = _pattern(window_size=window_size)
@@ -513,7 +530,7 @@ def nsa_attention(
     [B, T, H, D] (pass the same tensors for shared K/V); gates [B, T, HQ, 3] in (0, 1), order (cmp, slc, win).
     Returns o [B, T, HQ, Dv] = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
     """
-    _check_qkv(q, k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win, v_win=v_win)
+    _check_qkv(q, ('k_slc', 'v_slc', 'k_win', 'v_win'), k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win, v_win=v_win)
     if gates.shape != (*q.shape[:3], 3):
         raise ValueError(f"`gates` must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}.")
     pattern = _pattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks, window_size)
