@@ -9,7 +9,7 @@ from . import __version__
 
 __all__ = ["build_parser", "main"]
 
-DEMO_DEFAULTS = {"steps": 150, "seq_len": 512, "seed": 0, "output_dir": "nsa-demo"}
+DEMO_DEFAULTS = {"steps": 120, "seq_len": 512, "seed": 0, "output_dir": "nsa-demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"], help="seed for initialization, data order, sampling")
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue after training")
+    demo.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice, one per core); use 1 if other programs keep the cores busy",
+    )
     return parser
 
 
@@ -58,7 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--steps must be >= 1")
         if args.seq_len < 2:
             parser.error("--seq-len must be >= 2")
-        run_demo(args.output_dir, steps=args.steps, seq_len=args.seq_len, seed=args.seed, prompt=args.prompt)
+        if args.threads is not None and args.threads < 1:
+            parser.error("--threads must be >= 1")
+        run_demo(
+            args.output_dir, steps=args.steps, seq_len=args.seq_len, seed=args.seed, prompt=args.prompt,
+            num_threads=args.threads,
+        )
         return 0
     parser.print_help()
     return 0

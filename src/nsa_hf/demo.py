@@ -172,7 +172,7 @@ def _chunk(ids: Tensor, seq_len: int) -> Tensor:
 
 def run_demo(
     output_dir: str | Path,
-    steps: int = 150,
+    steps: int = 120,
     seq_len: int = 512,
     *,
     batch_size: int = 4,
@@ -202,7 +202,9 @@ def run_demo(
         seed: seed of the model initialization, data order and sampling.
         prompt: text to continue with `generate()`.
         max_new_tokens: tokens to generate.
-        num_threads: torch intra-op threads during the demo; `None` keeps torch's current setting.
+        num_threads: torch intra-op threads during the demo; `None` keeps torch's current setting (one per
+            core by default). Use 1 when other processes keep the cores busy: OpenMP threads that must wait
+            for a busy core can make each step many times slower.
         verbose: print the progress and the final report.
 
     Returns:

@@ -393,31 +393,39 @@ def block_attention(
 
 @triton.jit
 def _selection_scores_kernel(
-    Q, KC, LSE, CMP_OFF, POS, SCORES,
+    Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, SCORES,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_st, stride_sh,
     scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
 ):
-    """Eq. 9 and 10 fused: selection-block scores of one token and key head from its compressed probabilities.
+    """Eq. 9 and 10 fused: selection-block scores from the compressed probabilities of BLOCK_T tokens.
 
-    Loops over tiles of BLOCK_J selection blocks; each reads the compressed blocks that overlap them (the
-    tile's own M * BLOCK_J plus a halo of R - 1 before it), so no [T, N_cmp] tensor reaches HBM.
+    A tile holds consecutive tokens of one document (so they share their compressed keys) x the G heads
+    of one key head. It walks tiles of BLOCK_J selection blocks; each reads the compressed blocks that
+    overlap them (the tile's own M * BLOCK_J plus a halo of R - 1 before), so no [T, N_cmp] tensor
+    reaches HBM.
     """
     R: tl.constexpr = L // STRIDE
     M: tl.constexpr = SEL // STRIDE
-    token = tl.program_id(0)
+    ROWS: tl.constexpr = BLOCK_T * G_PAD
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    group = tl.arange(0, G_PAD)
-    row_ok = group < G
+    first = tl.load(TILE_START + tl.program_id(0))
+    length = tl.load(TILE_LEN + tl.program_id(0))
+    rows = tl.arange(0, ROWS)
+    token = first + rows // G_PAD
+    group = rows % G_PAD
+    row_ok = (rows // G_PAD < length) & (group < G)
     head = kv_head * G + group
-    pos = tl.load(POS + token)
-    offset = tl.load(CMP_OFF + token)
+    offset = tl.load(CMP_OFF + first)
+    pos = tl.load(POS + token, mask=row_ok, other=-1)
     count = tl.where(pos + 1 >= L, (pos + 1 - L) // STRIDE + 1, 0)
-    num_sel = pos // SEL + 1
+    tile_tokens = first + tl.arange(0, BLOCK_T)
+    tile_pos = tl.load(POS + tile_tokens, mask=tl.arange(0, BLOCK_T) < length, other=-1)
+    num_sel = tl.max(tile_pos, axis=0) // SEL + 1
     dq = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq[None, :],
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
     lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -428,48 +436,71 @@ def _selection_scores_kernel(
         j = j0 + local_j
         # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
         i = j0 * M + local_i
-        i_ok = i < count
         k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
-                    mask=i_ok[:, None] & (dq < D)[None, :], other=0.0)
+                    mask=(i < tl.max(count, axis=0))[:, None] & (dq < D)[None, :], other=0.0)
         p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
-        p = tl.sum(tl.where(row_ok[:, None] & i_ok[None, :], p, 0.0), axis=0)  # Eq. 10: sum over the group
+        p = tl.where(row_ok[:, None] & (i[None, :] < count[:, None]), p, 0.0)
+        p = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BLOCK_J * M]), axis=1)  # Eq. 10: sum over the group
         overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
-        scores = tl.sum(p[:, None] * tl.maximum(overlap, 0).to(tl.float32), axis=0)  # Eq. 9
+        weights = tl.maximum(overlap, 0).to(tl.float32)  # Eq. 9, in units of d tokens
+        if BLOCK_T >= 16 and BLOCK_J >= 16:  # large tiles: on the tensor cores, in exact fp32
+            scores = tl.dot(p, weights, input_precision="ieee")
+        else:
+            scores = tl.sum(p[:, :, None] * weights[None, :, :], axis=1)  # [BLOCK_T, BLOCK_J]
         if R > 1:  # blocks that start before the tile and reach into its first selection block
             i = j0 * M + halo_i
-            i_ok = (i >= 0) & (i >= j0 * M - R + 1) & (i < count)
+            i_ok = (i >= 0) & (i >= j0 * M - R + 1)
             k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
                         mask=i_ok[:, None] & (dq < D)[None, :], other=0.0)
             p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
-            p = tl.sum(tl.where(row_ok[:, None] & i_ok[None, :], p, 0.0), axis=0)
+            p = tl.where(row_ok[:, None] & i_ok[None, :] & (i[None, :] < count[:, None]), p, 0.0)
+            p = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, HALO]), axis=1)
             overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
-            scores += tl.sum(p[:, None] * tl.maximum(overlap, 0).to(tl.float32), axis=0)
-        tl.store(SCORES + token * stride_st + kv_head * stride_sh + j, scores, mask=j < num_sel)
+            scores += tl.sum(p[:, :, None] * tl.maximum(overlap, 0).to(tl.float32)[None, :, :], axis=1)
+        t_ok = tl.arange(0, BLOCK_T) < length
+        tl.store(SCORES + tile_tokens[:, None] * stride_st + kv_head * stride_sh + j[None, :], scores,
+                 mask=t_ok[:, None] & (j[None, :] <= tile_pos[:, None] // SEL))
 
 
-def selection_scores(
-    q: Tensor, k_cmp: Tensor, lse: Tensor, positions: Tensor, cmp_offsets: Tensor, pattern: SparsePattern, scale: float
-) -> Tensor:
+def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
+    """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
+    positions = layout.positions
+    new_doc = torch.ones_like(positions, dtype=torch.bool)
+    new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
+    doc_start = torch.nonzero(new_doc).flatten()
+    doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
+    tiles_per_doc = (doc_len + tile - 1) // tile
+    doc = torch.repeat_interleave(torch.arange(doc_start.numel(), device=positions.device), tiles_per_doc)
+    cu_tiles = torch.cumsum(tiles_per_doc, 0) - tiles_per_doc
+    index = torch.arange(doc.numel(), device=positions.device) - cu_tiles[doc]
+    first = doc_start[doc] + index * tile
+    length = torch.minimum(doc_len[doc] - index * tile, torch.full_like(first, tile))
+    return first.to(torch.int32), length.to(torch.int32)
+
+
+def selection_scores(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
     """[Nq, H, J] float32 selection-block scores (Eq. 9, 10); entries past a query's own block are unwritten."""
-    if (pattern.select_block_size // pattern.compress_stride) & (pattern.select_block_size // pattern.compress_stride - 1):
+    m = pattern.select_block_size // pattern.compress_stride
+    if m & (m - 1):
         raise ValueError("the Triton backend needs select_block_size / compress_stride to be a power of two.")
     num_q, heads_q, dim = q.shape
     heads_kv = k_cmp.shape[1]
     groups = heads_q // heads_kv
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    num_blocks = int(positions.max()) // pattern.select_block_size + 1 if num_q else 0
+    num_blocks = int(layout.positions.max()) // pattern.select_block_size + 1 if num_q else 0
     scores = torch.empty(num_q, heads_kv, max(num_blocks, 1), device=q.device, dtype=torch.float32)
     r = pattern.compress_block_size // pattern.compress_stride
-    m = pattern.select_block_size // pattern.compress_stride
-    block_j = max(1, 64 // m)
+    g_pad = triton.next_power_of_2(groups)
+    block_t = max(1, 64 // g_pad)
     if num_q:
-        _selection_scores_kernel[(num_q, heads_kv)](
-            q, k_cmp, lse.contiguous(), cmp_offsets.to(torch.int32).contiguous(),
-            positions.to(torch.int32).contiguous(), scores,
+        first, length = _document_tiles(layout, block_t)
+        _selection_scores_kernel[(first.numel(), heads_kv)](
+            q, k_cmp, lse.contiguous(), layout.cmp_offsets.to(torch.int32).contiguous(),
+            layout.positions.to(torch.int32).contiguous(), first, length, scores,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1),
             scale,
-            G=groups, G_PAD=_pow2(groups), D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
-            STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
+            G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
+            STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=max(1, 64 // m), HALO=_pow2(r - 1),
         )
     return scores[..., :num_blocks]
 
@@ -486,7 +517,8 @@ def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pa
     parts = []
     for start in range(0, num_q, chunk):
         part = slice(start, min(start + chunk, num_q))
-        scores = selection_scores(q[part], k_cmp, lse[part], layout.positions[part], layout.cmp_offsets[part], pattern, scale)
+        part_layout = QueryLayout(*(t[part] for t in (layout.positions, layout.key_offsets, layout.cmp_offsets, layout.window_offsets)))
+        scores = selection_scores(q[part], k_cmp, lse[part], part_layout, pattern, scale)
         parts.append(top_blocks(scores, layout.positions[part], pattern))
     if not parts:
         return torch.empty(0, heads_kv, pattern.num_selected_blocks, dtype=torch.int32, device=q.device)
