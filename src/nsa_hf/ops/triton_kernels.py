@@ -10,7 +10,9 @@ compute exactly its functions:
   lo and hi to be non-decreasing in the query index (true for every full pass: documents are in order).
 - block attention (selection): query i reads the n blocks [start, start + block_size) it selected,
   keys s < hi[i]. One program owns one token x the G heads of one key head; each selected K/V block is
-  loaded once for the whole group. dk/dv accumulate with fp32 atomics.
+  loaded once for the whole group. The backward pass inverts the selection (for each block, the
+  queries that read it) so that dk/dv accumulate in registers per block; only the pieces of long
+  query lists meet in fp32 atomics.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package
 imports without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
@@ -291,10 +293,9 @@ def _block_fwd_kernel(
 
 
 @triton.jit
-def _block_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, STARTS, HI, DQ, DK, DV,
+def _block_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, STARTS, HI, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_st, stride_sh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -329,14 +330,100 @@ def _block_bwd_kernel(
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-            dk_block = tl.dot(tl.trans(ds).to(q.dtype), q) * scale
-            dv_block = tl.dot(tl.trans(p).to(do.dtype), do)
-            tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk_block,
-                          mask=key_ok[:, None] & (dq_idx < D)[None, :])
-            tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv_block,
-                          mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
     tl.store(DQ + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (dq_idx < D)[None, :])
+
+
+@triton.jit
+def _block_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, HI, PIECE_FIRST, PIECE_LEN, PIECE_HEAD, PIECE_START, ENTRY_TOKEN, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_q, num_k, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dk, dv of one selected block from (a piece of) the list of queries that selected it."""
+    piece = tl.program_id(0)
+    first = tl.load(PIECE_FIRST + piece)
+    length = tl.load(PIECE_LEN + piece)
+    kv_head = tl.load(PIECE_HEAD + piece)
+    block_start = tl.load(PIECE_START + piece)
+    offsets = tl.arange(0, BLOCK_S)
+    keys = block_start + offsets
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    in_block = (offsets < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
+    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
+                mask=in_block[:, None] & (dq_idx < D)[None, :], other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+                mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    rows = tl.arange(0, BLOCK_Q * G_PAD)
+    group = rows % G_PAD
+    head = kv_head * G + group
+    for e0 in range(0, length, BLOCK_Q):
+        entry = e0 + rows // G_PAD
+        row_ok = (entry < length) & (group < G)
+        token = tl.load(ENTRY_TOKEN + first + entry, mask=row_ok, other=0)
+        hi = tl.load(HI + token, mask=row_ok, other=0)
+        q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                    mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+        do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                     mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+        lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+        valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
+        p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)
+        ds = tl.where(valid, p * (tl.dot(do, tl.trans(v)) - delta[:, None]), 0.0)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    # Long query lists are split into pieces, so several programs may add to one block.
+    tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
+                  mask=in_block[:, None] & (dq_idx < D)[None, :])
+    tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv,
+                  mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
+
+
+def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut runs [first, first + len) into pieces of at most `piece`: (first, length, run index) per piece."""
+    pieces_per_run = (run_len + piece - 1) // piece
+    run = torch.repeat_interleave(torch.arange(run_first.numel(), device=run_first.device), pieces_per_run)
+    index = torch.arange(run.numel(), device=run_first.device) - (torch.cumsum(pieces_per_run, 0) - pieces_per_run)[run]
+    first = run_first[run] + index * piece
+    length = torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
+    return first, length, run
+
+
+def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
+    """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
+    positions = layout.positions
+    new_doc = torch.ones_like(positions, dtype=torch.bool)
+    new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
+    doc_start = torch.nonzero(new_doc).flatten()
+    doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
+    first, length, _ = _split_runs(doc_start, doc_len, tile)
+    return first.to(torch.int32), length.to(torch.int32)
+
+
+def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int):
+    """Invert the selection: for each (key head, selected block), the queries that read it, in pieces."""
+    num_q, heads_kv, slots = block_starts.shape
+    heads = torch.arange(heads_kv, device=block_starts.device)[None, :, None]
+    tokens = torch.arange(num_q, device=block_starts.device)[:, None, None]
+    valid = block_starts >= 0
+    keys = (heads * num_keys + block_starts.long())[valid]
+    order = torch.argsort(keys)
+    keys = keys[order]
+    entry_token = tokens.expand_as(block_starts)[valid][order].to(torch.int32)
+    new_run = torch.ones_like(keys, dtype=torch.bool)
+    new_run[1:] = keys[1:] != keys[:-1]
+    run_first = torch.nonzero(new_run).flatten()
+    run_len = torch.diff(run_first, append=run_first.new_tensor([keys.numel()]))
+    first, length, run = _split_runs(run_first, run_len, piece)
+    run_key = keys[run_first][run]
+    return first.to(torch.int32), length.to(torch.int32), (run_key // num_keys).to(torch.int32), (run_key % num_keys).to(torch.int32), entry_token
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -367,19 +454,27 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: Tensor):
         q, k, v, starts, hi, o, lse = ctx.saved_tensors
-        num_q, _, dim = q.shape
-        heads_kv, dim_v = k.shape[1], v.shape[2]
+        num_q, heads_q, dim = q.shape
+        num_k, heads_kv, dim_v = v.shape
+        meta = ctx.meta
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         if num_q:
-            _block_bwd_kernel[(num_q, heads_kv)](
-                q, k, v, do, lse, delta, starts, hi, dq, dk, dv,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-                starts.stride(0), starts.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                ctx.scale, D=dim, DV_DIM=dim_v, **ctx.meta,
+            strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+            _block_bwd_dq_kernel[(num_q, heads_kv)](
+                q, k, v, do, lse, delta, starts, hi, dq, *strides, starts.stride(0), starts.stride(1),
+                ctx.scale, D=dim, DV_DIM=dim_v, **meta,
+            )
+            g_pad = triton.next_power_of_2(meta["G"])
+            pieces = _queries_per_block(starts, num_k, piece=256)
+            _block_bwd_dkv_kernel[(pieces[0].numel(),)](
+                q, k, v, do, lse, delta, hi, *pieces, dk, dv, *strides,
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads_q, num_k, ctx.scale,
+                G=meta["G"], G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), BLOCK_SIZE=meta["BLOCK_SIZE"], BLOCK_S=meta["BLOCK_S"],
+                D=dim, DV_DIM=dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
             )
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
@@ -460,22 +555,6 @@ def _selection_scores_kernel(
         t_ok = tl.arange(0, BLOCK_T) < length
         tl.store(SCORES + tile_tokens[:, None] * stride_st + kv_head * stride_sh + j[None, :], scores,
                  mask=t_ok[:, None] & (j[None, :] <= tile_pos[:, None] // SEL))
-
-
-def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
-    """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
-    positions = layout.positions
-    new_doc = torch.ones_like(positions, dtype=torch.bool)
-    new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
-    doc_start = torch.nonzero(new_doc).flatten()
-    doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
-    tiles_per_doc = (doc_len + tile - 1) // tile
-    doc = torch.repeat_interleave(torch.arange(doc_start.numel(), device=positions.device), tiles_per_doc)
-    cu_tiles = torch.cumsum(tiles_per_doc, 0) - tiles_per_doc
-    index = torch.arange(doc.numel(), device=positions.device) - cu_tiles[doc]
-    first = doc_start[doc] + index * tile
-    length = torch.minimum(doc_len[doc] - index * tile, torch.full_like(first, tile))
-    return first.to(torch.int32), length.to(torch.int32)
 
 
 def selection_scores(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
