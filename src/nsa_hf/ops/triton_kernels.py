@@ -142,15 +142,20 @@ def _interval_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, LO, HI, QLO, QHI, DK, DV,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     num_k, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries that see them (chunks meet in atomics)."""
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < num_k
     q_lo = tl.min(tl.load(QLO + keys, mask=key_ok, other=2147483647), axis=0)
     q_hi = tl.max(tl.load(QHI + keys, mask=key_ok, other=0), axis=0)
+    q_lo = q_lo + tl.program_id(2) * Q_CHUNK
+    q_hi = tl.minimum(q_hi, q_lo + Q_CHUNK)
+    if q_lo >= q_hi:
+        return
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
@@ -179,10 +184,10 @@ def _interval_bwd_dkv_kernel(
         dv += tl.dot(tl.trans(p).to(do.dtype), do)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-    tl.store(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=key_ok[:, None] & (dq_idx < D)[None, :])
-    tl.store(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv.to(DV.dtype.element_ty),
-             mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
+    tl.atomic_add(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], dk * scale,
+                  mask=key_ok[:, None] & (dq_idx < D)[None, :])
+    tl.atomic_add(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv,
+                  mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
 
 
 def _interval_tiles(groups: int) -> tuple[int, int]:
@@ -232,11 +237,18 @@ class _IntervalAttention(torch.autograd.Function):
         key_index = torch.arange(num_k, device=q.device, dtype=torch.int32)
         q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
         q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv)](
-            q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale, D=dim, DV_DIM=dim_v, **meta
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        # Long query ranges (early compressed keys are seen by the whole document) split over programs.
+        q_chunk, pad = 1024, -num_k % 64
+        block_lo = torch.nn.functional.pad(q_lo, (0, pad), value=num_q).view(-1, 64).amin(1)
+        block_hi = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(-1, 64).amax(1)
+        num_chunks = triton.cdiv(max(1, int((block_hi - block_lo).max()) if num_k else 1), q_chunk)
+        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, num_chunks)](
+            q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
+            Q_CHUNK=q_chunk, D=dim, DV_DIM=dim_v, **meta,
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def interval_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
