@@ -19,8 +19,15 @@ def demo_result(tmp_path_factory) -> DemoResult:
     # seq_len 128 still exceeds the 64-token window and spans 4 selection blocks of 32. One thread: tiny
     # matrices gain nothing from two, and OpenMP threads slow down badly when other processes share the cores.
     return run_demo(
-        output_dir, steps=3, seq_len=128, batch_size=2, eval_chunks=2, tokenizer_chars=200_000,
-        max_new_tokens=12, num_threads=1, verbose=False,
+        output_dir,
+        steps=3,
+        seq_len=128,
+        batch_size=2,
+        eval_chunks=2,
+        tokenizer_chars=200_000,
+        max_new_tokens=12,
+        num_threads=1,
+        verbose=False,
     )
 
 

@@ -34,18 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"], help="training steps (batches of 4 sequences)")
+    demo.add_argument(
+        "--steps", type=int, default=DEMO_DEFAULTS["steps"], help="training steps (batches of 4 sequences)"
+    )
     demo.add_argument(
         "--output-dir", default=DEMO_DEFAULTS["output_dir"], help="where the model and tokenizer are saved"
     )
     demo.add_argument(
-        "--seq-len", type=int, default=DEMO_DEFAULTS["seq_len"],
+        "--seq-len",
+        type=int,
+        default=DEMO_DEFAULTS["seq_len"],
         help="tokens per training sequence (keep it well above the 64-token sliding window)",
     )
-    demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"], help="seed for initialization, data order, sampling")
+    demo.add_argument(
+        "--seed", type=int, default=DEMO_DEFAULTS["seed"], help="seed for initialization, data order, sampling"
+    )
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue after training")
     demo.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (default: torch's choice, one per core); use 1 if other programs keep the cores busy",
     )
     return parser
@@ -65,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             parser.error("--threads must be >= 1")
         run_demo(
-            args.output_dir, steps=args.steps, seq_len=args.seq_len, seed=args.seed, prompt=args.prompt,
+            args.output_dir,
+            steps=args.steps,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            prompt=args.prompt,
             num_threads=args.threads,
         )
         return 0

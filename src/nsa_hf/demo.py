@@ -237,15 +237,19 @@ def run_demo(
     try:
         set_seed(seed)
         text = load_demo_corpus()
-        say(f"[1/5] training a byte-level BPE tokenizer (vocab {vocab_size}) on {min(tokenizer_chars, len(text)):,} characters")
-        tokenizer = build_tokenizer(text[:tokenizer_chars], vocab_size=vocab_size)
+        tokenizer_text = text[:tokenizer_chars]
+        say(f"[1/5] training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(tokenizer_text):,} characters")
+        tokenizer = build_tokenizer(tokenizer_text, vocab_size=vocab_size)
 
         # Eval: the last `eval_chunks` chunks of the corpus (end of Persuasion). Training: what comes before,
         # tokenized only as far as the run needs (with margin), so short runs stay fast.
         train_tokens_needed = steps * batch_size * seq_len
         eval_text_chars = eval_chunks * seq_len * 6 + 1
         train_text_chars = min(len(text) - eval_text_chars, max(train_tokens_needed * 6, 200_000))
-        encode = lambda s: [i for enc in tokenizer.backend_tokenizer.encode_batch(_paragraphs(s)) for i in enc.ids]
+
+        def encode(part: str) -> list[int]:
+            return [i for enc in tokenizer.backend_tokenizer.encode_batch(_paragraphs(part)) for i in enc.ids]
+
         eval_ids = torch.tensor(encode(text[-eval_text_chars:]), dtype=torch.long)
         eval_set = _chunk(eval_ids, seq_len)[-eval_chunks:]
         train_ids = torch.tensor(encode(text[:train_text_chars]), dtype=torch.long)
@@ -294,7 +298,9 @@ def run_demo(
             dataloader_pin_memory=not use_cpu,
             disable_tqdm=not verbose,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=_ChunkDataset(train_set), data_collator=default_data_collator)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=_ChunkDataset(train_set), data_collator=default_data_collator
+        )
         trainer.train()
         model = trainer.model
         loss_after = evaluate_loss(model, eval_set, batch_size)
@@ -362,8 +368,10 @@ def format_report(result: DemoResult) -> str:
         "NSA demo report",
         f"  parameters      {result.num_parameters:,}",
         f"  tokens trained  {result.tokens_trained:,}",
-        f"  held-out loss   {result.loss_before:.3f} -> {result.loss_after:.3f} nats/token "
-        f"(perplexity {math.exp(result.loss_before):.1f} -> {math.exp(result.loss_after):.1f})",
+        (
+            f"  held-out loss   {result.loss_before:.3f} -> {result.loss_after:.3f} nats/token "
+            f"(perplexity {math.exp(result.loss_before):.1f} -> {math.exp(result.loss_after):.1f})"
+        ),
         f"  time            {result.seconds:.1f} s",
         f"  saved to        {result.output_dir}  (AutoModelForCausalLM / AutoTokenizer .from_pretrained)",
         f"  prompt          {result.prompt!r}",
