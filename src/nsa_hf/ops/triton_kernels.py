@@ -26,9 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .layout import QueryLayout, SparsePattern
-from .reference import top_blocks
 
-__all__ = ["interval_attention", "block_attention", "select_blocks", "selection_scores"]
+__all__ = ["interval_attention", "block_attention", "select_blocks"]
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -408,17 +407,6 @@ def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor,
     return first, length, run
 
 
-def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
-    """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
-    positions = layout.positions
-    new_doc = torch.ones_like(positions, dtype=torch.bool)
-    new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
-    doc_start = torch.nonzero(new_doc).flatten()
-    doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
-    first, length, _ = _split_runs(doc_start, doc_len, tile)
-    return first.to(torch.int32), length.to(torch.int32)
-
-
 def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int):
     """Invert the selection: for each (key head, selected block), the queries that read it, in pieces."""
     num_q, heads_kv, slots = block_starts.shape
@@ -499,19 +487,22 @@ def block_attention(
 
 
 @triton.jit
-def _selection_scores_kernel(
-    Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, SCORES,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_st, stride_sh,
+def _select_blocks_kernel(
+    Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
 ):
-    """Eq. 9 and 10 fused: selection-block scores from the compressed probabilities of BLOCK_T tokens.
+    """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
     A tile holds consecutive tokens of one document (so they share their compressed keys) x the G heads
     of one key head. It walks tiles of BLOCK_J selection blocks; each reads the compressed blocks that
-    overlap them (the tile's own M * BLOCK_J plus a halo of R - 1 before), so no [T, N_cmp] tensor
-    reaches HBM.
+    overlap them (the tile's own M * BLOCK_J plus a halo of R - 1 before), scores them, and merges them
+    into a running top-BLOCK_J list by a bitonic sort. Nothing but the chosen indices reaches HBM.
+    Scores are ranked as in `reference.top_blocks`: int64 keys of float32 bits above the reversed block
+    index, so ties go to the lower index; forced blocks rank first; non-candidates are -1.
     """
     R: tl.constexpr = L // STRIDE
     M: tl.constexpr = SEL // STRIDE
@@ -529,8 +520,9 @@ def _selection_scores_kernel(
     pos = tl.load(POS + token, mask=row_ok, other=-1)
     count = tl.where(pos + 1 >= L, (pos + 1 - L) // STRIDE + 1, 0)
     tile_tokens = first + tl.arange(0, BLOCK_T)
-    tile_pos = tl.load(POS + tile_tokens, mask=tl.arange(0, BLOCK_T) < length, other=-1)
-    num_sel = tl.max(tile_pos, axis=0) // SEL + 1
+    t_ok = tl.arange(0, BLOCK_T) < length
+    tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1)
+    current = tile_pos // SEL  # the block holding each token
     dq = tl.arange(0, BLOCK_D)
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
@@ -539,7 +531,8 @@ def _selection_scores_kernel(
     local_i = tl.arange(0, BLOCK_J * M)
     local_j = tl.arange(0, BLOCK_J)
     halo_i = tl.arange(0, HALO) - HALO
-    for j0 in range(0, num_sel, BLOCK_J):
+    best = tl.full([BLOCK_T, BLOCK_J], -1, tl.int64)
+    for j0 in range(0, tl.max(current, axis=0) + 1, BLOCK_J):
         j = j0 + local_j
         # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
         i = j0 * M + local_i
@@ -564,13 +557,32 @@ def _selection_scores_kernel(
             p = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, HALO]), axis=1)
             overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
             scores += tl.sum(p[:, :, None] * tl.maximum(overlap, 0).to(tl.float32)[None, :, :], axis=1)
-        t_ok = tl.arange(0, BLOCK_T) < length
-        tl.store(SCORES + tile_tokens[:, None] * stride_st + kv_head * stride_sh + j[None, :], scores,
-                 mask=t_ok[:, None] & (j[None, :] <= tile_pos[:, None] // SEL))
+        candidate = j[None, :] <= current[:, None]
+        forced = candidate & ((j[None, :] < NUM_INIT) | (j[None, :] > current[:, None] - NUM_LOCAL))
+        bits = tl.where(forced, float("inf"), tl.maximum(scores, 0.0)).to(tl.int32, bitcast=True).to(tl.int64)
+        keys = tl.where(candidate, (bits << 32) | (2147483647 - j[None, :]).to(tl.int64), -1)
+        # Merge: the best BLOCK_J of the running list and this tile, by one bitonic sort of both.
+        merged = tl.sort(tl.reshape(tl.join(best, keys), [BLOCK_T, 2 * BLOCK_J]), dim=1, descending=True)
+        best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
+    chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+    tl.store(OUT + tile_tokens[:, None] * stride_ot + kv_head * stride_oh + local_j[None, :], chosen,
+             mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
 
 
-def selection_scores(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
-    """[Nq, H, J] float32 selection-block scores (Eq. 9, 10); entries past a query's own block are unwritten."""
+def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
+    """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
+    positions = layout.positions
+    new_doc = torch.ones_like(positions, dtype=torch.bool)
+    new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
+    doc_start = torch.nonzero(new_doc).flatten()
+    doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
+    first, length, _ = _split_runs(doc_start, doc_len, tile)
+    return first.to(torch.int32), length.to(torch.int32)
+
+
+@torch.no_grad()
+def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
+    """Triton version of `reference.select_blocks_varlen`: [Nq, H, n] int32, the same rule, one fused kernel."""
     m = pattern.select_block_size // pattern.compress_stride
     if m & (m - 1):
         raise ValueError("the Triton backend needs select_block_size / compress_stride to be a power of two.")
@@ -578,39 +590,21 @@ def selection_scores(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout,
     heads_kv = k_cmp.shape[1]
     groups = heads_q // heads_kv
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    num_blocks = int(layout.positions.max()) // pattern.select_block_size + 1 if num_q else 0
-    scores = torch.empty(num_q, heads_kv, max(num_blocks, 1), device=q.device, dtype=torch.float32)
+    out = torch.empty(num_q, heads_kv, pattern.num_selected_blocks, device=q.device, dtype=torch.int32)
+    if num_q == 0:
+        return out
     r = pattern.compress_block_size // pattern.compress_stride
     g_pad = triton.next_power_of_2(groups)
     block_t = max(1, 64 // g_pad)
-    if num_q:
-        first, length = _document_tiles(layout, block_t)
-        _selection_scores_kernel[(first.numel(), heads_kv)](
-            q, k_cmp, lse.contiguous(), layout.cmp_offsets.to(torch.int32).contiguous(),
-            layout.positions.to(torch.int32).contiguous(), first, length, scores,
-            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1),
-            scale,
-            G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
-            STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=max(1, 64 // m), HALO=_pow2(r - 1),
-        )
-    return scores[..., :num_blocks]
-
-
-@torch.no_grad()
-def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
-    """Triton version of `reference.select_blocks_varlen`: fused scores, then the shared top-n rule.
-
-    Scores of a chunk of queries ([chunk, H, J] float32, J = T / l') are the only intermediate in HBM.
-    """
-    num_q, heads_kv = q.shape[0], k_cmp.shape[1]
-    num_blocks = int(layout.positions.max()) // pattern.select_block_size + 1 if num_q else 1
-    chunk = max(1, (1 << 26) // (heads_kv * num_blocks))
-    parts = []
-    for start in range(0, num_q, chunk):
-        part = slice(start, min(start + chunk, num_q))
-        part_layout = QueryLayout(*(t[part] for t in (layout.positions, layout.key_offsets, layout.cmp_offsets, layout.window_offsets)))
-        scores = selection_scores(q[part], k_cmp, lse[part], part_layout, pattern, scale)
-        parts.append(top_blocks(scores, layout.positions[part], pattern))
-    if not parts:
-        return torch.empty(0, heads_kv, pattern.num_selected_blocks, dtype=torch.int32, device=q.device)
-    return torch.cat(parts)
+    first, length = _document_tiles(layout, block_t)
+    _select_blocks_kernel[(first.numel(), heads_kv)](
+        q, k_cmp, lse.contiguous(), layout.cmp_offsets.to(torch.int32).contiguous(),
+        layout.positions.to(torch.int32).contiguous(), first, length, out,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
+        scale,
+        G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
+        STRIDE=pattern.compress_stride, SEL=pattern.select_block_size,
+        BLOCK_J=max(triton.next_power_of_2(pattern.num_selected_blocks), 16 if m <= 4 else 64 // m), HALO=_pow2(r - 1),
+        NUM_SELECTED=pattern.num_selected_blocks, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks,
+    )
+    return out
