@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One device call: GPU tests of the Triton backend, then the attention benchmark. Results under $OUT.
+# One device call: GPU tests of the Triton backend, then the attention and decode benchmarks.
+# Results (JSON, PNG, logs) go under $OUT (the device tool's output folder) or benchmarks/results.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -d .whl ]; then  # wheels carried to the GPU machine (fla-core, the peer)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/test_triton.py -q -x 2>&1 | tail -25 | tee "$OUT/tests.txt"
-timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_triton.py -q -x 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+timeout "${DECODE_TIMEOUT:-120}" python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.txt"

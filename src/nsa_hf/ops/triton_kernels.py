@@ -36,17 +36,18 @@ def _pow2(x: int, minimum: int = 16) -> int:
 
 @triton.jit
 def _interval_fwd_kernel(
-    Q, K, V, LO, HI, O, LSE,
+    Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_q, scale,
+    scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     rows = tl.arange(0, BLOCK_T * G_PAD)
-    token = tl.program_id(0) * BLOCK_T + rows // G_PAD
+    first = tl.load(TILE_START + tl.program_id(0))
+    token = first + rows // G_PAD
     group = rows % G_PAD
-    row_ok = (token < num_q) & (group < G)
+    row_ok = (rows // G_PAD < tl.load(TILE_LEN + tl.program_id(0))) & (group < G)
     head = kv_head * G + group
     lo = tl.load(LO + token, mask=row_ok, other=2147483647)
     hi = tl.load(HI + token, mask=row_ok, other=0)
@@ -91,18 +92,19 @@ def _interval_fwd_kernel(
 
 @triton.jit
 def _interval_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, LO, HI, DQ,
+    Q, K, V, DO, LSE, DELTA, LO, HI, TILE_START, TILE_LEN, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    num_q, scale,
+    scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
     rows = tl.arange(0, BLOCK_T * G_PAD)
-    token = tl.program_id(0) * BLOCK_T + rows // G_PAD
+    first = tl.load(TILE_START + tl.program_id(0))
+    token = first + rows // G_PAD
     group = rows % G_PAD
-    row_ok = (token < num_q) & (group < G)
+    row_ok = (rows // G_PAD < tl.load(TILE_LEN + tl.program_id(0))) & (group < G)
     head = kv_head * G + group
     lo = tl.load(LO + token, mask=row_ok, other=2147483647)
     hi = tl.load(HI + token, mask=row_ok, other=0)
@@ -194,6 +196,17 @@ def _interval_tiles(groups: int) -> tuple[int, int]:
     return g_pad, max(1, 64 // g_pad)
 
 
+def _query_tiles(lo: Tensor, hi: Tensor, tile: int) -> tuple[Tensor, Tensor]:
+    """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
+    whose stores lie apart: a decoding batch would otherwise read every row's keys)."""
+    apart = torch.ones_like(lo, dtype=torch.bool)
+    apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
+    run_first = torch.nonzero(apart).flatten()
+    run_len = torch.diff(run_first, append=run_first.new_tensor([lo.numel()]))
+    first, length, _ = _split_runs(run_first, run_len, tile)
+    return first.to(torch.int32), length.to(torch.int32)
+
+
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float):
@@ -205,21 +218,22 @@ class _IntervalAttention(torch.autograd.Function):
         lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
         o = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
         lse = torch.empty(num_q, heads_q, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(num_q, block_t), heads_kv)
-        _interval_fwd_kernel[grid](
-            q, k, v, lo, hi, o, lse,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            num_q, scale,
-            G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-        )
-        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
+        tile_first, tile_len = _query_tiles(lo, hi, block_t)
+        if num_q:
+            _interval_fwd_kernel[(tile_first.numel(), heads_kv)](
+                q, k, v, lo, hi, tile_first, tile_len, o, lse,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+                scale,
+                G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+            )
+        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do: Tensor, _dlse: Tensor):
-        q, k, v, lo, hi, o, lse = ctx.saved_tensors
+        q, k, v, lo, hi, tile_first, tile_len, o, lse = ctx.saved_tensors
         num_q, heads_q, dim = q.shape
         num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
@@ -229,8 +243,8 @@ class _IntervalAttention(torch.autograd.Function):
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
         meta = dict(G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
         dq = torch.empty_like(q)
-        _interval_bwd_dq_kernel[(triton.cdiv(num_q, block_t), heads_kv)](
-            q, k, v, do, lse, delta, lo, hi, dq, *strides, num_q, ctx.scale, D=dim, DV=dim_v, **meta
+        _interval_bwd_dq_kernel[(tile_first.numel(), heads_kv)](
+            q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v, **meta
         )
         # Queries that see key c form [first hi > c, first lo > c) since lo and hi never decrease.
         key_index = torch.arange(num_k, device=q.device, dtype=torch.int32)

@@ -1,0 +1,97 @@
+"""Per-step decode attention: NSA (Triton backend) over an NsaCache-shaped store vs dense decode, on a GPU.
+
+    python benchmarks/bench_decode.py --out benchmarks/results [--contexts 8192 ... 131072] [--batches 1 32]
+
+One new token per row attends to a context of S tokens. NSA reads the compressed store, the n selected
+blocks and the window; dense decode (`varlen_attn`, FlashAttention-2, one query per row) reads all S.
+Reports ms per step, the bytes each must move (K and V read once: the floor), achieved GB/s, and the
+measured device-to-device copy bandwidth for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention.varlen import varlen_attn
+
+from nsa_hf.ops.backends import resolve_backend
+from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
+
+SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64)}
+PATTERN = SparsePattern(32, 16, 64, 16, 1, 2, 512)
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() / ms / 1e6  # GB/s, read + write
+
+
+def measure(shape: str, context: int, batch: int) -> dict:
+    heads_q, heads_kv, dim = SHAPES[shape]
+    dtype, device = torch.bfloat16, "cuda"
+    n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
+    rows = torch.arange(batch, device=device)
+    layout = QueryLayout(
+        positions=torch.full((batch,), context - 1, device=device),
+        key_offsets=rows * context, cmp_offsets=rows * n_cmp, window_offsets=rows * context,
+    )
+    q = torch.randn(batch, heads_q, dim, device=device, dtype=dtype)
+    k = torch.randn(batch * context, heads_kv, dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    k_cmp = torch.randn(batch * n_cmp, heads_kv, dim, device=device, dtype=dtype)
+    v_cmp = torch.randn_like(k_cmp)
+    gates = torch.rand(batch, heads_q, 3, device=device, dtype=dtype)
+    nsa = resolve_backend("triton", torch.device(device))
+    nsa_ms = triton.testing.do_bench(
+        lambda: nsa(q, k_cmp, v_cmp, k, v, k, v, gates, layout, PATTERN, dim**-0.5), return_mode="median"
+    )
+    cu_q = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    cu_k = cu_q * context
+    kk, vv = k.repeat_interleave(heads_q // heads_kv, 1), v.repeat_interleave(heads_q // heads_kv, 1)
+    dense_ms = triton.testing.do_bench(
+        lambda: varlen_attn(q, kk, vv, cu_q, cu_k, 1, context), return_mode="median"
+    )
+    row_bytes = 2 * heads_kv * dim * 2  # K and V, bf16, per token per row
+    keys_nsa = n_cmp + PATTERN.num_selected_blocks * PATTERN.select_block_size + PATTERN.window_size
+    nsa_bytes, dense_bytes = batch * keys_nsa * row_bytes, batch * context * row_bytes
+    return {
+        "shape": shape, "context": context, "batch": batch, "nsa_ms": nsa_ms, "dense_ms": dense_ms,
+        "speedup": dense_ms / nsa_ms, "nsa_floor_bytes": nsa_bytes, "dense_bytes": dense_bytes,
+        "nsa_GBps": nsa_bytes / nsa_ms / 1e6, "dense_GBps_gqa_expanded": dense_bytes * (heads_q // heads_kv) / dense_ms / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--shapes", nargs="+", default=["paper"], choices=list(SHAPES))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth()
+    print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
+    rows = []
+    for shape in args.shapes:
+        for batch in args.batches:
+            for context in args.contexts:
+                row = measure(shape, context, batch)
+                row["nsa_fraction_of_copy_bw"] = row["nsa_GBps"] / bandwidth
+                rows.append(row)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                torch.cuda.empty_cache()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "commit": commit or "unknown", "copy_GBps": bandwidth, "pattern": PATTERN.__dict__, "rows": rows}
+    (args.out / "decode.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
