@@ -224,6 +224,7 @@ class NsaCacheLayer(CacheLayerMixin):
             key_offsets=key_offsets.repeat_interleave(num_new),
             cmp_offsets=(rows * capacity).repeat_interleave(num_new),
             window_offsets=window_offsets.repeat_interleave(num_new),
+            run_length=num_new,
         )
         stores = NsaStores(
             k_cmp=self.cmp_keys.flatten(0, 1),

@@ -130,6 +130,7 @@ class QueryLayout:
     key_offsets: Tensor  # [Nq] int64
     cmp_offsets: Tensor  # [Nq] int64
     window_offsets: Tensor  # [Nq] int64
+    run_length: int | None = None  # decoding: each row contributes this many consecutive queries (a tiling hint)
 
     @classmethod
     def from_cu_seqlens(

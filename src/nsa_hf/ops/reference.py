@@ -100,11 +100,14 @@ def _check_gqa(q: Tensor, k: Tensor, name: str = "k") -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def interval_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def interval_attention(
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Each query i attends to the contiguous keys [lo[i], hi[i]) of a flat store.
 
     q [Nq, HQ, D], k [Nk, H, D], v [Nk, H, Dv], lo/hi [Nq] -> (o [Nq, HQ, Dv] in q's dtype, lse [Nq, HQ] fp32).
     Serves the sliding window and the compressed branch: a chunk of queries reads one slice of keys.
+    `run_length` (queries per row when decoding) is a tiling hint for fast backends; unused here.
     """
     num_q, heads_q, _ = q.shape
     heads_kv = k.shape[1]
@@ -283,7 +286,7 @@ def compressed_attention_varlen(
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
     _check_gqa(q, k_cmp, "k_cmp")
     counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
-    return primitives.interval(q, k_cmp, v_cmp, layout.cmp_offsets, layout.cmp_offsets + counts, scale)
+    return primitives.interval(q, k_cmp, v_cmp, layout.cmp_offsets, layout.cmp_offsets + counts, scale, layout.run_length)
 
 
 def selection_attention_varlen(
@@ -304,7 +307,7 @@ def sliding_window_attention_varlen(
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
     own = layout.window_offsets + layout.positions
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
-    return primitives.interval(q, k, v, lo, own + 1, scale)[0]
+    return primitives.interval(q, k, v, lo, own + 1, scale, layout.run_length)[0]
 
 
 def nsa_attention_varlen(

@@ -196,9 +196,19 @@ def _interval_tiles(groups: int) -> tuple[int, int]:
     return g_pad, max(1, 64 // g_pad)
 
 
-def _query_tiles(lo: Tensor, hi: Tensor, tile: int) -> tuple[Tensor, Tensor]:
+def _run_tiles(num_q: int, run_length: int, tile: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tiles of queries that come in equal runs (a decoding step: `run_length` new tokens per row), by arithmetic."""
+    per_run = -(-run_length // tile)
+    index = torch.arange(num_q // run_length * per_run, device=device, dtype=torch.int32)
+    start = (index % per_run) * tile
+    return (index // per_run) * run_length + start, (run_length - start).clamp(max=tile)
+
+
+def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> tuple[Tensor, Tensor]:
     """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
     whose stores lie apart: a decoding batch would otherwise read every row's keys)."""
+    if run_length is not None:  # no host sync on the decoding path
+        return _run_tiles(lo.numel(), run_length, tile, lo.device)
     apart = torch.ones_like(lo, dtype=torch.bool)
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()
@@ -209,7 +219,7 @@ def _query_tiles(lo: Tensor, hi: Tensor, tile: int) -> tuple[Tensor, Tensor]:
 
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
         groups = heads_q // heads_kv
@@ -218,7 +228,7 @@ class _IntervalAttention(torch.autograd.Function):
         lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
         o = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
         lse = torch.empty(num_q, heads_q, device=q.device, dtype=torch.float32)
-        tile_first, tile_len = _query_tiles(lo, hi, block_t)
+        tile_first, tile_len = _query_tiles(lo, hi, block_t, run_length)
         if num_q:
             _interval_fwd_kernel[(tile_first.numel(), heads_kv)](
                 q, k, v, lo, hi, tile_first, tile_len, o, lse,
@@ -261,12 +271,17 @@ class _IntervalAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
             Q_CHUNK=q_chunk, D=dim, DV_DIM=dim_v, **meta,
         )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def interval_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing."""
-    return _IntervalAttention.apply(q, k, v, lo, hi, scale)
+def interval_attention(
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing.
+
+    `run_length`: queries come in runs of this many per row (decoding), which spares a host sync.
+    """
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length)
 
 
 @triton.jit
@@ -586,6 +601,8 @@ def _select_blocks_kernel(
 def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
     """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
     positions = layout.positions
+    if layout.run_length is not None:  # no host sync on the decoding path
+        return _run_tiles(positions.numel(), layout.run_length, tile, positions.device)
     new_doc = torch.ones_like(positions, dtype=torch.bool)
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
