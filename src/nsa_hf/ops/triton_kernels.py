@@ -590,9 +590,11 @@ def _select_blocks_kernel(
         forced = candidate & ((j[None, :] < NUM_INIT) | (j[None, :] > current[:, None] - NUM_LOCAL))
         bits = tl.where(forced, float("inf"), tl.maximum(scores, 0.0)).to(tl.int32, bitcast=True).to(tl.int64)
         keys = tl.where(candidate, (bits << 32) | (2147483647 - j[None, :]).to(tl.int64), -1)
-        # Merge: the best BLOCK_J of the running list and this tile, by one bitonic sort of both.
-        merged = tl.sort(tl.reshape(tl.join(best, keys), [BLOCK_T, 2 * BLOCK_J]), dim=1, descending=True)
-        best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
+        # Merge the best BLOCK_J of the running list and this tile by one bitonic sort of both, unless no
+        # key of the tile beats the running list's worst (most tiles, once the list has filled up).
+        if tl.max((tl.max(keys, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0) > 0:
+            merged = tl.sort(tl.reshape(tl.join(best, keys), [BLOCK_T, 2 * BLOCK_J]), dim=1, descending=True)
+            best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
     chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
     tl.store(OUT + tile_tokens[:, None] * stride_ot + kv_head * stride_oh + local_j[None, :], chosen,
              mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
