@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--shapes", nargs="+", default=["paper"], choices=list(SHAPES))
+    parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git, e.g. on the GPU machine)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
@@ -96,7 +97,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
                 torch.cuda.empty_cache()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "commit": commit or "unknown", "copy_GBps": bandwidth, "pattern": PATTERN.__dict__, "rows": rows}
     (args.out / "decode.json").write_text(json.dumps(record, indent=1))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests of the Triton backend, then the attention and decode benchmarks.
 # Results (JSON, PNG, logs) go under $OUT (the device tool's output folder) or benchmarks/results.
+# Usage: COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -11,5 +12,5 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_triton.py -q -x 2>&1 | tail -25 | tee "$OUT/tests.txt"
-timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
-timeout "${DECODE_TIMEOUT:-120}" python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.txt"
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_attention.py --out "$OUT" --commit "${COMMIT:-unknown}" 2>&1 | tee "$OUT/bench.txt"
+timeout "${DECODE_TIMEOUT:-120}" python3 benchmarks/bench_decode.py --out "$OUT" --commit "${COMMIT:-unknown}" 2>&1 | tee "$OUT/decode.txt"
