@@ -24,7 +24,6 @@ from torch.nn.attention.varlen import varlen_attn
 
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
-from nsa_hf.ops.reference import select_blocks_varlen
 from nsa_hf.ops import triton_kernels
 
 SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64)}
