@@ -5,6 +5,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .ops.layout import SparsePattern
+
 COMPRESSION_TYPES = ("mlp", "linear", "mean")
 BRANCH_KV_MODES = ("independent", "shared")
 NSA_BACKENDS = ("auto", "reference", "triton")
@@ -95,16 +97,12 @@ class NsaConfig(PreTrainedConfig):
         """Check every NSA and attention rule; raises ValueError naming the field and the rule."""
         positive = (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "compress_block_size", "compress_stride", "select_block_size",
-            "num_selected_blocks", "window_size", "compress_intermediate_size",
+            "num_key_value_heads", "head_dim", "compress_intermediate_size",
         )
         for name in positive:
             value = getattr(self, name)
             if value is None or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        for name in ("num_init_blocks", "num_local_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.gate_intermediate_size is not None and self.gate_intermediate_size <= 0:
             raise ValueError(f"`gate_intermediate_size` must be positive or None, got {self.gate_intermediate_size}.")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -112,21 +110,11 @@ class NsaConfig(PreTrainedConfig):
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
                 f"({self.num_key_value_heads})."
             )
-        if self.compress_block_size % self.compress_stride:
-            raise ValueError(
-                f"`compress_block_size` ({self.compress_block_size}) must be a multiple of `compress_stride` "
-                f"({self.compress_stride}): l % d == 0."
-            )
-        if self.select_block_size % self.compress_stride:
-            raise ValueError(
-                f"`select_block_size` ({self.select_block_size}) must be a multiple of `compress_stride` "
-                f"({self.compress_stride}): l' % d == 0."
-            )
-        if self.num_selected_blocks < self.num_init_blocks + self.num_local_blocks:
-            raise ValueError(
-                f"`num_selected_blocks` ({self.num_selected_blocks}) must be >= num_init_blocks + num_local_blocks "
-                f"({self.num_init_blocks} + {self.num_local_blocks}): the forced blocks count toward n."
-            )
+        # The NSA rules (l % d, l' % d, n >= init + local) live with the pattern every backend uses.
+        SparsePattern(
+            self.compress_block_size, self.compress_stride, self.select_block_size, self.num_selected_blocks,
+            self.num_init_blocks, self.num_local_blocks, self.window_size,
+        )
         choices = {"compression_type": COMPRESSION_TYPES, "branch_kv": BRANCH_KV_MODES, "nsa_backend": NSA_BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -35,6 +35,20 @@ def _pow2(x: int, minimum: int = 16) -> int:
 
 
 @triton.jit
+def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows (token x group head) of this program's query tile, their key intervals, and the tile's key range."""
+    rows = tl.arange(0, BLOCK_T * G_PAD)
+    token = tl.load(TILE_START + tl.program_id(0)) + rows // G_PAD
+    group = rows % G_PAD
+    row_ok = (rows // G_PAD < tl.load(TILE_LEN + tl.program_id(0))) & (group < G)
+    lo = tl.load(LO + token, mask=row_ok, other=2147483647)
+    hi = tl.load(HI + token, mask=row_ok, other=0)
+    hi = tl.where(hi > lo, hi, 0)  # empty intervals take no part in the tile's key range
+    lo = tl.where(hi > lo, lo, 2147483647)
+    return token, kv_head * G + group, row_ok, lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
 def _interval_fwd_kernel(
     Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -43,18 +57,7 @@ def _interval_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_T * G_PAD)
-    first = tl.load(TILE_START + tl.program_id(0))
-    token = first + rows // G_PAD
-    group = rows % G_PAD
-    row_ok = (rows // G_PAD < tl.load(TILE_LEN + tl.program_id(0))) & (group < G)
-    head = kv_head * G + group
-    lo = tl.load(LO + token, mask=row_ok, other=2147483647)
-    hi = tl.load(HI + token, mask=row_ok, other=0)
-    hi = tl.where(hi > lo, hi, 0)
-    lo = tl.where(hi > lo, lo, 2147483647)
-    key_lo = tl.min(lo, axis=0)
-    key_hi = tl.max(hi, axis=0)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
 
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -100,18 +103,7 @@ def _interval_bwd_dq_kernel(
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    rows = tl.arange(0, BLOCK_T * G_PAD)
-    first = tl.load(TILE_START + tl.program_id(0))
-    token = first + rows // G_PAD
-    group = rows % G_PAD
-    row_ok = (rows // G_PAD < tl.load(TILE_LEN + tl.program_id(0))) & (group < G)
-    head = kv_head * G + group
-    lo = tl.load(LO + token, mask=row_ok, other=2147483647)
-    hi = tl.load(HI + token, mask=row_ok, other=0)
-    hi = tl.where(hi > lo, hi, 0)
-    lo = tl.where(hi > lo, lo, 2147483647)
-    key_lo = tl.min(lo, axis=0)
-    key_hi = tl.max(hi, axis=0)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
