@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_nsa import NsaConfig
+from .ops.compression import gather_blocks
 from .ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
 
 __all__ = ["NsaCache", "NsaCacheLayer", "NsaStores", "sparse_pattern"]
@@ -255,12 +256,14 @@ class NsaCacheLayer(CacheLayerMixin):
             return
         batch = raw_keys.shape[0]
         block = done_before[:, None] + torch.arange(num_new, device=raw_keys.device)  # [B, m] slot = block index
-        # Token index of every block's first token inside the raw buffer, which ends at seq_len.
-        first = self.doc_starts[:, None] + block * d - (seq_len - raw_keys.shape[1])
-        token = (first[..., None] + torch.arange(l, device=raw_keys.device)).clamp(0, raw_keys.shape[1] - 1)
-        rows = torch.arange(batch, device=raw_keys.device)[:, None, None]
-        # Slots past a row's completed count get a clamped (meaningless) block: masked, and overwritten later.
-        k_new, v_new = compress(raw_keys[rows, token], raw_values[rows, token], block * d + l - 1)
+        # Flat index of every block's first token in the raw buffer [B, L], whose last token is seq_len - 1.
+        buffer_len = raw_keys.shape[1]
+        first = torch.arange(batch, device=raw_keys.device)[:, None] * buffer_len
+        first = first + (self.doc_starts[:, None] + block * d - (seq_len - buffer_len)).clamp(0, buffer_len - l)
+        # Slots past a row's completed count get a meaningless block: masked, and overwritten later.
+        k_blocks = gather_blocks(raw_keys.flatten(0, 1), first, l)
+        v_blocks = gather_blocks(raw_values.flatten(0, 1), first, l)
+        k_new, v_new = compress(k_blocks, v_blocks, block * d + l - 1)
         needed = int(block.max()) + 1
         if needed > self.cmp_keys.shape[1]:
             grow = needed + max(64, needed // 8) - self.cmp_keys.shape[1]

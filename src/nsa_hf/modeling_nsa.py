@@ -25,6 +25,7 @@ from transformers.utils import logging
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
 from .ops.backends import resolve_backend
+from .ops.compression import gather_blocks
 from .ops.layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids
 
 logger = logging.get_logger(__name__)
@@ -234,9 +235,10 @@ class NsaAttention(nn.Module):
             k_slc, v_slc, k_win, v_win = stores.k_slc, stores.v_slc, stores.k_win, stores.v_win
         else:
             k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
-            token = plan.block_starts[:, None] + torch.arange(self.pattern.compress_block_size, device=q.device)
-            k_cmp = apply_rotary(self.compress_key(k_raw.flatten(0, 1)[token]), plan.block_cos, plan.block_sin)
-            v_cmp = self.compress_value(v_raw.flatten(0, 1)[token])
+            size = self.pattern.compress_block_size
+            k_blocks = gather_blocks(k_raw.flatten(0, 1), plan.block_starts, size)
+            k_cmp = apply_rotary(self.compress_key(k_blocks), plan.block_cos, plan.block_sin)
+            v_cmp = self.compress_value(gather_blocks(v_raw.flatten(0, 1), plan.block_starts, size))
             layout = plan.layout
 
         out = attention(

@@ -5,6 +5,7 @@ Layout: q [B, T, HQ, D], k/v [B, T, H, D] (the layout of other NSA libraries), o
 with a `QueryLayout` for the `*_varlen` entry points.
 """
 
+from .compression import compress_blocks, gather_blocks, mean_compress
 from .layout import (
     CompressionBlocks,
     QueryLayout,
@@ -24,6 +25,9 @@ from .reference import (
 
 __all__ = [
     "CompressionBlocks",
+    "compress_blocks",
+    "gather_blocks",
+    "mean_compress",
     "QueryLayout",
     "SparsePattern",
     "compressed_attention",
