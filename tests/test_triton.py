@@ -183,3 +183,30 @@ def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding()
         steps = [model(input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
         steps += [model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, length)]
     assert_close_rel(torch.cat(steps, 1), full, dtype, "decode vs full")
+
+
+def test_query_key_and_value_head_dims_may_differ():
+    """The paper's split (q/k 192, v 128): both primitives take separate q/k and v head dims."""
+    torch.manual_seed(3)
+    dtype = DTYPES[0]
+    dim_qk, dim_v = (192, 128) if CUDA else (24, 16)
+    layout, _ = pack_layout([300, 41] if CUDA else [40, 9], 32, 16)
+    total = layout.positions.numel()
+    q = torch.randn(total, 8, dim_qk, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(total, 2, dim_qk, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(total, 2, dim_v, device=DEVICE, dtype=dtype, requires_grad=True)
+    lo = layout.key_offsets + (layout.positions - 15).clamp(min=0)
+    hi = layout.key_offsets + layout.positions + 1
+    starts = torch.where(layout.positions[:, None, None] >= 0, layout.key_offsets[:, None, None], -1).expand(-1, 2, 1)
+    for name, fn in (
+        ("interval", lambda impl, *x: impl.interval_attention(*x, lo, hi, 0.1)[0]),
+        ("block", lambda impl, *x: impl.block_attention(*x, starts, 16, hi, 0.1)),
+    ):
+        out = fn(triton_kernels, q, k, v)
+        assert out.shape == (total, 8, dim_v)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        out_ref, grads_ref = reference_grads(lambda *x: fn(reference, *x), (q, k, v), grad_out)
+        assert_close_rel(out, out_ref, dtype, f"{name} o")
+        for g_name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert_close_rel(g, g_ref, dtype, f"{name} {g_name}")

@@ -41,7 +41,10 @@ def _primitives(name: str) -> Primitives:
         return REFERENCE
     from . import triton_kernels  # lazy: the package imports without Triton
 
-    return Primitives(triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks)
+    return Primitives(
+        triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks,
+        triton_kernels.window_attention,
+    )
 
 
 @functools.cache

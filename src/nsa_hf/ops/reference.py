@@ -274,6 +274,7 @@ class Primitives(NamedTuple):
     interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale) -> (o, lse)
     block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
     select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
+    window: Callable[..., Tensor] | None = None  # (q, k, v, layout, window_size, scale) -> o; None: interval
 
 
 REFERENCE = Primitives(interval_attention, block_attention, select_blocks_varlen)
@@ -305,6 +306,8 @@ def sliding_window_attention_varlen(
     primitives: Primitives = REFERENCE,
 ) -> Tensor:
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
+    if primitives.window is not None:
+        return primitives.window(q, k, v, layout, window_size, scale)
     own = layout.window_offsets + layout.positions
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
     return primitives.interval(q, k, v, lo, own + 1, scale, layout.run_length)[0]

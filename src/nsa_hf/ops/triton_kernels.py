@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import flash_window
 from .layout import QueryLayout, SparsePattern
 
-__all__ = ["interval_attention", "block_attention", "select_blocks"]
+__all__ = ["interval_attention", "block_attention", "select_blocks", "window_attention"]
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -633,3 +634,11 @@ def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pa
         NUM_SELECTED=pattern.num_selected_blocks, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks,
     )
     return out
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float) -> Tensor:
+    """The window branch: varlen FlashAttention-2 for full passes that need gradients, else the interval kernel."""
+    if flash_window.applies(q, layout):
+        return flash_window.window_attention(q, k, v, layout, window_size, scale)
+    lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
+    return interval_attention(q, k, v, lo, layout.window_offsets + layout.positions + 1, scale, layout.run_length)[0]
