@@ -36,6 +36,24 @@ def _pow2(x: int, minimum: int = 16) -> int:
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """Fold one tile of masked scores s [M, N] (-inf = invisible) and values v [N, DV] into the running state."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at exactly 0
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i):
+    """Output and lse of the running state; a row that saw no key gives 0 and -inf."""
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    return out, tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Rows (token x group head) of this program's query tile, their key intervals, and the tile's key range."""
     rows = tl.arange(0, BLOCK_T * G_PAD)
@@ -77,18 +95,10 @@ def _interval_fwd_kernel(
         s = tl.dot(q, tl.trans(k)) * scale
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv[None, :],
                     mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    out, lse = _softmax_finish(acc, m_i, l_i)
     tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (dv < DV)[None, :])
     tl.store(LSE + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
@@ -308,18 +318,10 @@ def _block_fwd_kernel(
                         mask=key_ok[:, None] & (dq < D)[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv[None, :],
                         mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    out, lse = _softmax_finish(acc, m_i, l_i)
     tl.store(O + token * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (dv < DV)[None, :])
     tl.store(LSE + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
