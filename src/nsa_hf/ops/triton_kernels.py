@@ -522,9 +522,9 @@ def _select_blocks_kernel(
     """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
     A tile holds consecutive tokens of one document (so they share their compressed keys) x the G heads
-    of one key head. It walks tiles of BLOCK_J selection blocks; each reads the compressed blocks that
-    overlap them (the tile's own M * BLOCK_J plus a halo of R - 1 before), scores them, and merges them
-    into a running top-BLOCK_J list by a bitonic sort. Nothing but the chosen indices reaches HBM.
+    of one key head. It walks tiles of BLOCK_J selection blocks; each reads its own M * BLOCK_J
+    compressed blocks (the R - 1 before it that also overlap it are carried from the previous tile),
+    scores them, and merges them into a running top-BLOCK_J list by a bitonic sort. Nothing but the chosen indices reaches HBM.
     Scores are ranked as in `reference.top_blocks`: int64 keys of float32 bits above the reversed block
     index, so ties go to the lower index; forced blocks rank first; non-candidates are -1.
     """
@@ -555,6 +555,8 @@ def _select_blocks_kernel(
     local_i = tl.arange(0, BLOCK_J * M)
     local_j = tl.arange(0, BLOCK_J)
     halo_i = tl.arange(0, HALO) - HALO
+    TAIL_CHUNKS: tl.constexpr = BLOCK_J * M // HALO
+    carry = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
     best = tl.full([BLOCK_T, BLOCK_J], -1, tl.int64)
     for j0 in range(0, tl.max(current, axis=0) + 1, BLOCK_J):
         j = j0 + local_j
@@ -571,16 +573,18 @@ def _select_blocks_kernel(
             scores = tl.dot(p, weights, input_precision="ieee")
         else:
             scores = tl.sum(p[:, :, None] * weights[None, :, :], axis=1)  # [BLOCK_T, BLOCK_J]
-        if R > 1:  # blocks that start before the tile and reach into its first selection block
-            i = j0 * M + halo_i
-            i_ok = (i >= 0) & (i >= j0 * M - R + 1)
-            k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
-                        mask=i_ok[:, None] & (dq < D)[None, :], other=0.0)
-            p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
-            p = tl.where(row_ok[:, None] & i_ok[None, :] & (i[None, :] < count[:, None]), p, 0.0)
-            p = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, HALO]), axis=1)
-            overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
-            scores += tl.sum(p[:, :, None] * tl.maximum(overlap, 0).to(tl.float32)[None, :, :], axis=1)
+        if R > 1:
+            # Compressed blocks that start before a tile and reach into it are the previous tile's last
+            # R - 1: their share was carried over; the tail of this tile is carried to the next one.
+            scores += carry
+            tail = tl.reshape(p, [BLOCK_T, TAIL_CHUNKS, HALO])
+            tail = tl.sum(tl.where(tl.arange(0, TAIL_CHUNKS)[None, :, None] == TAIL_CHUNKS - 1, tail, 0.0), axis=1)
+            next_j0 = j0 + BLOCK_J
+            i = next_j0 * M + halo_i
+            next_j = next_j0 + local_j
+            overlap = tl.minimum(i[:, None] + R, (next_j[None, :] + 1) * M) - tl.maximum(i[:, None], next_j[None, :] * M)
+            overlap = tl.where((i >= next_j0 * M - R + 1)[:, None], tl.maximum(overlap, 0), 0)
+            carry = tl.sum(tail[:, :, None] * overlap.to(tl.float32)[None, :, :], axis=1)
         candidate = j[None, :] <= current[:, None]
         forced = candidate & ((j[None, :] < NUM_INIT) | (j[None, :] > current[:, None] - NUM_LOCAL))
         bits = tl.where(forced, float("inf"), tl.maximum(scores, 0.0)).to(tl.int32, bitcast=True).to(tl.int64)
