@@ -68,6 +68,30 @@ def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, stride_dot, stride_doh, heads_q,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the backward pass reads per query row: q, dO, lse (-inf as 0: such rows have p = 0) and delta."""
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                 mask=row_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    return q, do, tl.where(lse == float("-inf"), 0.0, lse), delta
+
+
+@triton.jit
+def _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv):
+    """Accumulate one tile of query rows into a key tile's dk (unscaled) and dv."""
+    p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do)
+    ds = tl.where(valid, p * (tl.dot(do, tl.trans(v)) - delta[:, None]), 0.0)
+    return dk + tl.dot(tl.trans(ds).to(q.dtype), q), dv
+
+
+@triton.jit
 def _interval_fwd_kernel(
     Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -117,13 +141,8 @@ def _interval_bwd_dq_kernel(
     token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
-                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-    do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
-                 mask=row_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
-    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                    stride_dot, stride_doh, heads_q, D, DV, BLOCK_D, BLOCK_DV)
     acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_D], tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
@@ -176,18 +195,10 @@ def _interval_bwd_dkv_kernel(
         row_ok = (token < q_hi) & (group < G)
         lo = tl.load(LO + token, mask=row_ok, other=2147483647)
         hi = tl.load(HI + token, mask=row_ok, other=0)
-        q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
-                    mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-        do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
-                     mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
-        lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                        stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & key_ok[None, :]
-        p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)  # [M, BLOCK_N]
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        dk, dv = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
     tl.atomic_add(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], dk * scale,
                   mask=key_ok[:, None] & (dq_idx < D)[None, :])
     tl.atomic_add(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv,
@@ -402,18 +413,10 @@ def _block_bwd_dkv_kernel(
         row_ok = (entry < length) & (group < G)
         token = tl.load(ENTRY_TOKEN + first + entry, mask=row_ok, other=0)
         hi = tl.load(HI + token, mask=row_ok, other=0)
-        q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
-                    mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-        do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
-                     mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
-        lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                        stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
         valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
-        p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        ds = tl.where(valid, p * (tl.dot(do, tl.trans(v)) - delta[:, None]), 0.0)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        dk, dv = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
     # Long query lists are split into pieces, so several programs may add to one block.
     tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
                   mask=in_block[:, None] & (dq_idx < D)[None, :])
