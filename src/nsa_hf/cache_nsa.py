@@ -249,22 +249,24 @@ class NsaCacheLayer(CacheLayerMixin):
     def _append_compressed(self, raw_keys: Tensor, raw_values: Tensor, prev_len: int, seq_len: int, compress: Compressor) -> None:
         """Compress the blocks that complete among the new tokens and write them into each row's next slots."""
         l, d = self.pattern.compress_block_size, self.pattern.compress_stride
-        done_before = num_compressed_blocks(prev_len - self.doc_starts, l, d)  # [B]
-        done_after = num_compressed_blocks(seq_len - self.doc_starts, l, d)
-        num_new = int((done_after - done_before).max())
+        # Host-side bounds (no device sync per decoding step): T new tokens complete at most ceil(T / d)
+        # blocks in any row, and no row (its document starts at >= 0) has more blocks than the whole row.
+        num_new = min(num_compressed_blocks(seq_len, l, d), -(-(seq_len - prev_len) // d))
         if num_new == 0:
             return
+        done_before = num_compressed_blocks(prev_len - self.doc_starts, l, d)  # [B]
         batch = raw_keys.shape[0]
         block = done_before[:, None] + torch.arange(num_new, device=raw_keys.device)  # [B, m] slot = block index
         # Flat index of every block's first token in the raw buffer [B, L], whose last token is seq_len - 1.
         buffer_len = raw_keys.shape[1]
         first = torch.arange(batch, device=raw_keys.device)[:, None] * buffer_len
-        first = first + (self.doc_starts[:, None] + block * d - (seq_len - buffer_len)).clamp(0, buffer_len - l)
+        offset = self.doc_starts[:, None] + block * d - (seq_len - buffer_len)
+        first = first + offset.clamp(0, max(buffer_len - l, 0))
         # Slots past a row's completed count get a meaningless block: masked, and overwritten later.
         k_blocks = gather_blocks(raw_keys.flatten(0, 1), first, l)
         v_blocks = gather_blocks(raw_values.flatten(0, 1), first, l)
         k_new, v_new = compress(k_blocks, v_blocks, block * d + l - 1)
-        needed = int(block.max()) + 1
+        needed = num_compressed_blocks(prev_len, l, d) + num_new  # >= every row's last slot + 1
         if needed > self.cmp_keys.shape[1]:
             grow = needed + max(64, needed // 8) - self.cmp_keys.shape[1]
             self.cmp_keys = torch.cat([self.cmp_keys, self.cmp_keys.new_zeros(batch, grow, *self.cmp_keys.shape[2:])], 1)
