@@ -68,6 +68,19 @@ def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD
 
 
 @triton.jit
+def _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """K [N, BLOCK_D] and V [N, BLOCK_DV] rows `keys` of one key head; masked rows and columns read 0."""
+    dk_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
+                mask=key_ok[:, None] & (dk_idx < D)[None, :], other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+                mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, stride_dot, stride_doh, heads_q,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """What the backward pass reads per query row: q, dO, lse (-inf as 0: such rows have p = 0) and delta."""
@@ -114,13 +127,10 @@ def _interval_fwd_kernel(
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < key_hi
-        k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
-                    mask=key_ok[:, None] & (dq < D)[None, :], other=0.0)
+        k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
         s = tl.dot(q, tl.trans(k)) * scale
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         s = tl.where(valid, s, float("-inf"))
-        v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv[None, :],
-                    mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
     tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
@@ -140,17 +150,13 @@ def _interval_bwd_dq_kernel(
     heads_q = G * tl.num_programs(1)
     token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
     dq_idx = tl.arange(0, BLOCK_D)
-    dv_idx = tl.arange(0, BLOCK_DV)
     q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                     stride_dot, stride_doh, heads_q, D, DV, BLOCK_D, BLOCK_DV)
     acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_D], tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < key_hi
-        k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
-                    mask=key_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-        v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
-                    mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+        k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -181,10 +187,7 @@ def _interval_bwd_dkv_kernel(
         return
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
-                mask=key_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
-                mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     rows = tl.arange(0, BLOCK_T * G_PAD)
@@ -325,12 +328,9 @@ def _block_fwd_kernel(
         if start >= 0:
             keys = start + offsets
             key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
-            k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
-                        mask=key_ok[:, None] & (dq < D)[None, :], other=0.0)
+            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
-            v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv[None, :],
-                        mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
     tl.store(O + token * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
@@ -369,10 +369,7 @@ def _block_bwd_dq_kernel(
         if start >= 0:
             keys = start + offsets
             key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
-            k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
-                        mask=key_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-            v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
-                        mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
@@ -399,10 +396,7 @@ def _block_bwd_dkv_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     in_block = (offsets < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
-    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :],
-                mask=in_block[:, None] & (dq_idx < D)[None, :], other=0.0)
-    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
-                mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     rows = tl.arange(0, BLOCK_Q * G_PAD)
