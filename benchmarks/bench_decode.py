@@ -77,6 +77,29 @@ def measure(shape: str, context: int, batch: int) -> dict:
     }
 
 
+def profile_step(shape: str, context: int, batch: int) -> str:
+    """Kernel-by-kernel CUDA time of one eager decode step (torch.profiler), as a table."""
+    heads_q, heads_kv, dim = SHAPES[shape]
+    n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
+    rows = torch.arange(batch, device="cuda")
+    layout = QueryLayout(
+        positions=torch.full((batch,), context - 1, device="cuda"),
+        key_offsets=rows * context, cmp_offsets=rows * n_cmp, window_offsets=rows * context, run_length=1,
+    )
+    q = torch.randn(batch, heads_q, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch * context, heads_kv, dim, device="cuda", dtype=torch.bfloat16)
+    k_cmp = torch.randn(batch * n_cmp, heads_kv, dim, device="cuda", dtype=torch.bfloat16)
+    gates = torch.rand(batch, heads_q, 3, device="cuda", dtype=torch.bfloat16)
+    nsa = resolve_backend("triton", torch.device("cuda"))
+    for _ in range(3):
+        nsa(q, k_cmp, k_cmp, k, k, k, k, gates, layout, PATTERN, dim**-0.5)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        nsa(q, k_cmp, k_cmp, k, k, k, k, gates, layout, PATTERN, dim**-0.5)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -84,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--shapes", nargs="+", default=["paper"], choices=list(SHAPES))
     parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git, e.g. on the GPU machine)")
+    parser.add_argument("--profile", action="store_true", help="also print the kernels of one step at 64k, batch 1 and 32")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
@@ -101,6 +125,10 @@ def main() -> None:
     record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "commit": commit or "unknown", "copy_GBps": bandwidth, "pattern": PATTERN.__dict__, "rows": rows}
     (args.out / "decode.json").write_text(json.dumps(record, indent=1))
+    if args.profile:
+        for batch in args.batches:
+            print(f"one eager step, {args.shapes[0]} shape, context 65536, batch {batch}:")
+            print(profile_step(args.shapes[0], 65536, batch), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ imports without Triton or CUDA, and CPU tests run these kernels under TRITON_INT
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -107,13 +109,19 @@ def _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv):
 @triton.jit
 def _interval_fwd_kernel(
     Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
+    """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
+    range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
     kv_head = tl.program_id(1)
     token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
+    span = tl.maximum(key_hi - key_lo, 0)
+    share = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    begin = tl.minimum(tl.program_id(2) * share, span)
+    end = tl.minimum(begin + share, span)
 
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -124,18 +132,39 @@ def _interval_fwd_kernel(
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_DV], tl.float32)
-    for start in range(key_lo, key_hi, BLOCK_N):
+    for start in range(key_lo + begin, key_lo + end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_hi
+        key_ok = keys < key_lo + end
         k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
         s = tl.dot(q, tl.trans(k)) * scale
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
-    tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+    split = tl.program_id(2)
+    tl.store(O + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + split * stride_ls + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merge the partial (o, lse) of every split of one (query, head) row: softmax-weighted by their lse."""
+    row = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    dv = tl.arange(0, BLOCK_DV)
+    split_ok = splits < NUM_SPLITS
+    lse = tl.load(LSE_PART + splits * num_rows + row, mask=split_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(lse - top_safe)  # 0 for splits that saw no key
+    total = tl.sum(weight, axis=0)
+    part = tl.load(O_PART + (splits * num_rows + row)[:, None] * DV + dv[None, :],
+                   mask=split_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + row * DV + dv, out.to(O.dtype.element_ty), mask=dv < DV)
+    tl.store(LSE + row, tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
 @triton.jit
@@ -208,6 +237,42 @@ def _interval_bwd_dkv_kernel(
                   mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(programs: int, device: torch.device, limit: int = 32) -> int:
+    """How many programs share one unit of work so that a small grid (decoding) still fills the GPU:
+    about four programs per multiprocessor. 1 off CUDA (the interpreter gains nothing)."""
+    if device.type != "cuda" or programs == 0:
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(limit, triton.cdiv(4 * _multiprocessors(index), programs)))
+
+
+def _split_outputs(splits: int, num_q: int, heads_q: int, dim_v: int, dtype: torch.dtype, device: torch.device):
+    """Output buffers with a leading split axis: the final (o, lse) when there is one split, else fp32 partials."""
+    o_dtype = dtype if splits == 1 else torch.float32
+    o = torch.empty(splits, num_q, heads_q, dim_v, device=device, dtype=o_dtype)
+    return o, torch.empty(splits, num_q, heads_q, device=device, dtype=torch.float32)
+
+
+def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(o, lse) [S, Nq, HQ, ...] of S splits -> the attention over all of them."""
+    splits, num_q, heads_q, dim_v = o.shape
+    if splits == 1:
+        return o[0], lse[0]
+    out = torch.empty(num_q, heads_q, dim_v, device=o.device, dtype=dtype)
+    out_lse = torch.empty(num_q, heads_q, device=o.device, dtype=torch.float32)
+    if num_q:
+        _combine_splits_kernel[(num_q * heads_q,)](
+            o, lse, out, out_lse, num_q * heads_q, DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits,
+            SPLITS_PAD=_pow2(splits, 2),
+        )
+    return out, out_lse
+
+
 def _interval_tiles(groups: int) -> tuple[int, int]:
     g_pad = triton.next_power_of_2(groups)
     return g_pad, max(1, 64 // g_pad)
@@ -236,23 +301,28 @@ def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> t
 
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None):
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None,
+        num_splits: int | None,
+    ):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
         groups = heads_q // heads_kv
         g_pad, block_t = _interval_tiles(groups)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-        o = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
-        lse = torch.empty(num_q, heads_q, device=q.device, dtype=torch.float32)
         tile_first, tile_len = _query_tiles(lo, hi, block_t, run_length)
+        splits = num_splits or _num_splits(tile_first.numel() * heads_kv, q.device)
+        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
-            _interval_fwd_kernel[(tile_first.numel(), heads_kv)](
+            _interval_fwd_kernel[(tile_first.numel(), heads_kv, splits)](
                 q, k, v, lo, hi, tile_first, tile_len, o, lse,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-                scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
                 G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+                NUM_SPLITS=splits,
             )
+        o, lse = _combine_splits(o, lse, q.dtype)
         ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
@@ -288,29 +358,34 @@ class _IntervalAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
             Q_CHUNK=q_chunk, D=dim, DV_DIM=dim_v, **meta,
         )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def interval_attention(
-    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
+    num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing.
 
     `run_length`: queries come in runs of this many per row (decoding), which spares a host sync.
+    `num_splits`: programs that share each query tile's key range in the forward pass (None: enough to
+    fill the GPU when there are few tiles, as when decoding).
     """
-    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length)
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits)
 
 
 @triton.jit
 def _block_fwd_kernel(
     Q, K, V, STARTS, HI, O, LSE,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh,
-    scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
+    stride_st, stride_sh, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS_PER_SPLIT: tl.constexpr,
 ):
+    """One token x one key head over the slots of split program_id(2) (all slots unless decoding)."""
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     group = tl.arange(0, G_PAD)
     row_ok = group < G
     head = kv_head * G + group
@@ -323,8 +398,9 @@ def _block_fwd_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     offsets = tl.arange(0, BLOCK_S)
-    for slot in range(NUM_SLOTS):
-        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot)
+    for i in range(SLOTS_PER_SPLIT):
+        slot = split * SLOTS_PER_SPLIT + i
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot, mask=slot < NUM_SLOTS, other=-1)
         if start >= 0:
             keys = start + offsets
             key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
@@ -333,9 +409,9 @@ def _block_fwd_kernel(
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
-    tl.store(O + token * stride_ot + head[:, None] * stride_oh + dv[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+    tl.store(O + split * stride_os + token * stride_ot + head[:, None] * stride_oh + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + split * stride_ls + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
 
 
 @triton.jit
@@ -449,25 +525,33 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int):
 
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float):
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
+        num_splits: int | None,
+    ):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
         groups = heads_q // heads_kv
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         starts = block_starts.to(torch.int32).contiguous()
         hi = hi.to(torch.int32).contiguous()
-        o = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
-        lse = torch.empty(num_q, heads_q, device=q.device, dtype=torch.float32)
         meta = dict(
             G=groups, G_PAD=_pow2(groups), NUM_SLOTS=starts.shape[-1], BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size),
             BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
         )
+        slots = starts.shape[-1]
+        splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
+        per_split = triton.cdiv(slots, splits)
+        splits = triton.cdiv(slots, per_split)
+        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
-            _block_fwd_kernel[(num_q, heads_kv)](
+            _block_fwd_kernel[(num_q, heads_kv, splits)](
                 q, k, v, starts, hi, o, lse,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-                starts.stride(0), starts.stride(1), scale, D=dim, DV=dim_v, **meta,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
+                D=dim, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
             )
+        o, lse = _combine_splits(o, lse, q.dtype)
         ctx.save_for_backward(q, k, v, starts, hi, o, lse)
         ctx.scale, ctx.meta = scale, meta
         return o
@@ -497,24 +581,29 @@ class _BlockAttention(torch.autograd.Function):
                 G=meta["G"], G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), BLOCK_SIZE=meta["BLOCK_SIZE"], BLOCK_S=meta["BLOCK_S"],
                 D=dim, DV_DIM=dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
             )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def block_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float
+    q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
+    num_splits: int | None = None,
 ) -> Tensor:
-    """Triton version of `reference.block_attention`."""
-    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale)
+    """Triton version of `reference.block_attention`.
+
+    `num_splits`: programs that share each query's selected blocks in the forward pass (None: enough to
+    fill the GPU when there are few queries, as when decoding).
+    """
+    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits)
 
 
 @triton.jit
 def _select_blocks_kernel(
-    Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+    Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT, RANKED,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_rs,
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
-    NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
@@ -524,6 +613,8 @@ def _select_blocks_kernel(
     scores them, and merges them into a running top-BLOCK_J list by a bitonic sort. Nothing but the chosen indices reaches HBM.
     Scores are ranked as in `reference.top_blocks`: int64 keys of float32 bits above the reversed block
     index, so ties go to the lower index; forced blocks rank first; non-candidates are -1.
+    With NUM_SPLITS > 1 (decoding), program_id(2) ranks one share of the selection blocks and writes its
+    top-BLOCK_J keys to RANKED; the shares' lists are merged afterwards (`select_blocks`).
     """
     R: tl.constexpr = L // STRIDE
     M: tl.constexpr = SEL // STRIDE
@@ -555,7 +646,18 @@ def _select_blocks_kernel(
     TAIL_CHUNKS: tl.constexpr = BLOCK_J * M // HALO
     carry = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
     best = tl.full([BLOCK_T, BLOCK_J], -1, tl.int64)
-    for j0 in range(0, tl.max(current, axis=0) + 1, BLOCK_J):
+    # This split's share of the tiles of BLOCK_J selection blocks.
+    num_tiles = tl.max(current, axis=0) // BLOCK_J + 1
+    share = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_begin = tl.minimum(tl.program_id(2) * share, num_tiles)
+    tile_end = tl.minimum(tile_begin + share, num_tiles)
+    # With R > 1, a share starts one tile early: that tile only computes the carry into its first tile.
+    first_j = tile_begin * BLOCK_J
+    if R > 1:
+        if (tile_begin > 0) & (tile_begin < tile_end):
+            tile_begin -= 1
+    for tile in range(tile_begin, tile_end):
+        j0 = tile * BLOCK_J
         j = j0 + local_j
         # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
         i = j0 * M + local_i
@@ -582,7 +684,7 @@ def _select_blocks_kernel(
             overlap = tl.minimum(i[:, None] + R, (next_j[None, :] + 1) * M) - tl.maximum(i[:, None], next_j[None, :] * M)
             overlap = tl.where((i >= next_j0 * M - R + 1)[:, None], tl.maximum(overlap, 0), 0)
             carry = tl.sum(tail[:, :, None] * overlap.to(tl.float32)[None, :, :], axis=1)
-        candidate = j[None, :] <= current[:, None]
+        candidate = (j[None, :] <= current[:, None]) & (j[None, :] >= first_j)
         forced = candidate & ((j[None, :] < NUM_INIT) | (j[None, :] > current[:, None] - NUM_LOCAL))
         bits = tl.where(forced, float("inf"), tl.maximum(scores, 0.0)).to(tl.int32, bitcast=True).to(tl.int64)
         keys = tl.where(candidate, (bits << 32) | (2147483647 - j[None, :]).to(tl.int64), -1)
@@ -591,9 +693,13 @@ def _select_blocks_kernel(
         if tl.max((tl.max(keys, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0) > 0:
             merged = tl.sort(tl.reshape(tl.join(best, keys), [BLOCK_T, 2 * BLOCK_J]), dim=1, descending=True)
             best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
-    chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-    tl.store(OUT + tile_tokens[:, None] * stride_ot + kv_head * stride_oh + local_j[None, :], chosen,
-             mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
+    if NUM_SPLITS == 1:
+        chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+        tl.store(OUT + tile_tokens[:, None] * stride_ot + kv_head * stride_oh + local_j[None, :], chosen,
+                 mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
+    else:  # RANKED [NUM_SPLITS, Nq, H, BLOCK_J]
+        ranked = RANKED + tl.program_id(2) * stride_rs + (tile_tokens[:, None] * tl.num_programs(1) + kv_head) * BLOCK_J
+        tl.store(ranked + local_j[None, :], best, mask=t_ok[:, None])
 
 
 def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
@@ -610,8 +716,15 @@ def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float) -> Tensor:
-    """Triton version of `reference.select_blocks_varlen`: [Nq, H, n] int32, the same rule, one fused kernel."""
+def select_blocks(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Triton version of `reference.select_blocks_varlen`: [Nq, H, n] int32, the same rule, one fused kernel.
+
+    `num_splits`: programs that share each tile's selection blocks, their top lists merged by one top-k
+    (None: enough to fill the GPU when there are few tiles, as when decoding).
+    """
     m = pattern.select_block_size // pattern.compress_stride
     if m & (m - 1):
         raise ValueError("the Triton backend needs select_block_size / compress_stride to be a power of two.")
@@ -619,24 +732,31 @@ def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pa
     heads_kv = k_cmp.shape[1]
     groups = heads_q // heads_kv
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    out = torch.empty(num_q, heads_kv, pattern.num_selected_blocks, device=q.device, dtype=torch.int32)
+    n = pattern.num_selected_blocks
+    out = torch.empty(num_q, heads_kv, n, device=q.device, dtype=torch.int32)
     if num_q == 0:
         return out
     r = pattern.compress_block_size // pattern.compress_stride
     g_pad = triton.next_power_of_2(groups)
     block_t = max(1, 64 // g_pad)
+    block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
     first, length = _document_tiles(layout, block_t)
-    _select_blocks_kernel[(first.numel(), heads_kv)](
+    splits = num_splits or _num_splits(first.numel() * heads_kv, q.device)
+    ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
+    _select_blocks_kernel[(first.numel(), heads_kv, splits)](
         q, k_cmp, lse.contiguous(), layout.cmp_offsets.to(torch.int32).contiguous(),
-        layout.positions.to(torch.int32).contiguous(), first, length, out,
+        layout.positions.to(torch.int32).contiguous(), first, length, out, ranked,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
-        scale,
+        num_q * heads_kv * block_j, scale,
         G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
-        STRIDE=pattern.compress_stride, SEL=pattern.select_block_size,
-        BLOCK_J=max(triton.next_power_of_2(pattern.num_selected_blocks), 16 if m <= 4 else 64 // m), HALO=_pow2(r - 1),
-        NUM_SELECTED=pattern.num_selected_blocks, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks,
+        STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
+        NUM_SELECTED=n, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks, NUM_SPLITS=splits,
     )
-    return out
+    if splits == 1:
+        return out
+    # The top n of the union of the shares' top lists is the top n overall.
+    best = torch.topk(ranked.permute(1, 2, 0, 3).reshape(num_q, heads_kv, -1), n, dim=-1).values
+    return torch.where(best >= 0, 2**31 - 1 - (best & 0xFFFFFFFF), -1).to(torch.int32)
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float) -> Tensor:
