@@ -1,6 +1,6 @@
 """NSA attention speed vs dense FlashAttention-2 and fla-core's NSA (BENCHMARKS.md shapes), on a GPU.
 
-    python benchmarks/bench_attention.py --out benchmarks/results [--lengths 8192 16384 32768 65536]
+    python benchmarks/bench_attention.py --out benchmarks/results [--lengths 8192 ... 131072]
 
 Times (ms, median of CUDA-event timings via triton.testing.do_bench) the whole NSA attention of
 `nsa_attention_varlen` with the Triton backend (three branches, block selection and gates; projections
@@ -145,7 +145,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git, e.g. on the GPU machine)")

@@ -6,6 +6,8 @@ float32; on a GPU they run compiled, in bf16/fp16 at sizes that are not multiple
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -182,7 +184,14 @@ def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding()
         cache = NsaCache(model.config)
         steps = [model(input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
         steps += [model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, length)]
-    assert_close_rel(torch.cat(steps, 1), full, dtype, "decode vs full")
+        truth = copy.deepcopy(model).float()
+        truth.config.nsa_backend = "reference"
+        truth = truth(input_ids, use_cache=False).logits
+    # FlashAttention-style: decoding (whose kernels split and merge differently) may round differently from
+    # the full pass, but must be no further from the fp32 reference than twice the full pass's own error.
+    err_full = (full.float() - truth).abs().max().item()
+    err_decode = (torch.cat(steps, 1).float() - truth).abs().max().item()
+    assert err_decode <= 2 * err_full + tolerance(dtype)["atol"] / 10, f"decode {err_decode:.2e} vs full {err_full:.2e}"
 
 
 def test_query_key_and_value_head_dims_may_differ():

@@ -63,8 +63,8 @@ class SparsePattern:
 
 def num_compressed_blocks(length: Tensor | int, block_size: int, stride: int) -> Tensor | int:
     """Complete compressed blocks among the first `length` tokens of a document: floor((L - l) / d) + 1, or 0."""
-    if isinstance(length, Tensor):
-        return torch.where(length >= block_size, (length - block_size) // stride + 1, torch.zeros_like(length))
+    if isinstance(length, Tensor):  # floor division keeps every L < l at <= 0
+        return ((length - block_size) // stride + 1).clamp_(min=0)
     return (length - block_size) // stride + 1 if length >= block_size else 0
 
 

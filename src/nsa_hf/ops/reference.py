@@ -333,7 +333,7 @@ def nsa_attention_varlen(
     o_slc = selection_attention_varlen(q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale, primitives)
     o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale, primitives)
     gates = gates.to(o_cmp.dtype)
-    return o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_win * gates[..., 2:3]
+    return (o_cmp * gates[..., 0:1]).addcmul_(o_slc, gates[..., 1:2]).addcmul_(o_win, gates[..., 2:3])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,14 +56,31 @@ def _softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+def _program_tile(TILE_START, TILE_LEN, RUN_LENGTH: tl.constexpr, BLOCK_T: tl.constexpr):
+    """First query and length of this program's tile: read from the tile arrays, or, when queries come in
+    runs of RUN_LENGTH (decoding), computed (the arrays would cost several small launches per step)."""
+    if RUN_LENGTH == 0:
+        first = tl.load(TILE_START + tl.program_id(0))
+        length = tl.load(TILE_LEN + tl.program_id(0))
+    else:
+        PER_RUN: tl.constexpr = (RUN_LENGTH + BLOCK_T - 1) // BLOCK_T
+        start = (tl.program_id(0) % PER_RUN) * BLOCK_T
+        first = (tl.program_id(0) // PER_RUN) * RUN_LENGTH + start
+        length = tl.minimum(RUN_LENGTH - start, BLOCK_T)
+    return first, length
+
+
+@triton.jit
+def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   RUN_LENGTH: tl.constexpr):
     """Rows (token x group head) of this program's query tile, their key intervals, and the tile's key range."""
+    first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
     rows = tl.arange(0, BLOCK_T * G_PAD)
-    token = tl.load(TILE_START + tl.program_id(0)) + rows // G_PAD
+    token = first + rows // G_PAD
     group = rows % G_PAD
-    row_ok = (rows // G_PAD < tl.load(TILE_LEN + tl.program_id(0))) & (group < G)
-    lo = tl.load(LO + token, mask=row_ok, other=2147483647)
-    hi = tl.load(HI + token, mask=row_ok, other=0)
+    row_ok = (rows // G_PAD < length) & (group < G)
+    lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
+    hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
     hi = tl.where(hi > lo, hi, 0)  # empty intervals take no part in the tile's key range
     lo = tl.where(hi > lo, lo, 2147483647)
     return token, kv_head * G + group, row_ok, lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
@@ -113,11 +130,12 @@ def _interval_fwd_kernel(
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RUN_LENGTH: tl.constexpr,
 ):
     """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
     range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
     kv_head = tl.program_id(1)
-    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T, RUN_LENGTH)
     span = tl.maximum(key_hi - key_lo, 0)
     share = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     begin = tl.minimum(tl.program_id(2) * share, span)
@@ -173,11 +191,11 @@ def _interval_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, RUN_LENGTH: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T, RUN_LENGTH)
     dq_idx = tl.arange(0, BLOCK_D)
     q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                     stride_dot, stride_doh, heads_q, D, DV, BLOCK_D, BLOCK_DV)
@@ -273,30 +291,27 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     return out, out_lse
 
 
-def _interval_tiles(groups: int) -> tuple[int, int]:
-    g_pad = triton.next_power_of_2(groups)
-    return g_pad, max(1, 64 // g_pad)
+def _tile_tokens(g_pad: int, run_length: int | None) -> int:
+    """Tokens per query tile: 64 rows (tokens x padded group heads), or when decoding, just enough for the
+    run (tl.dot needs 16 rows)."""
+    tokens = max(1, 64 // g_pad)
+    if run_length is None:
+        return tokens
+    return min(tokens, max(1, 16 // g_pad, triton.next_power_of_2(run_length)))
 
 
-def _run_tiles(num_q: int, run_length: int, tile: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Tiles of queries that come in equal runs (a decoding step: `run_length` new tokens per row), by arithmetic."""
-    per_run = -(-run_length // tile)
-    index = torch.arange(num_q // run_length * per_run, device=device, dtype=torch.int32)
-    start = (index % per_run) * tile
-    return (index // per_run) * run_length + start, (run_length - start).clamp(max=tile)
-
-
-def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> tuple[Tensor, Tensor]:
+def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> tuple[Tensor, Tensor, int]:
     """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
-    whose stores lie apart: a decoding batch would otherwise read every row's keys)."""
-    if run_length is not None:  # no host sync on the decoding path
-        return _run_tiles(lo.numel(), run_length, tile, lo.device)
+    whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count).
+    Runs of `run_length` queries (decoding) need no arrays: the kernels compute their tiles (no host sync)."""
+    if run_length is not None:
+        return lo, lo, lo.numel() // run_length * triton.cdiv(run_length, tile)
     apart = torch.ones_like(lo, dtype=torch.bool)
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()
     run_len = torch.diff(run_first, append=run_first.new_tensor([lo.numel()]))
     first, length, _ = _split_runs(run_first, run_len, tile)
-    return first.to(torch.int32), length.to(torch.int32)
+    return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 
 class _IntervalAttention(torch.autograd.Function):
@@ -308,23 +323,23 @@ class _IntervalAttention(torch.autograd.Function):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
         groups = heads_q // heads_kv
-        g_pad, block_t = _interval_tiles(groups)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-        tile_first, tile_len = _query_tiles(lo, hi, block_t, run_length)
-        splits = num_splits or _num_splits(tile_first.numel() * heads_kv, q.device)
+        g_pad = triton.next_power_of_2(groups)
+        block_t = _tile_tokens(g_pad, run_length)
+        q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
+        tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length)
+        splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
-            _interval_fwd_kernel[(tile_first.numel(), heads_kv, splits)](
+            _interval_fwd_kernel[(num_tiles, heads_kv, splits)](
                 q, k, v, lo, hi, tile_first, tile_len, o, lse,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
                 G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-                NUM_SPLITS=splits,
+                NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
             )
         o, lse = _combine_splits(o, lse, q.dtype)
         ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -334,17 +349,18 @@ class _IntervalAttention(torch.autograd.Function):
         num_q, heads_q, dim = q.shape
         num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
-        g_pad, block_t = _interval_tiles(groups)
+        g_pad = triton.next_power_of_2(groups)
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-        meta = dict(G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
+        meta = dict(G=groups, G_PAD=g_pad, BLOCK_T=ctx.block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
         dq = torch.empty_like(q)
-        _interval_bwd_dq_kernel[(tile_first.numel(), heads_kv)](
-            q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v, **meta
+        _interval_bwd_dq_kernel[(ctx.num_tiles, heads_kv)](
+            q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v,
+            RUN_LENGTH=ctx.run_length or 0, **meta,
         )
         # Queries that see key c form [first hi > c, first lo > c) since lo and hi never decrease.
-        key_index = torch.arange(num_k, device=q.device, dtype=torch.int32)
+        key_index = torch.arange(num_k, device=q.device, dtype=lo.dtype)
         q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
         q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
@@ -533,8 +549,7 @@ class _BlockAttention(torch.autograd.Function):
         heads_kv, dim_v = k.shape[1], v.shape[2]
         groups = heads_q // heads_kv
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        starts = block_starts.to(torch.int32).contiguous()
-        hi = hi.to(torch.int32).contiguous()
+        starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
         meta = dict(
             G=groups, G_PAD=_pow2(groups), NUM_SLOTS=starts.shape[-1], BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size),
             BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
@@ -604,6 +619,7 @@ def _select_blocks_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RUN_LENGTH: tl.constexpr,
 ):
     """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
@@ -621,19 +637,18 @@ def _select_blocks_kernel(
     ROWS: tl.constexpr = BLOCK_T * G_PAD
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    first = tl.load(TILE_START + tl.program_id(0))
-    length = tl.load(TILE_LEN + tl.program_id(0))
+    first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
     rows = tl.arange(0, ROWS)
     token = first + rows // G_PAD
     group = rows % G_PAD
     row_ok = (rows // G_PAD < length) & (group < G)
     head = kv_head * G + group
     offset = tl.load(CMP_OFF + first)
-    pos = tl.load(POS + token, mask=row_ok, other=-1)
+    pos = tl.load(POS + token, mask=row_ok, other=-1).to(tl.int32)
     count = tl.where(pos + 1 >= L, (pos + 1 - L) // STRIDE + 1, 0)
     tile_tokens = first + tl.arange(0, BLOCK_T)
     t_ok = tl.arange(0, BLOCK_T) < length
-    tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1)
+    tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1).to(tl.int32)
     current = tile_pos // SEL  # the block holding each token
     dq = tl.arange(0, BLOCK_D)
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
@@ -702,17 +717,18 @@ def _select_blocks_kernel(
         tl.store(ranked + local_j[None, :], best, mask=t_ok[:, None])
 
 
-def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor]:
-    """Tiles of at most `tile` consecutive queries that never cross a document: (first query, length)."""
+def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int]:
+    """Tiles of at most `tile` consecutive queries that never cross a document: (first, length, count);
+    computed in the kernel for runs of `layout.run_length` queries (decoding)."""
     positions = layout.positions
-    if layout.run_length is not None:  # no host sync on the decoding path
-        return _run_tiles(positions.numel(), layout.run_length, tile, positions.device)
+    if layout.run_length is not None:
+        return positions, positions, positions.numel() // layout.run_length * triton.cdiv(layout.run_length, tile)
     new_doc = torch.ones_like(positions, dtype=torch.bool)
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
     doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
     first, length, _ = _split_runs(doc_start, doc_len, tile)
-    return first.to(torch.int32), length.to(torch.int32)
+    return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 
 @torch.no_grad()
@@ -738,19 +754,19 @@ def select_blocks(
         return out
     r = pattern.compress_block_size // pattern.compress_stride
     g_pad = triton.next_power_of_2(groups)
-    block_t = max(1, 64 // g_pad)
+    block_t = _tile_tokens(g_pad, layout.run_length)
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
-    first, length = _document_tiles(layout, block_t)
-    splits = num_splits or _num_splits(first.numel() * heads_kv, q.device)
+    first, length, num_tiles = _document_tiles(layout, block_t)
+    splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
-    _select_blocks_kernel[(first.numel(), heads_kv, splits)](
-        q, k_cmp, lse.contiguous(), layout.cmp_offsets.to(torch.int32).contiguous(),
-        layout.positions.to(torch.int32).contiguous(), first, length, out, ranked,
+    _select_blocks_kernel[(num_tiles, heads_kv, splits)](
+        q, k_cmp, lse.contiguous(), layout.cmp_offsets.contiguous(), layout.positions.contiguous(), first, length, out, ranked,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
         num_q * heads_kv * block_j, scale,
         G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
         STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
         NUM_SELECTED=n, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks, NUM_SPLITS=splits,
+        RUN_LENGTH=layout.run_length or 0,
     )
     if splits == 1:
         return out
