@@ -92,9 +92,10 @@ def _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, strid
     """K [N, BLOCK_D] and V [N, BLOCK_DV] rows `keys` of one key head; masked rows and columns read 0."""
     dk_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
+    rows = keys.to(tl.int64)  # a decoding batch's store may pass 2**31 elements
+    k = tl.load(K + rows[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
                 mask=key_ok[:, None] & (dk_idx < D)[None, :], other=0.0)
-    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+    v = tl.load(V + rows[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
                 mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
     return k, v
 
@@ -243,8 +244,8 @@ def _interval_bwd_dkv_kernel(
     for start in range(q_lo, q_hi, BLOCK_T):
         token = start + rows // G_PAD
         row_ok = (token < q_hi) & (group < G)
-        lo = tl.load(LO + token, mask=row_ok, other=2147483647)
-        hi = tl.load(HI + token, mask=row_ok, other=0)
+        lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
+        hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
         q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                         stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & key_ok[None, :]
@@ -407,7 +408,7 @@ def _block_fwd_kernel(
     head = kv_head * G + group
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    hi = tl.load(HI + token)
+    hi = tl.load(HI + token).to(tl.int32)
     q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -416,7 +417,7 @@ def _block_fwd_kernel(
     offsets = tl.arange(0, BLOCK_S)
     for i in range(SLOTS_PER_SPLIT):
         slot = split * SLOTS_PER_SPLIT + i
-        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot, mask=slot < NUM_SLOTS, other=-1)
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
         if start >= 0:
             keys = start + offsets
             key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
@@ -446,7 +447,7 @@ def _block_bwd_dq_kernel(
     head = kv_head * G + group
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    hi = tl.load(HI + token)
+    hi = tl.load(HI + token).to(tl.int32)
     q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
                 mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
     do = tl.load(DO + token * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
@@ -457,7 +458,7 @@ def _block_bwd_dq_kernel(
     dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     offsets = tl.arange(0, BLOCK_S)
     for slot in range(NUM_SLOTS):
-        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot)
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot).to(tl.int32)
         if start >= 0:
             keys = start + offsets
             key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
@@ -498,7 +499,7 @@ def _block_bwd_dkv_kernel(
         entry = e0 + rows // G_PAD
         row_ok = (entry < length) & (group < G)
         token = tl.load(ENTRY_TOKEN + first + entry, mask=row_ok, other=0)
-        hi = tl.load(HI + token, mask=row_ok, other=0)
+        hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
         q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                         stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
         valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
@@ -643,7 +644,7 @@ def _select_blocks_kernel(
     group = rows % G_PAD
     row_ok = (rows // G_PAD < length) & (group < G)
     head = kv_head * G + group
-    offset = tl.load(CMP_OFF + first)
+    offset = tl.load(CMP_OFF + first).to(tl.int32)
     pos = tl.load(POS + token, mask=row_ok, other=-1).to(tl.int32)
     count = tl.where(pos + 1 >= L, (pos + 1 - L) // STRIDE + 1, 0)
     tile_tokens = first + tl.arange(0, BLOCK_T)
@@ -676,7 +677,7 @@ def _select_blocks_kernel(
         j = j0 + local_j
         # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
         i = j0 * M + local_i
-        k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+        k = tl.load(KC + (offset + i).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
                     mask=(i < tl.max(count, axis=0))[:, None] & (dq < D)[None, :], other=0.0)
         p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
         p = tl.where(row_ok[:, None] & (i[None, :] < count[:, None]), p, 0.0)
