@@ -37,6 +37,16 @@ def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(x))
 
 
+def _check_offsets(**tensors: Tensor) -> None:
+    """The kernels address their tensors with int32 offsets (int64 row offsets miscompile in Triton 3.6)."""
+    for name, tensor in tensors.items():
+        if tensor.numel() >= 2**31:
+            raise ValueError(
+                f"the Triton backend addresses at most 2**31 - 1 elements per tensor; `{name}` has {tensor.numel()} "
+                "(split the batch)."
+            )
+
+
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc):
     """Fold one tile of masked scores s [M, N] (-inf = invisible) and values v [N, DV] into the running state."""
@@ -92,10 +102,9 @@ def _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, strid
     """K [N, BLOCK_D] and V [N, BLOCK_DV] rows `keys` of one key head; masked rows and columns read 0."""
     dk_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    rows = keys.to(tl.int64)  # a decoding batch's store may pass 2**31 elements
-    k = tl.load(K + rows[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
+    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
                 mask=key_ok[:, None] & (dk_idx < D)[None, :], other=0.0)
-    v = tl.load(V + rows[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
                 mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
     return k, v
 
@@ -327,6 +336,7 @@ class _IntervalAttention(torch.autograd.Function):
         g_pad = triton.next_power_of_2(groups)
         block_t = _tile_tokens(g_pad, run_length)
         q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
+        _check_offsets(q=q, k=k, v=v)
         tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length)
         splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
@@ -551,6 +561,7 @@ class _BlockAttention(torch.autograd.Function):
         groups = heads_q // heads_kv
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
+        _check_offsets(q=q, k=k, v=v)
         meta = dict(
             G=groups, G_PAD=_pow2(groups), NUM_SLOTS=starts.shape[-1], BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size),
             BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
@@ -677,7 +688,7 @@ def _select_blocks_kernel(
         j = j0 + local_j
         # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
         i = j0 * M + local_i
-        k = tl.load(KC + (offset + i).to(tl.int64)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+        k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
                     mask=(i < tl.max(count, axis=0))[:, None] & (dq < D)[None, :], other=0.0)
         p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
         p = tl.where(row_ok[:, None] & (i[None, :] < count[:, None]), p, 0.0)
@@ -749,6 +760,7 @@ def select_blocks(
     heads_kv = k_cmp.shape[1]
     groups = heads_q // heads_kv
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    _check_offsets(q=q, k_cmp=k_cmp)
     n = pattern.num_selected_blocks
     out = torch.empty(num_q, heads_kv, n, device=q.device, dtype=torch.int32)
     if num_q == 0:
