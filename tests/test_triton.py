@@ -256,3 +256,9 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
         assert_close_rel(block, block_ref, dtype, f"block o, {splits} splits")
         chosen = triton_kernels.select_blocks(q, k_cmp, lse_ref, layout, pattern, dim**-0.5, num_splits=splits)
         assert torch.equal(chosen.sort(-1).values, unsplit.sort(-1).values), f"selection, {splits} splits"
+
+
+def test_tensors_past_int32_offsets_are_refused_by_name():
+    huge = torch.empty(1).expand(2**31)  # numel 2**31, no memory
+    with pytest.raises(ValueError, match="`k_cmp` has 2147483648"):
+        triton_kernels._check_offsets(q=torch.empty(1), k_cmp=huge)
