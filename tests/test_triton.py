@@ -259,6 +259,6 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
 
 
 def test_tensors_past_int32_offsets_are_refused_by_name():
-    huge = torch.empty(1).expand(2**31)  # numel 2**31, no memory
-    with pytest.raises(ValueError, match="`k_cmp` has 2147483648"):
+    huge = torch.empty(1).expand(2**31 + 1)  # no memory behind it
+    with pytest.raises(ValueError, match="`k_cmp` has 2147483649"):
         triton_kernels._check_offsets(q=torch.empty(1), k_cmp=huge)

@@ -40,9 +40,9 @@ def _pow2(x: int, minimum: int = 16) -> int:
 def _check_offsets(**tensors: Tensor) -> None:
     """The kernels address their tensors with int32 offsets (int64 row offsets miscompile in Triton 3.6)."""
     for name, tensor in tensors.items():
-        if tensor.numel() >= 2**31:
+        if tensor.numel() > 2**31:  # offsets reach numel - 1
             raise ValueError(
-                f"the Triton backend addresses at most 2**31 - 1 elements per tensor; `{name}` has {tensor.numel()} "
+                f"the Triton backend addresses at most 2**31 elements per tensor; `{name}` has {tensor.numel()} "
                 "(split the batch)."
             )
 
