@@ -182,8 +182,10 @@ def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding()
     with torch.no_grad():
         full = model(input_ids, use_cache=False).logits
         cache = NsaCache(model.config)
+        # A prefill, a 3-token step (as speculative decoding verifies drafts), then one token at a time.
         steps = [model(input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        steps += [model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, length)]
+        steps.append(model(input_ids[:, prefill : prefill + 3], past_key_values=cache, use_cache=True).logits)
+        steps += [model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill + 3, length)]
         truth = copy.deepcopy(model).float()
         truth.config.nsa_backend = "reference"
         truth = truth(input_ids, use_cache=False).logits
