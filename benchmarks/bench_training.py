@@ -1,0 +1,119 @@
+"""Training throughput: the seed NSA model vs a dense Llama of the same shape, one GPU, bf16.
+
+    python benchmarks/bench_training.py --out benchmarks/results [--lengths 2048 8192 32768] [--compile]
+
+Both models (hidden 768, 12 layers, 12 heads, 2 KV heads, head dim 64, MLP 2048, vocab 32000) train
+with the same loop: fp32 master weights, bf16 autocast, fused AdamW, about `--tokens-per-step` tokens
+per step (batch = tokens / length). NSA runs its Triton backend (l=32, d=16, l'=64, n=16, w=512); Llama
+runs `LlamaForCausalLM` with SDPA. Reports tokens/s (median of timed steps after warm-up), peak
+memory, and the NSA / Llama ratio; `--compile` adds `torch.compile(model)` rows at the first length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import triton
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nsa_hf import NsaConfig, NsaForCausalLM
+
+SHAPE = dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+    num_key_value_heads=2, head_dim=64,
+)
+NSA = dict(
+    compress_block_size=32, compress_stride=16, select_block_size=64, num_selected_blocks=16, num_init_blocks=1,
+    num_local_blocks=2, window_size=512, nsa_backend="triton",
+)
+
+
+def build(kind: str, length: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "nsa":
+        model = NsaForCausalLM(NsaConfig(**SHAPE, **NSA, max_position_embeddings=length))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=length, attn_implementation="sdpa"))
+    return model.cuda().train()
+
+
+def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: bool) -> dict:
+    model = build(kind, length)
+    step_model = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    batch = max(1, tokens_per_step // length)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(warmup + steps):
+        ids = torch.randint(0, SHAPE["vocab_size"], (batch, length), device="cuda", generator=generator)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    seconds = statistics.median(times)
+    row = {
+        "model": kind, "length": length, "batch": batch, "compile": compile,
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "step_s": seconds, "tokens_per_s": batch * length / seconds,
+        "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": losses[-1],
+    }
+    del model, step_model, optimizer
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens-per-step", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per row (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows at the first length")
+    parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = [(kind, length, False) for length in args.lengths for kind in ("nsa", "llama")]
+    if args.compile:
+        runs += [(kind, args.lengths[0], True) for kind in ("nsa", "llama")]
+    rows = []
+    for kind, length, compile in runs:
+        try:
+            row = measure(kind, length, args.tokens_per_step, args.steps, args.warmup, compile)
+        except Exception as error:  # noqa: BLE001 - a failed row is reported, the others still run
+            row = {"model": kind, "length": length, "compile": compile, "error": f"{type(error).__name__}: {error}"[:500]}
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    ratios = {}
+    for row in rows:
+        dense = next((r for r in rows if r["model"] == "llama" and r["length"] == row["length"]
+                      and r["compile"] == row["compile"] and "tokens_per_s" in r), None)
+        if row["model"] == "nsa" and dense and "tokens_per_s" in row:
+            ratios[f"{row['length']}{'_compiled' if row['compile'] else ''}"] = row["tokens_per_s"] / dense["tokens_per_s"]
+    print("NSA / Llama tokens/s:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "commit": commit or "unknown", "shape": SHAPE, "nsa": NSA, "tokens_per_step": args.tokens_per_step,
+              "rows": rows, "nsa_over_llama": ratios}
+    (args.out / "training.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
