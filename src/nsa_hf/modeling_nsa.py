@@ -241,9 +241,13 @@ class NsaAttention(nn.Module):
             v_cmp = self.compress_value(gather_blocks(v_raw.flatten(0, 1), plan.block_starts, size))
             layout = plan.layout
 
-        out = attention(
-            q.flatten(0, 1), k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.flatten(0, 1), layout, self.pattern, self.scaling
-        )
+        inputs = (q.flatten(0, 1), k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.flatten(0, 1))
+        if torch.is_autocast_enabled(q.device.type):
+            # RoPE's fp32 cos/sin promote q and k to fp32 under autocast; like SDPA, attention runs in the
+            # autocast dtype (the FlashAttention window and the Triton kernels need it).
+            dtype = torch.get_autocast_dtype(q.device.type)
+            inputs = tuple(t.to(dtype) for t in inputs)
+        out = attention(*inputs, layout, self.pattern, self.scaling)
         return self.o_proj(out.reshape(batch, seq_len, -1)), None
 
 
@@ -284,6 +288,58 @@ class NsaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        training: dict | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | str | None = None,
+    ):
+        """
+        [`~PreTrainedModel.push_to_hub`] with the NSA model card: a repo without a README.md gets
+        `nsa_hf.model_card.render_model_card(config, training, repo_id)` (architecture, NSA settings, how to load,
+        the optional `training` metadata: dataset, tokens, steps, loss) instead of transformers' generic card; a
+        repo's existing card is kept, as transformers does. The commit holds what `save_pretrained` writes:
+        config.json with `auto_map`, the weights, generation_config.json and the remote-code files.
+        """
+        # Package only (the Hub copy of this file leaves this method out; transformers pushes remote code itself).
+        import os
+        import tempfile
+
+        from huggingface_hub import ModelCard
+        from huggingface_hub.errors import EntryNotFoundError
+        from transformers.utils.hub import hf_api
+
+        from .model_card import render_model_card
+
+        tags = [*(self.model_tags or []), *([tags] if isinstance(tags, str) else tags or [])]
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        try:
+            card = ModelCard.load(repo_id, token=token)
+        except EntryNotFoundError:
+            card = ModelCard(render_model_card(self.config, training=training, repo_id=repo_id))
+        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            card.save(os.path.join(tmp_dir, "README.md"))
+            return self._upload_modified_files(
+                tmp_dir,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+                commit_description=commit_description,
+            )
 
 
 def _leading_padding(attention_mask: Tensor) -> Tensor:

@@ -62,4 +62,11 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
     if name == "auto":
         chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
         _announce(name, chosen, device.type)
-    return functools.partial(nsa_attention_varlen, primitives=_primitives(chosen))
+    return _compiled_around(chosen)
+
+
+@functools.cache
+def _compiled_around(name: str) -> NsaBackend:
+    """The backend as one opaque call to torch.compile: its index building is data dependent and its
+    Triton kernels launch from custom autograd Functions, so dynamo compiles the model around it."""
+    return torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=_primitives(name)))
