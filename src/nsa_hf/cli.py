@@ -1,4 +1,5 @@
-"""Command-line interface: ``nsa-hf demo`` trains, saves, reloads and samples a tiny NSA model on CPU."""
+"""Command-line interface: ``nsa-hf demo`` trains, saves, reloads and samples a tiny NSA model on CPU;
+``nsa-hf export-remote-code`` writes the Hub's remote-code files; ``nsa-hf model-card`` renders a model card."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from . import __version__
 __all__ = ["build_parser", "main"]
 
 DEMO_DEFAULTS = {"steps": 120, "seq_len": 512, "seed": 0, "output_dir": "nsa-demo"}
+REMOTE_CODE_DIR = "modeling"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch CPU threads (default: torch's choice, one per core); use 1 if other programs keep the cores busy",
     )
+
+    export = commands.add_parser(
+        "export-remote-code",
+        help="write the self-contained remote-code files (trust_remote_code=True) generated from this package",
+        description=(
+            "Write the configuration and modeling files that load NSA models with trust_remote_code=True where "
+            "nsa-hf is not installed: the package's modules as flat sibling files with flat imports and guarded "
+            "optional imports. save_pretrained writes them next to every saved model; this command regenerates "
+            "the repository's modeling/ folder (run it after changing src/nsa_hf)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("directory", nargs="?", default=REMOTE_CODE_DIR, metavar="DIR", help="output folder")
+
+    card = commands.add_parser(
+        "model-card",
+        help="render the model card (README.md) of a saved NSA model",
+        description=(
+            "Render the Hub model card of a saved NSA model from its config.json (architecture and NSA settings, "
+            "how to load it with and without nsa-hf, intended use, limitations) and optional training metadata."
+        ),
+    )
+    card.add_argument("model_dir", metavar="MODEL_DIR", help="folder holding the model's config.json")
+    card.add_argument("--repo-id", default=None, help="Hub repo id, used as the title and in the loading examples")
+    card.add_argument("--dataset", default=None, help="training data, as the card should name it")
+    card.add_argument("--tokens", type=int, default=None, help="training tokens seen")
+    card.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    card.add_argument("--loss", type=float, default=None, help="final training loss")
+    card.add_argument("--license", default="apache-2.0", help="license identifier of the weights")
+    card.add_argument("--output", "-o", default=None, help="write the card to this file (default: print it)")
     return parser
 
 
@@ -80,6 +112,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt=args.prompt,
             num_threads=args.threads,
         )
+        return 0
+    if args.command == "export-remote-code":
+        from .remote_code import write_remote_code
+
+        paths = write_remote_code(args.directory)
+        print(f"wrote {len(paths)} remote-code files to {args.directory}")
+        return 0
+    if args.command == "model-card":
+        from pathlib import Path
+
+        from .configuration_nsa import NsaConfig
+        from .model_card import TRAINING_FIELDS, render_model_card
+
+        if not (Path(args.model_dir) / "config.json").is_file():
+            parser.error(f"MODEL_DIR must hold a config.json: {args.model_dir}")
+        training = {key: getattr(args, key) for key in TRAINING_FIELDS if getattr(args, key) is not None}
+        text = render_model_card(
+            NsaConfig.from_pretrained(args.model_dir), training=training, repo_id=args.repo_id, license=args.license
+        )
+        if args.output is None:
+            print(text, end="")
+        else:
+            Path(args.output).write_text(text, encoding="utf-8")
         return 0
     parser.print_help()
     return 0

@@ -2,6 +2,8 @@
 
 # No `from __future__ import annotations` here: @strict reads the real annotations to type-check fields.
 
+import os
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -121,6 +123,21 @@ class NsaConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """
+        [`~PreTrainedConfig.save_pretrained`], plus what loading without nsa-hf needs: `auto_map` in config.json
+        and the remote-code files next to it (`nsa_hf.remote_code.write_remote_code`). `model.save_pretrained`
+        and `push_to_hub` save the config through here, so every saved NSA folder loads both ways: with
+        `import nsa_hf` (the package's classes take precedence over `auto_map`), or with
+        `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` where nsa-hf is not installed.
+        """
+        # Package only (the Hub copy of this file leaves this method out; transformers saves remote code itself).
+        from .remote_code import AUTO_MAP, write_remote_code
+
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
+        super().save_pretrained(save_directory, **kwargs)
+        write_remote_code(save_directory)
 
 
 __all__ = ["NsaConfig"]

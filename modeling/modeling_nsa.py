@@ -1,0 +1,492 @@
+# Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
+"""NSA decoder model for transformers: Llama-style blocks whose attention is Native Sparse Attention.
+
+Structure follows transformers' modeling_llama.py. Differences that matter:
+- attention is `NsaAttention`: three branches (compressed, selected, sliding window) mixed by gates;
+- the cache is `NsaCache`, built by the model (generate() never substitutes a DynamicCache);
+- RoPE positions are the positions inside each document, derived from the sequence layout (packed
+  `cu_seq_lens_q`, `position_ids` restarting at 0, or left padding in `attention_mask`), so blocks,
+  windows and rotary phases all restart with the document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.utils import logging
+
+from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
+from .configuration_nsa import NsaConfig
+from .nsa_ops_backends import resolve_backend
+from .nsa_ops_compression import gather_blocks
+from .nsa_ops_layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["NsaPreTrainedModel", "NsaModel", "NsaForCausalLM"]
+
+
+class NsaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class NsaRotaryEmbedding(nn.Module):
+    inv_freq: Tensor
+
+    def __init__(self, config: NsaConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: NsaConfig, *args, **kwargs) -> tuple[Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [..., H, D] by cos/sin [..., D] (one phase per token, shared by its heads)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+class NsaMLP(nn.Module):
+    def __init__(self, config: NsaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NsaCompressor(nn.Module):
+    """phi: maps one block of l tokens [..., l, H, D] to a compressed token [..., H, D], per head.
+
+    "mean" pools; "linear" and "mlp" flatten the block so every intra-block position has its own
+    weights (this subsumes the paper's intra-block position encoding). Weights are shared by heads.
+    """
+
+    def __init__(self, config: NsaConfig):
+        super().__init__()
+        self.compression_type = config.compression_type
+        block_features = config.compress_block_size * config.head_dim
+        if self.compression_type == "linear":
+            self.proj = nn.Linear(block_features, config.head_dim, bias=False)
+        elif self.compression_type == "mlp":
+            self.fc1 = nn.Linear(block_features, config.compress_intermediate_size, bias=True)
+            self.act_fn = nn.SiLU()
+            self.fc2 = nn.Linear(config.compress_intermediate_size, config.head_dim, bias=True)
+
+    def forward(self, blocks: Tensor) -> Tensor:
+        if self.compression_type == "mean":
+            return blocks.mean(dim=-3)
+        flat = blocks.movedim(-3, -2).flatten(-2)  # [..., H, l * D]
+        if self.compression_type == "linear":
+            return self.proj(flat)
+        return self.fc2(self.act_fn(self.fc1(flat)))
+
+
+class NsaBranchGate(nn.Module):
+    """g_t^c = sigmoid(MLP_c(x_t)) for every query head and branch c in (cmp, slc, win)."""
+
+    def __init__(self, config: NsaConfig):
+        super().__init__()
+        out_features = 3 * config.num_attention_heads
+        if config.gate_intermediate_size is None:
+            self.proj = nn.Linear(config.hidden_size, out_features, bias=True)
+        else:
+            self.fc1 = nn.Linear(config.hidden_size, config.gate_intermediate_size, bias=True)
+            self.act_fn = nn.SiLU()
+            self.fc2 = nn.Linear(config.gate_intermediate_size, out_features, bias=True)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        logits = self.proj(hidden_states) if hasattr(self, "proj") else self.fc2(self.act_fn(self.fc1(hidden_states)))
+        return torch.sigmoid(logits).unflatten(-1, (-1, 3))  # [B, T, HQ, 3]
+
+
+@dataclass
+class NsaForwardPlan:
+    """What every layer of one forward pass shares: token RoPE, and either a full-pass layout or the cache's doc starts."""
+
+    cos: Tensor  # [B, T, D] at each token's position in its document
+    sin: Tensor
+    rotary_emb: NsaRotaryEmbedding
+    layout: QueryLayout | None = None  # full pass (no cache): flat layout over B * T tokens
+    block_starts: Tensor | None = None  # full pass: flat index of every compressed block's first token
+    block_cos: Tensor | None = None  # full pass: RoPE at every compressed block's position [N_cmp, D]
+    block_sin: Tensor | None = None
+    doc_starts: Tensor | None = None  # cached pass: [B] first token of each row's document
+
+
+class NsaAttention(nn.Module):
+    """Native Sparse Attention with per-branch K/V (or shared K/V), learned compression and gates."""
+
+    def __init__(self, config: NsaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.pattern = sparse_pattern(config)
+        self.independent_kv = config.branch_kv == "independent"
+        kv_features = self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)  # selection (or shared) keys
+        self.v_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
+        if self.independent_kv:
+            self.compress_k_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
+            self.compress_v_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
+            self.window_k_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
+            self.window_v_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.compress_key = NsaCompressor(config)
+        self.compress_value = NsaCompressor(config)
+        self.branch_gate = NsaBranchGate(config)
+
+    def _heads(self, proj: nn.Linear, hidden_states: Tensor) -> Tensor:
+        return proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+
+    def _compressor(self, plan: NsaForwardPlan) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """phi_k, phi_v, then RoPE on the compressed key at its block's last-token position."""
+
+        def compress(k_blocks: Tensor, v_blocks: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+            cos, sin = plan.rotary_emb(k_blocks, positions)
+            return apply_rotary(self.compress_key(k_blocks), cos, sin), self.compress_value(v_blocks)
+
+        return compress
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        plan: NsaForwardPlan,
+        past_key_values: NsaCache | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        batch, seq_len, _ = hidden_states.shape
+        cos, sin = plan.cos, plan.sin
+        q = apply_rotary(self._heads(self.q_proj, hidden_states), cos, sin)
+        k_raw, v_slc = self._heads(self.k_proj, hidden_states), self._heads(self.v_proj, hidden_states)
+        k_slc = apply_rotary(k_raw, cos, sin)
+        if self.independent_kv:
+            k_raw = self._heads(self.compress_k_proj, hidden_states)
+            v_raw = self._heads(self.compress_v_proj, hidden_states)
+            k_win = apply_rotary(self._heads(self.window_k_proj, hidden_states), cos, sin)
+            v_win = self._heads(self.window_v_proj, hidden_states)
+        else:
+            v_raw, k_win, v_win = v_slc, k_slc, v_slc
+        gates = self.branch_gate(hidden_states)
+        attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
+
+        if past_key_values is not None:
+            layer: NsaCacheLayer = past_key_values.layers[self.layer_idx]
+            stores = layer.update_nsa(
+                k_slc, v_slc, k_win if self.independent_kv else None, v_win if self.independent_kv else None,
+                k_raw, v_raw, self._compressor(plan), doc_starts=plan.doc_starts,
+            )
+            k_cmp, v_cmp, layout = stores.k_cmp, stores.v_cmp, stores.layout
+            k_slc, v_slc, k_win, v_win = stores.k_slc, stores.v_slc, stores.k_win, stores.v_win
+        else:
+            k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
+            size = self.pattern.compress_block_size
+            k_blocks = gather_blocks(k_raw.flatten(0, 1), plan.block_starts, size)
+            k_cmp = apply_rotary(self.compress_key(k_blocks), plan.block_cos, plan.block_sin)
+            v_cmp = self.compress_value(gather_blocks(v_raw.flatten(0, 1), plan.block_starts, size))
+            layout = plan.layout
+
+        inputs = (q.flatten(0, 1), k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.flatten(0, 1))
+        if torch.is_autocast_enabled(q.device.type):
+            # RoPE's fp32 cos/sin promote q and k to fp32 under autocast; like SDPA, attention runs in the
+            # autocast dtype (the FlashAttention window and the Triton kernels need it).
+            dtype = torch.get_autocast_dtype(q.device.type)
+            inputs = tuple(t.to(dtype) for t in inputs)
+        out = attention(*inputs, layout, self.pattern, self.scaling)
+        return self.o_proj(out.reshape(batch, seq_len, -1)), None
+
+
+class NsaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NsaConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = NsaAttention(config, layer_idx)
+        self.mlp = NsaMLP(config)
+        self.input_layernorm = NsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = NsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        plan: NsaForwardPlan,
+        past_key_values: NsaCache | None = None,
+        **kwargs,
+    ) -> Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), plan, past_key_values)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class NsaPreTrainedModel(PreTrainedModel):
+    config_class = NsaConfig
+    config: NsaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NsaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # The dense kernels do not compute NSA: attention always goes through the NSA backend of the config.
+    _supports_flash_attn = False
+    _supports_sdpa = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+
+def _leading_padding(attention_mask: Tensor) -> Tensor:
+    """Per row, the number of leading padding tokens; rejects masks with holes inside the document."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"NSA models take a 2-D `attention_mask` [B, S], got shape {tuple(attention_mask.shape)}.")
+    mask = attention_mask.bool()
+    starts = (mask.long().cumsum(-1) == 0).sum(-1)
+    ends = mask.shape[1] - mask.flip(-1).long().cumsum(-1).eq(0).sum(-1)  # one past the last real token
+    if bool((mask.sum(-1) != (ends - starts).clamp(min=0)).any()):
+        raise ValueError("`attention_mask` may pad on the left or the right, but not between real tokens.")
+    return starts
+
+
+def _packed_boundaries(position_ids: Tensor | None, batch: int) -> Tensor | None:
+    """Document boundaries of one packed row whose `position_ids` restart at 0 (DataCollatorWithFlattening)."""
+    if position_ids is None or batch != 1 or position_ids.shape[-1] < 2 or not bool((position_ids[..., 1:] == 0).any()):
+        return None
+    return cu_seqlens_from_position_ids(position_ids.view(1, -1))
+
+
+class NsaModel(NsaPreTrainedModel):
+    def __init__(self, config: NsaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([NsaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = NsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = NsaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _plan(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None,
+        cache: NsaCache | None,
+        cu_seqlens: Tensor | None,
+    ) -> NsaForwardPlan:
+        batch, seq_len = hidden_states.shape[:2]
+        device = hidden_states.device
+        if cache is not None:
+            past = cache.get_seq_length()
+            if past == 0:
+                doc_starts = (
+                    _leading_padding(attention_mask).to(device)
+                    if attention_mask is not None
+                    else torch.zeros(batch, dtype=torch.long, device=device)
+                )
+            else:
+                doc_starts = cache.layers[0].doc_starts
+            positions = (past + torch.arange(seq_len, device=device))[None, :] - doc_starts[:, None]
+            cos, sin = self.rotary_emb(hidden_states, positions.clamp(min=0))
+            return NsaForwardPlan(cos, sin, self.rotary_emb, doc_starts=doc_starts)
+
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"packed sequences (`cu_seq_lens_q`) need batch size 1, got {batch}.")
+        elif attention_mask is not None:
+            cu_seqlens = cu_seqlens_from_left_padding(_leading_padding(attention_mask).to(device), seq_len)
+        else:
+            cu_seqlens = torch.arange(batch + 1, device=device) * seq_len
+        layout, blocks = QueryLayout.from_cu_seqlens(
+            cu_seqlens.to(device), self.config.compress_block_size, self.config.compress_stride
+        )
+        cos, sin = self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len))
+        block_cos, block_sin = self.rotary_emb(hidden_states, blocks.positions[None])
+        return NsaForwardPlan(
+            cos, sin, self.rotary_emb, layout=layout, block_starts=blocks.token_starts, block_cos=block_cos[0], block_sin=block_sin[0]
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: NsaCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seq_lens_q: Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Args as in `LlamaModel.forward`. `position_ids` only signal packed documents (restarts at 0);
+        RoPE positions always come from the document layout. `cu_seq_lens_q` (from
+        `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) packs documents in one row."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if past_key_values is not None and not isinstance(past_key_values, NsaCache):
+            raise TypeError(f"NSA models need an `NsaCache`, got {type(past_key_values).__name__}.")
+        if cu_seq_lens_q is None and attention_mask is None and past_key_values is None:
+            cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0])
+        packed = cu_seq_lens_q is not None
+        if packed and (use_cache or past_key_values is not None):
+            raise ValueError("packed sequences (`cu_seq_lens_q` or restarting `position_ids`) cannot use a cache.")
+        if use_cache is None:  # a cache only pays off when decoding: not in training, not for packed rows
+            use_cache = self.config.use_cache and not self.training and not packed
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = NsaCache(self.config)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+
+        hidden_states = inputs_embeds
+        plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q)
+        all_hidden_states = () if output_hidden_states else None
+        for decoder_layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(hidden_states, plan, cache)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache if use_cache else None, hidden_states=all_hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NsaConfig):
+        super().__init__(config)
+        self.model = NsaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """generate() decodes through an `NsaCache`; a DynamicCache would drop the NSA state."""
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"NSA models decode with their own `NsaCache`; cache_implementation="
+                    f"{generation_config.cache_implementation!r} is not supported."
+                )
+            model_kwargs["past_key_values"] = NsaCache(self.config)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: NsaCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()

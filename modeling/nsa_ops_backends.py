@@ -1,0 +1,78 @@
+# Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
+"""Choosing the NSA attention backend named by `NsaConfig.nsa_backend`.
+
+Every backend computes `reference.nsa_attention_varlen`'s function with its signature:
+(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. A backend only
+swaps the primitives (interval attention, block attention, block scoring); index building, the top-n
+rule and the gates are shared code, so no backend can drift from the reference's math there.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .nsa_ops_layout import QueryLayout, SparsePattern
+from .nsa_ops_reference import REFERENCE, Primitives, nsa_attention_varlen
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+class NsaBackend(Protocol):
+    def __call__(
+        self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor,
+        gates: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
+    ) -> Tensor: ...
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _primitives(name: str) -> Primitives:
+    if name == "reference":
+        return REFERENCE
+    from .nsa_ops_triton_kernels import (
+        block_attention as triton_kernels_block_attention,
+        interval_attention as triton_kernels_interval_attention,
+        select_blocks as triton_kernels_select_blocks,
+        window_attention as triton_kernels_window_attention,
+    )  # lazy: the package imports without Triton
+
+    return Primitives(
+        triton_kernels_interval_attention, triton_kernels_block_attention, triton_kernels_select_blocks,
+        triton_kernels_window_attention,
+    )
+
+
+@functools.cache
+def _announce(requested: str, chosen: str, device_type: str) -> None:
+    logger.info("nsa_backend=%r runs the %r backend on %s.", requested, chosen, device_type)
+
+
+def resolve_backend(name: str, device: torch.device) -> NsaBackend:
+    """The backend for `name` on `device`. "auto" picks Triton on CUDA (when installed), else the reference."""
+    if name not in BACKENDS:
+        raise ValueError(f"`nsa_backend` must be one of {BACKENDS}, got {name!r}.")
+    if name == "triton" and not triton_available():
+        raise ValueError("`nsa_backend='triton'` needs the `triton` package (pip install 'nsa-hf[triton]').")
+    chosen = name
+    if name == "auto":
+        chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
+        _announce(name, chosen, device.type)
+    return _compiled_around(chosen)
+
+
+@functools.cache
+def _compiled_around(name: str) -> NsaBackend:
+    """The backend as one opaque call to torch.compile: its index building is data dependent and its
+    Triton kernels launch from custom autograd Functions, so dynamo compiles the model around it."""
+    return torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=_primitives(name)))

@@ -1,0 +1,43 @@
+# Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
+"""Cutting a sequence into NSA's compressed blocks (the input of phi) and the parameter-free phi (mean).
+
+Block i of a document covers its tokens [i*d, i*d + l). The learnable phi ("mlp", "linear") lives in
+the model (`NsaCompressor`); it maps the blocks returned here to one key or value per block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .nsa_ops_layout import QueryLayout, cu_seqlens_from_batch
+
+__all__ = ["gather_blocks", "compress_blocks", "mean_compress"]
+
+
+def gather_blocks(x: Tensor, token_starts: Tensor, block_size: int) -> Tensor:
+    """Blocks [Nc, block_size, H, D] of a flat store x [N, H, D] starting at `token_starts` [..., Nc].
+
+    Indices past the store are clamped: callers mask such blocks (incomplete ones) themselves.
+    """
+    index = (token_starts[..., None] + torch.arange(block_size, device=x.device)).clamp(0, x.shape[0] - 1)
+    return x[index]
+
+
+def compress_blocks(x: Tensor, block_size: int, stride: int, cu_seqlens: Tensor | None = None) -> Tensor:
+    """Every complete block of x [B, T, H, D] as [B, N_cmp, l, H, D]; with `cu_seqlens` (B == 1) the
+    blocks of each packed document, concatenated in order."""
+    if x.dim() != 4:
+        raise ValueError(f"`x` must have shape [B, T, H, D], got {tuple(x.shape)}.")
+    batch, seq_len = x.shape[:2]
+    if cu_seqlens is not None and batch != 1:
+        raise ValueError(f"with `cu_seqlens` (packed documents) the batch size must be 1, got {batch}.")
+    cu = cu_seqlens_from_batch(batch, seq_len, x.device) if cu_seqlens is None else cu_seqlens.to(x.device)
+    _, blocks = QueryLayout.from_cu_seqlens(cu, block_size, stride, num_tokens=batch * seq_len)
+    out = gather_blocks(x.reshape(-1, *x.shape[2:]), blocks.token_starts, block_size)
+    return out.view(batch, -1, *out.shape[1:])
+
+
+def mean_compress(x: Tensor, block_size: int, stride: int, cu_seqlens: Tensor | None = None) -> Tensor:
+    """phi = mean pooling: [B, N_cmp, H, D]. With l = d = l' it is the compression other NSA libraries ship."""
+    return compress_blocks(x, block_size, stride, cu_seqlens).mean(dim=2)

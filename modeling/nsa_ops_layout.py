@@ -1,0 +1,160 @@
+# Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
+"""Where every query sits: document boundaries and the indices each NSA branch reads from.
+
+All NSA ops work on a flat token axis (batch folded into tokens, as in FlashAttention's varlen
+interface). A `QueryLayout` tells, for each query, its position inside its document and where position
+0 of that document lives in each key/value store the branches read. The same ops therefore serve a full
+forward (stores = the sequence itself), packed documents (`cu_seqlens`), left-padded batches and
+incremental decoding (stores = the cache), without any per-case code in the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SparsePattern",
+    "QueryLayout",
+    "CompressionBlocks",
+    "num_compressed_blocks",
+    "cu_seqlens_from_batch",
+    "cu_seqlens_from_left_padding",
+    "cu_seqlens_from_position_ids",
+]
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """The static NSA hyperparameters every backend needs (NSA_SPEC's symbols in brackets)."""
+
+    compress_block_size: int  # l
+    compress_stride: int  # d
+    select_block_size: int  # l'
+    num_selected_blocks: int  # n, forced blocks included
+    num_init_blocks: int
+    num_local_blocks: int
+    window_size: int  # w, the query's own token included
+
+    def __post_init__(self) -> None:
+        for name in ("compress_block_size", "compress_stride", "select_block_size", "num_selected_blocks", "window_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        for name in ("num_init_blocks", "num_local_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.compress_block_size % self.compress_stride:
+            raise ValueError(
+                f"`compress_block_size` ({self.compress_block_size}) must be a multiple of `compress_stride` "
+                f"({self.compress_stride})."
+            )
+        if self.select_block_size % self.compress_stride:
+            raise ValueError(
+                f"`select_block_size` ({self.select_block_size}) must be a multiple of `compress_stride` "
+                f"({self.compress_stride})."
+            )
+        if self.num_selected_blocks < self.num_init_blocks + self.num_local_blocks:
+            raise ValueError(
+                f"`num_selected_blocks` ({self.num_selected_blocks}) must be >= num_init_blocks + num_local_blocks "
+                f"({self.num_init_blocks} + {self.num_local_blocks}): forced blocks count toward n."
+            )
+
+
+def num_compressed_blocks(length: Tensor | int, block_size: int, stride: int) -> Tensor | int:
+    """Complete compressed blocks among the first `length` tokens of a document: floor((L - l) / d) + 1, or 0."""
+    if isinstance(length, Tensor):  # floor division keeps every L < l at <= 0
+        return ((length - block_size) // stride + 1).clamp_(min=0)
+    return (length - block_size) // stride + 1 if length >= block_size else 0
+
+
+def cu_seqlens_from_batch(batch_size: int, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+    """Document boundaries of `batch_size` independent rows of `seq_len` tokens, folded into one axis."""
+    return torch.arange(batch_size + 1, device=device, dtype=torch.long) * seq_len
+
+
+def cu_seqlens_from_left_padding(pad_lengths: Tensor, seq_len: int) -> Tensor:
+    """Boundaries for left-padded rows: each row is a padding document followed by its real document.
+
+    Keeping the padding as a document of its own means the real tokens start their blocks, windows and
+    selection indices at their first token, exactly as the prompt run alone would.
+    """
+    row_starts = torch.arange(pad_lengths.numel(), device=pad_lengths.device, dtype=torch.long) * seq_len
+    bounds = torch.cat([row_starts, row_starts + pad_lengths.long(), row_starts.new_tensor([pad_lengths.numel() * seq_len])])
+    return torch.unique(bounds)  # sorted; drops the empty padding documents of unpadded rows
+
+
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
+    """Boundaries of packed documents in one row whose positions restart at 0 (DataCollatorWithFlattening)."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"packed `position_ids` must have shape [1, T], got {tuple(position_ids.shape)}.")
+    flat = position_ids[0]
+    starts = torch.nonzero(flat == 0).flatten()
+    if starts.numel() == 0 or starts[0] != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    return torch.cat([starts, starts.new_tensor([flat.numel()])]).long()
+
+
+def _validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None) -> None:
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"`cu_seqlens` must be a 1-D tensor of document boundaries, got {shape}.")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"`cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}.")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"`cu_seqlens` must start at 0 and never decrease, got {bounds[:8]}...")
+    if num_tokens is not None and bounds[-1] != num_tokens:
+        raise ValueError(f"`cu_seqlens` must end at the number of tokens ({num_tokens}), got {bounds[-1]}.")
+
+
+@dataclass(frozen=True)
+class CompressionBlocks:
+    """Every compressed block of a packed token axis, documents concatenated in order."""
+
+    token_starts: Tensor  # [N_cmp] flat index of each block's first token
+    positions: Tensor  # [N_cmp] position of each block's last token in its document (where its RoPE is taken)
+    cu_blocks: Tensor  # [num_docs + 1] boundaries of each document's blocks
+
+
+@dataclass(frozen=True)
+class QueryLayout:
+    """Per query: its position in its document, and the flat index of that document's start in each store.
+
+    `key_offsets` index the raw key/value store (read by selection), `window_offsets` the sliding-window
+    store (the same store unless the cache keeps a separate window buffer) and `cmp_offsets` the
+    compressed store, where block i of the document sits at `cmp_offsets + i`.
+    """
+
+    positions: Tensor  # [Nq] int64
+    key_offsets: Tensor  # [Nq] int64
+    cmp_offsets: Tensor  # [Nq] int64
+    window_offsets: Tensor  # [Nq] int64
+    run_length: int | None = None  # decoding: each row contributes this many consecutive queries (a tiling hint)
+
+    @classmethod
+    def from_cu_seqlens(
+        cls, cu_seqlens: Tensor, block_size: int, stride: int, num_tokens: int | None = None
+    ) -> tuple[QueryLayout, CompressionBlocks]:
+        """Layout of a full (non-incremental) pass over packed documents, and the compressed blocks it needs."""
+        _validate_cu_seqlens(cu_seqlens, num_tokens)
+        cu = cu_seqlens.long()
+        total = int(cu[-1])
+        tokens = torch.arange(total, device=cu.device)
+        doc = torch.searchsorted(cu[1:], tokens, right=True)
+        key_offsets = cu[doc]
+        positions = tokens - key_offsets
+
+        lengths = cu[1:] - cu[:-1]
+        blocks_per_doc = num_compressed_blocks(lengths, block_size, stride)
+        cu_blocks = torch.cat([cu.new_zeros(1), blocks_per_doc.cumsum(0)])
+        block_doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), blocks_per_doc)
+        block_index = torch.arange(block_doc.numel(), device=cu.device) - cu_blocks[block_doc]
+        blocks = CompressionBlocks(
+            token_starts=cu[block_doc] + block_index * stride,
+            positions=block_index * stride + block_size - 1,
+            cu_blocks=cu_blocks,
+        )
+        layout = cls(positions=positions, key_offsets=key_offsets, cmp_offsets=cu_blocks[doc], window_offsets=key_offsets)
+        return layout, blocks

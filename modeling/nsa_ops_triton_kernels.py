@@ -1,0 +1,800 @@
+# Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
+"""Triton kernels for NSA's two attention primitives, forward and backward.
+
+Both work on the flat varlen tensors of `nsa_hf.ops.reference` (q [Nq, HQ, D], k/v [Nk, H, D]) and
+compute exactly its functions:
+
+- interval attention: query i attends to keys [lo[i], hi[i]) of a flat store. It runs the compressed
+  branch (the document's complete blocks) and the sliding window. One program owns BLOCK_T tokens x the
+  G query heads of one key head, so each key tile is loaded once per GQA group. The backward pass is
+  FlashAttention-2 style: a query-centric kernel for dq and a key-centric kernel for dk/dv, which needs
+  lo and hi to be non-decreasing in the query index (true for every full pass: documents are in order).
+- block attention (selection): query i reads the n blocks [start, start + block_size) it selected,
+  keys s < hi[i]. One program owns one token x the G heads of one key head; each selected K/V block is
+  loaded once for the whole group. The backward pass inverts the selection (for each block, the
+  queries that read it) so that dk/dv accumulate in registers per block; only the pieces of long
+  query lists meet in fp32 atomics.
+
+Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package
+imports without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+try:  # optional package: in a try block, transformers' check_imports does not require it
+    import triton
+    import triton.language as tl
+except ImportError:
+    raise
+from torch import Tensor
+
+from .nsa_ops_flash_window import applies as flash_window_applies, window_attention as flash_window_window_attention
+from .nsa_ops_layout import QueryLayout, SparsePattern
+
+__all__ = ["interval_attention", "block_attention", "select_blocks", "window_attention"]
+
+
+def _pow2(x: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(x))
+
+
+def _check_offsets(**tensors: Tensor) -> None:
+    """The kernels address their tensors with int32 offsets (int64 row offsets miscompile in Triton 3.6)."""
+    for name, tensor in tensors.items():
+        if tensor.numel() > 2**31:  # offsets reach numel - 1
+            raise ValueError(
+                f"the Triton backend addresses at most 2**31 elements per tensor; `{name}` has {tensor.numel()} "
+                "(split the batch)."
+            )
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """Fold one tile of masked scores s [M, N] (-inf = invisible) and values v [N, DV] into the running state."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at exactly 0
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i):
+    """Output and lse of the running state; a row that saw no key gives 0 and -inf."""
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    return out, tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _program_tile(TILE_START, TILE_LEN, RUN_LENGTH: tl.constexpr, BLOCK_T: tl.constexpr):
+    """First query and length of this program's tile: read from the tile arrays, or, when queries come in
+    runs of RUN_LENGTH (decoding), computed (the arrays would cost several small launches per step)."""
+    if RUN_LENGTH == 0:
+        first = tl.load(TILE_START + tl.program_id(0))
+        length = tl.load(TILE_LEN + tl.program_id(0))
+    else:
+        PER_RUN: tl.constexpr = (RUN_LENGTH + BLOCK_T - 1) // BLOCK_T
+        start = (tl.program_id(0) % PER_RUN) * BLOCK_T
+        first = (tl.program_id(0) // PER_RUN) * RUN_LENGTH + start
+        length = tl.minimum(RUN_LENGTH - start, BLOCK_T)
+    return first, length
+
+
+@triton.jit
+def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   RUN_LENGTH: tl.constexpr):
+    """Rows (token x group head) of this program's query tile, their key intervals, and the tile's key range."""
+    first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
+    rows = tl.arange(0, BLOCK_T * G_PAD)
+    token = first + rows // G_PAD
+    group = rows % G_PAD
+    row_ok = (rows // G_PAD < length) & (group < G)
+    lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
+    hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
+    hi = tl.where(hi > lo, hi, 0)  # empty intervals take no part in the tile's key range
+    lo = tl.where(hi > lo, lo, 2147483647)
+    return token, kv_head * G + group, row_ok, lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
+def _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """K [N, BLOCK_D] and V [N, BLOCK_DV] rows `keys` of one key head; masked rows and columns read 0."""
+    dk_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
+                mask=key_ok[:, None] & (dk_idx < D)[None, :], other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
+                mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, stride_dot, stride_doh, heads_q,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the backward pass reads per query row: q, dO, lse (-inf as 0: such rows have p = 0) and delta."""
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    do = tl.load(DO + token[:, None] * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                 mask=row_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    return q, do, tl.where(lse == float("-inf"), 0.0, lse), delta
+
+
+@triton.jit
+def _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv):
+    """Accumulate one tile of query rows into a key tile's dk (unscaled) and dv."""
+    p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do)
+    ds = tl.where(valid, p * (tl.dot(do, tl.trans(v)) - delta[:, None]), 0.0)
+    return dk + tl.dot(tl.trans(ds).to(q.dtype), q), dv
+
+
+@triton.jit
+def _interval_fwd_kernel(
+    Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RUN_LENGTH: tl.constexpr,
+):
+    """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
+    range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
+    kv_head = tl.program_id(1)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T, RUN_LENGTH)
+    span = tl.maximum(key_hi - key_lo, 0)
+    share = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    begin = tl.minimum(tl.program_id(2) * share, span)
+    end = tl.minimum(begin + share, span)
+
+    dq = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+        mask=row_ok[:, None] & (dq < D)[None, :], other=0.0,
+    )
+    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_DV], tl.float32)
+    for start in range(key_lo + begin, key_lo + end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_lo + end
+        k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k)) * scale
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    out, lse = _softmax_finish(acc, m_i, l_i)
+    split = tl.program_id(2)
+    tl.store(O + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + split * stride_ls + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merge the partial (o, lse) of every split of one (query, head) row: softmax-weighted by their lse."""
+    row = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    dv = tl.arange(0, BLOCK_DV)
+    split_ok = splits < NUM_SPLITS
+    lse = tl.load(LSE_PART + splits * num_rows + row, mask=split_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(lse - top_safe)  # 0 for splits that saw no key
+    total = tl.sum(weight, axis=0)
+    part = tl.load(O_PART + (splits * num_rows + row)[:, None] * DV + dv[None, :],
+                   mask=split_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + row * DV + dv, out.to(O.dtype.element_ty), mask=dv < DV)
+    tl.store(LSE + row, tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+
+
+@triton.jit
+def _interval_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, LO, HI, TILE_START, TILE_LEN, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, RUN_LENGTH: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T, RUN_LENGTH)
+    dq_idx = tl.arange(0, BLOCK_D)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                    stride_dot, stride_doh, heads_q, D, DV, BLOCK_D, BLOCK_DV)
+    acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_D], tl.float32)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < key_hi
+        k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+        p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+             (acc * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dq_idx < D)[None, :])
+
+
+@triton.jit
+def _interval_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, LO, HI, QLO, QHI, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    num_k, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries that see them (chunks meet in atomics)."""
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < num_k
+    q_lo = tl.min(tl.load(QLO + keys, mask=key_ok, other=2147483647), axis=0)
+    q_hi = tl.max(tl.load(QHI + keys, mask=key_ok, other=0), axis=0)
+    q_lo = q_lo + tl.program_id(2) * Q_CHUNK
+    q_hi = tl.minimum(q_hi, q_lo + Q_CHUNK)
+    if q_lo >= q_hi:
+        return
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    rows = tl.arange(0, BLOCK_T * G_PAD)
+    group = rows % G_PAD
+    head = kv_head * G + group
+    for start in range(q_lo, q_hi, BLOCK_T):
+        token = start + rows // G_PAD
+        row_ok = (token < q_hi) & (group < G)
+        lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
+        hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
+        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                        stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & key_ok[None, :]
+        dk, dv = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
+    tl.atomic_add(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], dk * scale,
+                  mask=key_ok[:, None] & (dq_idx < D)[None, :])
+    tl.atomic_add(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv,
+                  mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(programs: int, device: torch.device, limit: int = 32) -> int:
+    """How many programs share one unit of work so that a small grid (decoding) still fills the GPU:
+    about four programs per multiprocessor. 1 off CUDA (the interpreter gains nothing)."""
+    if device.type != "cuda" or programs == 0:
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(limit, triton.cdiv(4 * _multiprocessors(index), programs)))
+
+
+def _split_outputs(splits: int, num_q: int, heads_q: int, dim_v: int, dtype: torch.dtype, device: torch.device):
+    """Output buffers with a leading split axis: the final (o, lse) when there is one split, else fp32 partials."""
+    o_dtype = dtype if splits == 1 else torch.float32
+    o = torch.empty(splits, num_q, heads_q, dim_v, device=device, dtype=o_dtype)
+    return o, torch.empty(splits, num_q, heads_q, device=device, dtype=torch.float32)
+
+
+def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(o, lse) [S, Nq, HQ, ...] of S splits -> the attention over all of them."""
+    splits, num_q, heads_q, dim_v = o.shape
+    if splits == 1:
+        return o[0], lse[0]
+    out = torch.empty(num_q, heads_q, dim_v, device=o.device, dtype=dtype)
+    out_lse = torch.empty(num_q, heads_q, device=o.device, dtype=torch.float32)
+    if num_q:
+        _combine_splits_kernel[(num_q * heads_q,)](
+            o, lse, out, out_lse, num_q * heads_q, DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits,
+            SPLITS_PAD=_pow2(splits, 2),
+        )
+    return out, out_lse
+
+
+def _tile_tokens(g_pad: int, run_length: int | None) -> int:
+    """Tokens per query tile: 64 rows (tokens x padded group heads), or when decoding, just enough for the
+    run (tl.dot needs 16 rows)."""
+    tokens = max(1, 64 // g_pad)
+    if run_length is None:
+        return tokens
+    return min(tokens, max(1, 16 // g_pad, triton.next_power_of_2(run_length)))
+
+
+def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> tuple[Tensor, Tensor, int]:
+    """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
+    whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count).
+    Runs of `run_length` queries (decoding) need no arrays: the kernels compute their tiles (no host sync)."""
+    if run_length is not None:
+        return lo, lo, lo.numel() // run_length * triton.cdiv(run_length, tile)
+    apart = torch.ones_like(lo, dtype=torch.bool)
+    apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
+    run_first = torch.nonzero(apart).flatten()
+    run_len = torch.diff(run_first, append=run_first.new_tensor([lo.numel()]))
+    first, length, _ = _split_runs(run_first, run_len, tile)
+    return first.to(torch.int32), length.to(torch.int32), first.numel()
+
+
+class _IntervalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None,
+        num_splits: int | None,
+    ):
+        num_q, heads_q, dim = q.shape
+        heads_kv, dim_v = k.shape[1], v.shape[2]
+        groups = heads_q // heads_kv
+        g_pad = triton.next_power_of_2(groups)
+        block_t = _tile_tokens(g_pad, run_length)
+        q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
+        _check_offsets(q=q, k=k, v=v)
+        tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length)
+        splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
+        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
+        if num_q:
+            _interval_fwd_kernel[(num_tiles, heads_kv, splits)](
+                q, k, v, lo, hi, tile_first, tile_len, o, lse,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
+                G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+                NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
+            )
+        o, lse = _combine_splits(o, lse, q.dtype)
+        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse)
+        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do: Tensor, _dlse: Tensor):
+        q, k, v, lo, hi, tile_first, tile_len, o, lse = ctx.saved_tensors
+        num_q, heads_q, dim = q.shape
+        num_k, heads_kv, dim_v = v.shape
+        groups = heads_q // heads_kv
+        g_pad = triton.next_power_of_2(groups)
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+        meta = dict(G=groups, G_PAD=g_pad, BLOCK_T=ctx.block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
+        dq = torch.empty_like(q)
+        _interval_bwd_dq_kernel[(ctx.num_tiles, heads_kv)](
+            q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v,
+            RUN_LENGTH=ctx.run_length or 0, **meta,
+        )
+        # Queries that see key c form [first hi > c, first lo > c) since lo and hi never decrease.
+        key_index = torch.arange(num_k, device=q.device, dtype=lo.dtype)
+        q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
+        q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        # Long query ranges (early compressed keys are seen by the whole document) split over programs.
+        q_chunk, pad = 1024, -num_k % 64
+        block_lo = torch.nn.functional.pad(q_lo, (0, pad), value=num_q).view(-1, 64).amin(1)
+        block_hi = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(-1, 64).amax(1)
+        num_chunks = triton.cdiv(max(1, int((block_hi - block_lo).max()) if num_k else 1), q_chunk)
+        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, num_chunks)](
+            q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
+            Q_CHUNK=q_chunk, D=dim, DV_DIM=dim_v, **meta,
+        )
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def interval_attention(
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing.
+
+    `run_length`: queries come in runs of this many per row (decoding), which spares a host sync.
+    `num_splits`: programs that share each query tile's key range in the forward pass (None: enough to
+    fill the GPU when there are few tiles, as when decoding).
+    """
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits)
+
+
+@triton.jit
+def _block_fwd_kernel(
+    Q, K, V, STARTS, HI, O, LSE,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
+    stride_st, stride_sh, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS_PER_SPLIT: tl.constexpr,
+):
+    """One token x one key head over the slots of split program_id(2) (all slots unless decoding)."""
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    group = tl.arange(0, G_PAD)
+    row_ok = group < G
+    head = kv_head * G + group
+    dq = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    hi = tl.load(HI + token).to(tl.int32)
+    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq[None, :],
+                mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
+    offsets = tl.arange(0, BLOCK_S)
+    for i in range(SLOTS_PER_SPLIT):
+        slot = split * SLOTS_PER_SPLIT + i
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
+        if start >= 0:
+            keys = start + offsets
+            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
+            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    out, lse = _softmax_finish(acc, m_i, l_i)
+    tl.store(O + split * stride_os + token * stride_ot + head[:, None] * stride_oh + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + split * stride_ls + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, STARTS, HI, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_st, stride_sh,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    group = tl.arange(0, G_PAD)
+    row_ok = group < G
+    head = kv_head * G + group
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    hi = tl.load(HI + token).to(tl.int32)
+    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    do = tl.load(DO + token * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                 mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    offsets = tl.arange(0, BLOCK_S)
+    for slot in range(NUM_SLOTS):
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot).to(tl.int32)
+        if start >= 0:
+            keys = start + offsets
+            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
+            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+            p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (dq_idx < D)[None, :])
+
+
+@triton.jit
+def _block_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, HI, PIECE_FIRST, PIECE_LEN, PIECE_HEAD, PIECE_START, ENTRY_TOKEN, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_q, num_k, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dk, dv of one selected block from (a piece of) the list of queries that selected it."""
+    piece = tl.program_id(0)
+    first = tl.load(PIECE_FIRST + piece)
+    length = tl.load(PIECE_LEN + piece)
+    kv_head = tl.load(PIECE_HEAD + piece)
+    block_start = tl.load(PIECE_START + piece)
+    offsets = tl.arange(0, BLOCK_S)
+    keys = block_start + offsets
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    in_block = (offsets < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
+    k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+    dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    rows = tl.arange(0, BLOCK_Q * G_PAD)
+    group = rows % G_PAD
+    head = kv_head * G + group
+    for e0 in range(0, length, BLOCK_Q):
+        entry = e0 + rows // G_PAD
+        row_ok = (entry < length) & (group < G)
+        token = tl.load(ENTRY_TOKEN + first + entry, mask=row_ok, other=0)
+        hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
+        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                        stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
+        valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
+        dk, dv = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
+    # Long query lists are split into pieces, so several programs may add to one block.
+    tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
+                  mask=in_block[:, None] & (dq_idx < D)[None, :])
+    tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv,
+                  mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
+
+
+def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut runs [first, first + len) into pieces of at most `piece`: (first, length, run index) per piece."""
+    pieces_per_run = (run_len + piece - 1) // piece
+    run = torch.repeat_interleave(torch.arange(run_first.numel(), device=run_first.device), pieces_per_run)
+    index = torch.arange(run.numel(), device=run_first.device) - (torch.cumsum(pieces_per_run, 0) - pieces_per_run)[run]
+    first = run_first[run] + index * piece
+    length = torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
+    return first, length, run
+
+
+def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int):
+    """Invert the selection: for each (key head, selected block), the queries that read it, in pieces."""
+    num_q, heads_kv, slots = block_starts.shape
+    heads = torch.arange(heads_kv, device=block_starts.device)[None, :, None]
+    tokens = torch.arange(num_q, device=block_starts.device)[:, None, None]
+    valid = block_starts >= 0
+    keys = (heads * num_keys + block_starts.long())[valid]
+    order = torch.argsort(keys)
+    keys = keys[order]
+    entry_token = tokens.expand_as(block_starts)[valid][order].to(torch.int32)
+    new_run = torch.ones_like(keys, dtype=torch.bool)
+    new_run[1:] = keys[1:] != keys[:-1]
+    run_first = torch.nonzero(new_run).flatten()
+    run_len = torch.diff(run_first, append=run_first.new_tensor([keys.numel()]))
+    first, length, run = _split_runs(run_first, run_len, piece)
+    run_key = keys[run_first][run]
+    return first.to(torch.int32), length.to(torch.int32), (run_key // num_keys).to(torch.int32), (run_key % num_keys).to(torch.int32), entry_token
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
+        num_splits: int | None,
+    ):
+        num_q, heads_q, dim = q.shape
+        heads_kv, dim_v = k.shape[1], v.shape[2]
+        groups = heads_q // heads_kv
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
+        _check_offsets(q=q, k=k, v=v)
+        meta = dict(
+            G=groups, G_PAD=_pow2(groups), NUM_SLOTS=starts.shape[-1], BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size),
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+        )
+        slots = starts.shape[-1]
+        splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
+        per_split = triton.cdiv(slots, splits)
+        splits = triton.cdiv(slots, per_split)
+        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
+        if num_q:
+            _block_fwd_kernel[(num_q, heads_kv, splits)](
+                q, k, v, starts, hi, o, lse,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
+                D=dim, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
+            )
+        o, lse = _combine_splits(o, lse, q.dtype)
+        ctx.save_for_backward(q, k, v, starts, hi, o, lse)
+        ctx.scale, ctx.meta = scale, meta
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, starts, hi, o, lse = ctx.saved_tensors
+        num_q, heads_q, dim = q.shape
+        num_k, heads_kv, dim_v = v.shape
+        meta = ctx.meta
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        if num_q:
+            strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+            _block_bwd_dq_kernel[(num_q, heads_kv)](
+                q, k, v, do, lse, delta, starts, hi, dq, *strides, starts.stride(0), starts.stride(1),
+                ctx.scale, D=dim, DV_DIM=dim_v, **meta,
+            )
+            g_pad = triton.next_power_of_2(meta["G"])
+            pieces = _queries_per_block(starts, num_k, piece=256)
+            _block_bwd_dkv_kernel[(pieces[0].numel(),)](
+                q, k, v, do, lse, delta, hi, *pieces, dk, dv, *strides,
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads_q, num_k, ctx.scale,
+                G=meta["G"], G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), BLOCK_SIZE=meta["BLOCK_SIZE"], BLOCK_S=meta["BLOCK_S"],
+                D=dim, DV_DIM=dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
+            )
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def block_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Triton version of `reference.block_attention`.
+
+    `num_splits`: programs that share each query's selected blocks in the forward pass (None: enough to
+    fill the GPU when there are few queries, as when decoding).
+    """
+    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits)
+
+
+@triton.jit
+def _select_blocks_kernel(
+    Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT, RANKED,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_rs,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
+    NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RUN_LENGTH: tl.constexpr,
+):
+    """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
+
+    A tile holds consecutive tokens of one document (so they share their compressed keys) x the G heads
+    of one key head. It walks tiles of BLOCK_J selection blocks; each reads its own M * BLOCK_J
+    compressed blocks (the R - 1 before it that also overlap it are carried from the previous tile),
+    scores them, and merges them into a running top-BLOCK_J list by a bitonic sort. Nothing but the chosen indices reaches HBM.
+    Scores are ranked as in `reference.top_blocks`: int64 keys of float32 bits above the reversed block
+    index, so ties go to the lower index; forced blocks rank first; non-candidates are -1.
+    With NUM_SPLITS > 1 (decoding), program_id(2) ranks one share of the selection blocks and writes its
+    top-BLOCK_J keys to RANKED; the shares' lists are merged afterwards (`select_blocks`).
+    """
+    R: tl.constexpr = L // STRIDE
+    M: tl.constexpr = SEL // STRIDE
+    ROWS: tl.constexpr = BLOCK_T * G_PAD
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
+    rows = tl.arange(0, ROWS)
+    token = first + rows // G_PAD
+    group = rows % G_PAD
+    row_ok = (rows // G_PAD < length) & (group < G)
+    head = kv_head * G + group
+    offset = tl.load(CMP_OFF + first).to(tl.int32)
+    pos = tl.load(POS + token, mask=row_ok, other=-1).to(tl.int32)
+    count = tl.where(pos + 1 >= L, (pos + 1 - L) // STRIDE + 1, 0)
+    tile_tokens = first + tl.arange(0, BLOCK_T)
+    t_ok = tl.arange(0, BLOCK_T) < length
+    tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1).to(tl.int32)
+    current = tile_pos // SEL  # the block holding each token
+    dq = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+                mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    local_i = tl.arange(0, BLOCK_J * M)
+    local_j = tl.arange(0, BLOCK_J)
+    halo_i = tl.arange(0, HALO) - HALO
+    TAIL_CHUNKS: tl.constexpr = BLOCK_J * M // HALO
+    carry = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
+    best = tl.full([BLOCK_T, BLOCK_J], -1, tl.int64)
+    # This split's share of the tiles of BLOCK_J selection blocks.
+    num_tiles = tl.max(current, axis=0) // BLOCK_J + 1
+    share = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_begin = tl.minimum(tl.program_id(2) * share, num_tiles)
+    tile_end = tl.minimum(tile_begin + share, num_tiles)
+    # With R > 1, a share starts one tile early: that tile only computes the carry into its first tile.
+    first_j = tile_begin * BLOCK_J
+    if R > 1:
+        if (tile_begin > 0) & (tile_begin < tile_end):
+            tile_begin -= 1
+    for tile in range(tile_begin, tile_end):
+        j0 = tile * BLOCK_J
+        j = j0 + local_j
+        # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
+        i = j0 * M + local_i
+        k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+                    mask=(i < tl.max(count, axis=0))[:, None] & (dq < D)[None, :], other=0.0)
+        p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+        p = tl.where(row_ok[:, None] & (i[None, :] < count[:, None]), p, 0.0)
+        p = tl.sum(tl.reshape(p, [BLOCK_T, G_PAD, BLOCK_J * M]), axis=1)  # Eq. 10: sum over the group
+        overlap = tl.minimum(i[:, None] + R, (j[None, :] + 1) * M) - tl.maximum(i[:, None], j[None, :] * M)
+        weights = tl.maximum(overlap, 0).to(tl.float32)  # Eq. 9, in units of d tokens
+        if BLOCK_T >= 16 and BLOCK_J >= 16:  # large tiles: on the tensor cores, in exact fp32
+            scores = tl.dot(p, weights, input_precision="ieee")
+        else:
+            scores = tl.sum(p[:, :, None] * weights[None, :, :], axis=1)  # [BLOCK_T, BLOCK_J]
+        if R > 1:
+            # Compressed blocks that start before a tile and reach into it are the previous tile's last
+            # R - 1: their share was carried over; the tail of this tile is carried to the next one.
+            scores += carry
+            tail = tl.reshape(p, [BLOCK_T, TAIL_CHUNKS, HALO])
+            tail = tl.sum(tl.where(tl.arange(0, TAIL_CHUNKS)[None, :, None] == TAIL_CHUNKS - 1, tail, 0.0), axis=1)
+            next_j0 = j0 + BLOCK_J
+            i = next_j0 * M + halo_i
+            next_j = next_j0 + local_j
+            overlap = tl.minimum(i[:, None] + R, (next_j[None, :] + 1) * M) - tl.maximum(i[:, None], next_j[None, :] * M)
+            overlap = tl.where((i >= next_j0 * M - R + 1)[:, None], tl.maximum(overlap, 0), 0)
+            carry = tl.sum(tail[:, :, None] * overlap.to(tl.float32)[None, :, :], axis=1)
+        candidate = (j[None, :] <= current[:, None]) & (j[None, :] >= first_j)
+        forced = candidate & ((j[None, :] < NUM_INIT) | (j[None, :] > current[:, None] - NUM_LOCAL))
+        bits = tl.where(forced, float("inf"), tl.maximum(scores, 0.0)).to(tl.int32, bitcast=True).to(tl.int64)
+        keys = tl.where(candidate, (bits << 32) | (2147483647 - j[None, :]).to(tl.int64), -1)
+        # Merge the best BLOCK_J of the running list and this tile by one bitonic sort of both, unless no
+        # key of the tile beats the running list's worst (most tiles, once the list has filled up).
+        if tl.max((tl.max(keys, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0) > 0:
+            merged = tl.sort(tl.reshape(tl.join(best, keys), [BLOCK_T, 2 * BLOCK_J]), dim=1, descending=True)
+            best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
+    if NUM_SPLITS == 1:
+        chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+        tl.store(OUT + tile_tokens[:, None] * stride_ot + kv_head * stride_oh + local_j[None, :], chosen,
+                 mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
+    else:  # RANKED [NUM_SPLITS, Nq, H, BLOCK_J]
+        ranked = RANKED + tl.program_id(2) * stride_rs + (tile_tokens[:, None] * tl.num_programs(1) + kv_head) * BLOCK_J
+        tl.store(ranked + local_j[None, :], best, mask=t_ok[:, None])
+
+
+def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int]:
+    """Tiles of at most `tile` consecutive queries that never cross a document: (first, length, count);
+    computed in the kernel for runs of `layout.run_length` queries (decoding)."""
+    positions = layout.positions
+    if layout.run_length is not None:
+        return positions, positions, positions.numel() // layout.run_length * triton.cdiv(layout.run_length, tile)
+    new_doc = torch.ones_like(positions, dtype=torch.bool)
+    new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
+    doc_start = torch.nonzero(new_doc).flatten()
+    doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
+    first, length, _ = _split_runs(doc_start, doc_len, tile)
+    return first.to(torch.int32), length.to(torch.int32), first.numel()
+
+
+@torch.no_grad()
+def select_blocks(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Triton version of `reference.select_blocks_varlen`: [Nq, H, n] int32, the same rule, one fused kernel.
+
+    `num_splits`: programs that share each tile's selection blocks, their top lists merged by one top-k
+    (None: enough to fill the GPU when there are few tiles, as when decoding).
+    """
+    m = pattern.select_block_size // pattern.compress_stride
+    if m & (m - 1):
+        raise ValueError("the Triton backend needs select_block_size / compress_stride to be a power of two.")
+    num_q, heads_q, dim = q.shape
+    heads_kv = k_cmp.shape[1]
+    groups = heads_q // heads_kv
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    _check_offsets(q=q, k_cmp=k_cmp)
+    n = pattern.num_selected_blocks
+    out = torch.empty(num_q, heads_kv, n, device=q.device, dtype=torch.int32)
+    if num_q == 0:
+        return out
+    r = pattern.compress_block_size // pattern.compress_stride
+    g_pad = triton.next_power_of_2(groups)
+    block_t = _tile_tokens(g_pad, layout.run_length)
+    block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
+    first, length, num_tiles = _document_tiles(layout, block_t)
+    splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
+    ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
+    _select_blocks_kernel[(num_tiles, heads_kv, splits)](
+        q, k_cmp, lse.contiguous(), layout.cmp_offsets.contiguous(), layout.positions.contiguous(), first, length, out, ranked,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
+        num_q * heads_kv * block_j, scale,
+        G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
+        STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
+        NUM_SELECTED=n, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks, NUM_SPLITS=splits,
+        RUN_LENGTH=layout.run_length or 0,
+    )
+    if splits == 1:
+        return out
+    # The top n of the union of the shares' top lists is the top n overall.
+    best = torch.topk(ranked.permute(1, 2, 0, 3).reshape(num_q, heads_kv, -1), n, dim=-1).values
+    return torch.where(best >= 0, 2**31 - 1 - (best & 0xFFFFFFFF), -1).to(torch.int32)
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float) -> Tensor:
+    """The window branch: varlen FlashAttention-2 for full passes that need gradients, else the interval kernel."""
+    if flash_window_applies(q, layout):
+        return flash_window_window_attention(q, k, v, layout, window_size, scale)
+    lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
+    return interval_attention(q, k, v, lo, layout.window_offsets + layout.positions + 1, scale, layout.run_length)[0]
