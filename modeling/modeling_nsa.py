@@ -303,11 +303,24 @@ def _leading_padding(attention_mask: Tensor) -> Tensor:
     return starts
 
 
-def _packed_boundaries(position_ids: Tensor | None, batch: int) -> Tensor | None:
-    """Document boundaries of one packed row whose `position_ids` restart at 0 (DataCollatorWithFlattening)."""
-    if position_ids is None or batch != 1 or position_ids.shape[-1] < 2 or not bool((position_ids[..., 1:] == 0).any()):
+# Index building (here and in `NsaModel._plan`) syncs with the host and has data-dependent shapes: under
+# torch.compile it would only add small graphs that recompile with every new layout, so dynamo skips it.
+@torch.compiler.disable
+def _packed_boundaries(position_ids: Tensor | None, batch: int, seq_idx: Tensor | None = None) -> Tensor | None:
+    """Document boundaries of one packed row (DataCollatorWithFlattening): where `position_ids` restart at 0,
+    else where `seq_idx` (each token's document index, `return_seq_idx=True`) changes."""
+    if batch != 1:
         return None
-    return cu_seqlens_from_position_ids(position_ids.view(1, -1))
+    if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any()):
+        return cu_seqlens_from_position_ids(position_ids.view(1, -1))
+    if seq_idx is not None and seq_idx.shape[-1] > 1:
+        # Without position_ids (`return_position_ids=False`) seq_idx is the only sign of packing: ignoring it
+        # would let every document attend to the ones before it.
+        flat = seq_idx.reshape(-1)
+        starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+        if starts.numel():
+            return torch.cat([starts.new_zeros(1), starts, starts.new_tensor([flat.numel()])])
+    return None
 
 
 class NsaModel(NsaPreTrainedModel):
@@ -328,6 +341,7 @@ class NsaModel(NsaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @torch.compiler.disable  # host-side index building, see `_packed_boundaries`
     def _plan(
         self,
         hidden_states: Tensor,
@@ -378,11 +392,13 @@ class NsaModel(NsaPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seq_lens_q: Tensor | None = None,
+        seq_idx: Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Args as in `LlamaModel.forward`. `position_ids` only signal packed documents (restarts at 0);
         RoPE positions always come from the document layout. `cu_seq_lens_q` (from
-        `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) packs documents in one row."""
+        `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) or `seq_idx` (`return_seq_idx=True`)
+        packs documents in one row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -392,7 +408,7 @@ class NsaModel(NsaPreTrainedModel):
         if past_key_values is not None and not isinstance(past_key_values, NsaCache):
             raise TypeError(f"NSA models need an `NsaCache`, got {type(past_key_values).__name__}.")
         if cu_seq_lens_q is None and attention_mask is None and past_key_values is None:
-            cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0])
+            cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0], seq_idx)
         packed = cu_seq_lens_q is not None
         if packed and (use_cache or past_key_values is not None):
             raise ValueError("packed sequences (`cu_seq_lens_q` or restarting `position_ids`) cannot use a cache.")
@@ -479,6 +495,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+            seq_idx=kwargs.get("seq_idx"),
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -1,0 +1,190 @@
+"""The example scripts in examples/, each run in-process through its `main(argv)` at its smallest size.
+
+One tiny model is pretrained once (module fixture) and then fine-tuned, evaluated and sampled, so the whole
+chain pretrain -> save_pretrained -> load works as the examples' README describes it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from nsa_hf.data import load_demo_corpus
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = ("pretrain", "finetune_lora", "generate_long", "evaluate_model")
+
+
+def load_example(name: str) -> ModuleType:
+    """Import examples/<name>.py (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"nsa_examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices gain nothing from more threads, and OpenMP threads crawl when other processes share the cores.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory) -> tuple[list[str], list[str]]:
+    """Three small training documents and one held-out document."""
+    directory = tmp_path_factory.mktemp("text")
+    corpus = load_demo_corpus()
+    paths = []
+    for index, start in enumerate((0, 700_000, 1_600_000, 3_600_000)):
+        path = directory / f"doc_{index}.txt"
+        path.write_text(corpus[start : start + 20_000], encoding="utf-8")
+        paths.append(str(path))
+    return paths[:3], paths[3:]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, text_files) -> tuple[Path, dict]:
+    """A 2-step pretraining run with padding-free packing; returns the output dir and the eval metrics."""
+    output_dir = tmp_path_factory.mktemp("pretrained")
+    train, validation = text_files
+    metrics = load_example("pretrain").main(
+        ["--train-files", *train, "--validation-files", *validation, "--output-dir", str(output_dir)]
+        + ["--vocab-size", "384", "--tokenizer-chars", "40000", "--seq-len", "128", "--batch-size", "2"]
+        + ["--max-steps", "2", "--max-eval-samples", "2", "--num-layers", "1"]
+    )
+    return output_dir, metrics
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_exits_zero(name: str, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        load_example(name).main(["--help"])
+    assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python examples/{name}.py" in out  # the epilog's example commands
+    assert "--bf16" in out and "--nsa-backend" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [
+        ("pretrain", ["--max-steps", "0"], "--max-steps must be >= 1"),
+        ("pretrain", ["--train-files", "no/such/file.txt"], "no such file"),
+        ("finetune_lora", ["--model-dir", "no/such/dir"], "holds no config.json"),
+        ("generate_long", ["--context-length", "-5"], "--context-length must be >= 1"),
+        ("evaluate_model", ["--depths", "1.5"], "--depths must lie in [0, 1]"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(name: str, argv: list[str], message: str, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        load_example(name).main(argv)
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pretrain_saves_a_loadable_model(pretrained):
+    output_dir, metrics = pretrained
+    assert {"config.json", "model.safetensors", "tokenizer.json", "eval_results.json"} <= {
+        path.name for path in output_dir.iterdir()
+    }
+    assert math.isfinite(metrics["eval_loss"]) and 1.0 < metrics["perplexity"] < 1e4
+
+    from transformers import AutoModelForCausalLM
+
+    from nsa_hf import NsaForCausalLM
+
+    assert isinstance(AutoModelForCausalLM.from_pretrained(output_dir), NsaForCausalLM)
+
+
+def test_pretrain_concat_packing(tmp_path, text_files):
+    train, _ = text_files
+    metrics = load_example("pretrain").main(
+        ["--train-files", *train, "--output-dir", str(tmp_path), "--packing", "concat", "--max-steps", "1"]
+        + ["--vocab-size", "384", "--tokenizer-chars", "40000", "--seq-len", "128", "--batch-size", "2"]
+        + ["--num-layers", "1"]
+    )
+    assert metrics == {}  # no validation files
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_bundled_corpus_is_written_as_one_file_per_novel(tmp_path):
+    train, validation = load_example("pretrain").write_bundled_corpus(tmp_path)
+    assert len(train) == 5 and len(validation) == 1
+    assert Path(validation[0]).read_text(encoding="utf-8").startswith("Persuasion")
+
+
+def test_finetune_lora_saves_adapter_and_merged_model(tmp_path, pretrained):
+    model_dir, _ = pretrained
+    result = load_example("finetune_lora").main(
+        ["--model-dir", str(model_dir), "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "2"]
+        + ["--seq-len", "64", "--max-train-samples", "8"]
+    )
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {"q_proj", "compress_k_proj", "window_v_proj"} <= set(adapter_config["target_modules"])
+    assert math.isfinite(result["train_loss"])
+    assert result["merge_max_abs_diff"] < 1e-4
+
+
+def test_generate_long_reports_times_and_cache_memory(tmp_path):
+    report_path = tmp_path / "report.json"
+    report = load_example("generate_long").main(
+        ["--context-length", "200", "--max-new-tokens", "3", "--no-warmup", "--output-json", str(report_path)]
+    )
+    assert json.loads(report_path.read_text()) == report
+    assert report["new_tokens"] == 3
+    assert report["prefill_seconds"] > 0 and report["decode_seconds_per_token_mean"] > 0
+    assert report["nsa_cache_bytes"] > 0 and report["dense_kv_cache_bytes"] > 0
+    assert 0 < report["nsa_keys_per_query"] <= report["dense_keys_per_query"] == 202
+
+
+def test_evaluate_model_writes_results_and_heatmap(tmp_path, pretrained):
+    model_dir, _ = pretrained
+    results = load_example("evaluate_model").main(
+        ["--model-dir", str(model_dir), "--output-dir", str(tmp_path), "--ppl-seq-len", "64"]
+        + ["--ppl-max-chunks", "2", "--context-lengths", "160", "200", "--depths", "0", "1", "--samples", "1"]
+    )
+    assert json.loads((tmp_path / "results.json").read_text())["model"] == str(model_dir)
+    assert (tmp_path / "passkey_retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert math.isfinite(results["perplexity"]["loss"]) and results["perplexity"]["perplexity"] > 1.0
+    passkey = results["passkey_retrieval"]
+    assert passkey["num_samples"] == 4 and 0.0 <= passkey["accuracy"] <= 1.0
+    assert set(passkey["by_context_length"]) == {160, 200} and set(passkey["by_depth"]) == {0.0, 1.0}
+    assert len(passkey["by_context_length_and_depth"]) == 4
+
+
+def test_evaluate_model_rejects_a_context_too_short_for_the_prompt(tmp_path):
+    with pytest.raises(SystemExit, match="too short"):
+        load_example("evaluate_model").main(["--output-dir", str(tmp_path), "--context-lengths", "50"])
+
+
+def test_passkey_metric_scores_the_first_number():
+    import evaluate
+
+    metric = evaluate.load(str(EXAMPLES / "metrics" / "passkey_retrieval"))
+    result = metric.compute(
+        predictions=[" 12345. Remember", "The key is 999", "no digits", " 4242"],
+        references=["12345", "12345", "777", "4242"],
+        context_lengths=[100, 100, 200, 200],
+        depths=[0.0, 1.0, 0.0, 1.0],
+    )
+    assert result["accuracy"] == 0.5
+    assert result["by_context_length"] == {100: 0.5, 200: 0.5}
+    assert result["by_depth"] == {0.0: 0.5, 1.0: 0.5}
+    assert {(c["context_length"], c["depth"]): c["accuracy"] for c in result["by_context_length_and_depth"]} == {
+        (100, 0.0): 1.0,
+        (100, 1.0): 0.0,
+        (200, 0.0): 0.0,
+        (200, 1.0): 1.0,
+    }
