@@ -341,6 +341,13 @@ class _IntervalAttention(torch.autograd.Function):
         block_t = _tile_tokens(g_pad, run_length)
         q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
         _check_offsets(q=q, k=k, v=v)
+        ctx.no_keys = k.shape[0] == 0
+        if ctx.no_keys:
+            # An empty store (every document shorter than a compressed block): no query sees a key. The kernels
+            # never get an empty tensor: measured on the H200, its null pointer faults even behind masks.
+            ctx.mark_non_differentiable(lse := q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32))
+            ctx.shapes = (k.shape, v.shape)
+            return q.new_zeros(num_q, heads_q, dim_v), lse
         tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length)
         splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
@@ -360,6 +367,10 @@ class _IntervalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do: Tensor, _dlse: Tensor):
+        if ctx.no_keys:
+            k_shape, v_shape = ctx.shapes
+            dq = do.new_zeros(do.shape[0], do.shape[1], k_shape[2])
+            return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None
         q, k, v, lo, hi, tile_first, tile_len, o, lse = ctx.saved_tensors
         num_q, heads_q, dim = q.shape
         num_k, heads_kv, dim_v = v.shape
@@ -765,6 +776,8 @@ def select_blocks(
     groups = heads_q // heads_kv
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
     _check_offsets(q=q, k_cmp=k_cmp)
+    if k_cmp.shape[0] == 0:  # no compressed block yet: every score is 0; a one-row store keeps the pointer valid
+        k_cmp = k_cmp.new_zeros(1, *k_cmp.shape[1:])
     n = pattern.num_selected_blocks
     out = torch.empty(num_q, heads_kv, n, device=q.device, dtype=torch.int32)
     if num_q == 0:

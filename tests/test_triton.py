@@ -37,11 +37,15 @@ def reference_grads(fn, inputs, grad_out):
     upcast = [x.detach().float().requires_grad_() for x in inputs]
     out = fn(*upcast)
     out = out[0] if isinstance(out, tuple) else out
-    return out, torch.autograd.grad(out, upcast, grad_out.float())
+    # An input the reference never reads (an empty store) gets a zero gradient.
+    return out, torch.autograd.grad(out, upcast, grad_out.float(), allow_unused=True, materialize_grads=True)
 
 
 def assert_close_rel(actual, expected, dtype, name):
     actual, expected = actual.float(), expected.float()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
     scale = expected.abs().max().clamp(min=1.0)
     tol = tolerance(dtype)
     err = (actual - expected).abs().max() / scale
@@ -264,3 +268,32 @@ def test_tensors_past_int32_offsets_are_refused_by_name():
     huge = torch.empty(1).expand(2**31 + 1)  # no memory behind it
     with pytest.raises(ValueError, match="`k_cmp` has 2147483649"):
         triton_kernels._check_offsets(q=torch.empty(1), k_cmp=huge)
+
+
+def test_documents_shorter_than_a_compressed_block_have_an_empty_store():
+    """All documents shorter than l: the compressed store is empty; outputs, gradients and selection still
+    follow the reference (the kernels never receive the empty tensor)."""
+    torch.manual_seed(5)
+    dtype = DTYPES[0]
+    pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    layout, blocks = pack_layout([2, 5, 1], pattern.compress_block_size, pattern.compress_stride)
+    assert blocks.token_starts.numel() == 0
+    heads_q, heads_kv, dim = (12, 2, 64) if CUDA else (4, 2, 16)
+    total = layout.positions.numel()
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
+
+    inputs = [rand(total, heads_q, dim), rand(0, heads_kv, dim), rand(0, heads_kv, dim)]
+    inputs += [rand(total, heads_kv, dim) for _ in range(4)]
+    inputs.append(torch.rand(total, heads_q, 3, device=DEVICE, dtype=dtype).requires_grad_())
+    fast = resolve_backend("triton", torch.device(DEVICE))(*inputs, layout, pattern, dim**-0.5)
+    grad_out = torch.randn_like(fast)
+    grads = torch.autograd.grad(fast, inputs, grad_out)
+    out_ref, grads_ref = reference_grads(
+        lambda *x: reference.nsa_attention_varlen(*x, layout, pattern, dim**-0.5), inputs, grad_out
+    )
+    assert_close_rel(fast, out_ref, dtype, "o")
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert g.shape == g_ref.shape
+        assert_close_rel(g, g_ref, dtype, f"grad {i}")
