@@ -61,7 +61,8 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
     chosen = name
     if name == "auto":
         chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
-        _announce(name, chosen, device.type)
+        if not torch.compiler.is_compiling():  # dynamo cannot trace logging inside functools.cache
+            _announce(name, chosen, device.type)
     return _compiled_around(chosen)
 
 
