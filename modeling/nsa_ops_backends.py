@@ -72,8 +72,12 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
     return _compiled_around(chosen)
 
 
-@functools.cache
+_BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache
+
+
 def _compiled_around(name: str) -> NsaBackend:
     """The backend as one opaque call to torch.compile: its index building is data dependent and its
     Triton kernels launch from custom autograd Functions, so dynamo compiles the model around it."""
-    return torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=_primitives(name)))
+    if name not in _BUILT:
+        _BUILT[name] = torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=_primitives(name)))
+    return _BUILT[name]
