@@ -188,3 +188,19 @@ def test_passkey_metric_scores_the_first_number():
         (200, 0.0): 0.0,
         (200, 1.0): 1.0,
     }
+
+
+def test_distributed_pretrain_runs_agree_and_compare_reports_them(tmp_path):
+    """Two runs with the same global batch log the same losses; --compare reports their difference and speedup."""
+    script = load_example("distributed_pretrain")
+    tiny = ["--steps", "2", "--seq-len", "64", "--hidden-size", "32", "--intermediate-size", "64", "--layers", "1",
+            "--heads", "2", "--kv-heads", "1", "--window-size", "32", "--num-selected-blocks", "3", "--vocab-size", "300"]
+    for name in ("a", "b"):
+        script.main([*tiny, "--output-dir", str(tmp_path / name)])
+    record = json.loads((tmp_path / "a" / "losses.json").read_text())
+    assert record["global_batch"] == 2 and len(record["losses"]) == 2 and all(math.isfinite(x) for x in record["losses"])
+    report = script.compare([tmp_path / "a", tmp_path / "b"])
+    assert report["runs"][0]["max_abs_loss_diff"] < 1e-5
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
