@@ -24,10 +24,10 @@ import evaluate
 import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import build_model, build_tokenizer, evaluate_loss
+from nsa_hf.demo import evaluate_loss, load_model
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "passkey_retrieval"
 PREFIX = (
@@ -112,20 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.context_lengths = sorted(set(args.context_lengths))
     args.depths = sorted(set(args.depths))
     return args
-
-
-def load_model(model_dir: str | None, nsa_backend: str, bf16: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The saved model and tokenizer in `model_dir`, or a tiny random model with a BPE tokenizer."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if model_dir:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, nsa_backend=nsa_backend)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    else:
-        tokenizer = build_tokenizer(load_demo_corpus()[:200_000], vocab_size=1024)
-        model = build_model(tokenizer, seq_len=2048).to(dtype)
-        model.config.nsa_backend = nsa_backend
-    return model.to(device).eval(), tokenizer
 
 
 def perplexity(model: PreTrainedModel, ids: torch.Tensor, seq_len: int, max_chunks: int, batch_size: int) -> dict:

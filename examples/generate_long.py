@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 from transformers.generation.streamers import BaseStreamer
 
 from nsa_hf import NsaCache, NsaConfig
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import build_model, build_tokenizer
+from nsa_hf.demo import load_model
 
 EPILOG = """\
 examples:
@@ -97,20 +97,6 @@ class TimingStreamer(BaseStreamer):
 
     def end(self) -> None:
         self.bar.close()
-
-
-def load_model(model_dir: str | None, nsa_backend: str, bf16: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The saved model and tokenizer in `model_dir`, or a tiny random model with a BPE tokenizer."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if model_dir:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, nsa_backend=nsa_backend)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    else:
-        tokenizer = build_tokenizer(load_demo_corpus()[:200_000], vocab_size=1024)
-        model = build_model(tokenizer, seq_len=2048).to(dtype)
-        model.config.nsa_backend = nsa_backend
-    return model.to(device).eval(), tokenizer
 
 
 def long_prompt(tokenizer: PreTrainedTokenizerBase, text: str, length: int) -> torch.Tensor:

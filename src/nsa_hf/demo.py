@@ -30,7 +30,7 @@ from .configuration_nsa import NsaConfig
 from .data import load_demo_corpus
 from .modeling_nsa import NsaForCausalLM
 
-__all__ = ["DemoResult", "build_model", "build_tokenizer", "evaluate_loss", "format_report", "run_demo"]
+__all__ = ["DemoResult", "build_model", "build_tokenizer", "evaluate_loss", "format_report", "load_model", "run_demo"]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -150,6 +150,23 @@ def build_model(tokenizer, seq_len: int, num_layers: int = 2, seed: int = 0) -> 
 
 
 @torch.no_grad()
+def load_model(model_dir: str | None, nsa_backend: str = "auto", bf16: bool = False):
+    """The saved model and tokenizer in `model_dir` (on CUDA when available, in eval mode), or, without a
+    `model_dir`, a tiny random model with a BPE tokenizer trained on the corpus: the examples' smoke runs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if model_dir:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, nsa_backend=nsa_backend)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        tokenizer = build_tokenizer(load_demo_corpus()[:200_000], vocab_size=1024)
+        model = build_model(tokenizer, seq_len=2048).to(dtype)
+        model.config.nsa_backend = nsa_backend
+    return model.to(device).eval(), tokenizer
+
+
 def evaluate_loss(model: NsaForCausalLM, chunks: Tensor, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats per predicted token) of `model` over `chunks` [N, T]."""
     was_training = model.training
