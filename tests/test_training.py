@@ -104,6 +104,26 @@ def test_flattened_batch_matches_documents_one_by_one(packing_case, collator_kwa
     assert not torch.allclose(unpacked, expected_loss, rtol=1e-4, atol=1e-4)
 
 
+def test_packed_rows_in_a_batch_match_documents_one_by_one(packing_case):
+    """Several packed rows ([B > 1, T], position_ids restarting inside each row): every row start and every
+    restart is a document boundary."""
+    model, _, _, _ = packing_case
+    row_docs = [[5, 41, 24], [70], [1, 30, 39]]
+    docs = random_docs([n for row in row_docs for n in row], model.config.vocab_size, seed=3)
+    rows, position_ids, labels, used = [], [], [], 0
+    for lengths in row_docs:
+        row = docs[used : used + len(lengths)]
+        used += len(lengths)
+        rows.append(torch.cat(row))
+        position_ids.append(torch.cat([torch.arange(len(doc)) for doc in row]))
+        labels.append(torch.cat([torch.cat([torch.tensor([-100]), doc[1:]]) for doc in row]))
+    batch = dict(input_ids=torch.stack(rows), position_ids=torch.stack(position_ids), labels=torch.stack(labels))
+    loss, grads = loss_and_grads(model, **batch, use_cache=False)
+    expected_loss, expected_grads = loss_and_grads_one_by_one(model, docs)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, expected_grads)
+
+
 def test_right_padded_batch_matches_rows_one_by_one():
     model = make_model(tiny_config()).train()
     lengths = [50, 7, 33, 1]

@@ -358,20 +358,23 @@ def _leading_padding(attention_mask: Tensor) -> Tensor:
 # torch.compile it would only add small graphs that recompile with every new layout, so dynamo skips it.
 @torch.compiler.disable
 def _packed_boundaries(position_ids: Tensor | None, batch: int, seq_idx: Tensor | None = None) -> Tensor | None:
-    """Document boundaries of one packed row (DataCollatorWithFlattening): where `position_ids` restart at 0,
-    else where `seq_idx` (each token's document index, `return_seq_idx=True`) changes."""
-    if batch != 1:
-        return None
+    """Document boundaries over the flattened [B, T] tokens of packed rows: every row start, and wherever
+    `position_ids` restart at 0 inside a row (DataCollatorWithFlattening) or, without such position_ids, wherever
+    `seq_idx` (each token's document index, `return_seq_idx=True`) changes. None when no row is packed."""
     if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any()):
-        return cu_seqlens_from_position_ids(position_ids.view(1, -1))
-    if seq_idx is not None and seq_idx.shape[-1] > 1:
+        positions = position_ids.expand(batch, -1)
+        starts = positions == 0
+    elif seq_idx is not None and seq_idx.shape[-1] > 1 and bool((seq_idx[..., 1:] != seq_idx[..., :-1]).any()):
         # Without position_ids (`return_position_ids=False`) seq_idx is the only sign of packing: ignoring it
         # would let every document attend to the ones before it.
-        flat = seq_idx.reshape(-1)
-        starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
-        if starts.numel():
-            return torch.cat([starts.new_zeros(1), starts, starts.new_tensor([flat.numel()])])
-    return None
+        documents = seq_idx.expand(batch, -1)
+        starts = torch.ones_like(documents, dtype=torch.bool)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    else:
+        return None
+    starts[:, 0] = True  # rows never share a document
+    flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([flat_starts, flat_starts.new_tensor([starts.numel()])])
 
 
 class NsaModel(NsaPreTrainedModel):
@@ -416,15 +419,13 @@ class NsaModel(NsaPreTrainedModel):
             cos, sin = self.rotary_emb(hidden_states, positions.clamp(min=0))
             return NsaForwardPlan(cos, sin, self.rotary_emb, doc_starts=doc_starts)
 
-        if cu_seqlens is not None:
-            if batch != 1:
-                raise ValueError(f"packed sequences (`cu_seq_lens_q`) need batch size 1, got {batch}.")
-        elif attention_mask is not None:
+        # Packed boundaries cover the flattened batch; from_cu_seqlens checks they end at its B * T tokens.
+        if cu_seqlens is None and attention_mask is not None:
             cu_seqlens = cu_seqlens_from_left_padding(_leading_padding(attention_mask).to(device), seq_len)
-        else:
+        elif cu_seqlens is None:
             cu_seqlens = torch.arange(batch + 1, device=device) * seq_len
         layout, blocks = QueryLayout.from_cu_seqlens(
-            cu_seqlens.to(device), self.config.compress_block_size, self.config.compress_stride
+            cu_seqlens.to(device), self.config.compress_block_size, self.config.compress_stride, batch * seq_len
         )
         cos, sin = self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len))
         block_cos, block_sin = self.rotary_emb(hidden_states, blocks.positions[None])
