@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 import torch
-import triton
 import torch.nn.functional as F
+import triton
 
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .nsa_ops_layout import QueryLayout, cu_seqlens_from_batch
 
-__all__ = ["gather_blocks", "compress_blocks", "mean_compress"]
+__all__ = ["compress_blocks", "gather_blocks", "mean_compress"]
 
 
 def gather_blocks(x: Tensor, token_starts: Tensor, block_size: int) -> Tensor:

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SparsePattern",
-    "QueryLayout",
     "CompressionBlocks",
-    "num_compressed_blocks",
+    "QueryLayout",
+    "SparsePattern",
     "cu_seqlens_from_batch",
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
+    "num_compressed_blocks",
 ]
 
 

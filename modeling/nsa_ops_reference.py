@@ -16,7 +16,8 @@ Two entry levels:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +27,18 @@ from torch.utils.checkpoint import checkpoint
 from .nsa_ops_layout import QueryLayout, SparsePattern, cu_seqlens_from_batch, num_compressed_blocks
 
 __all__ = [
-    "compressed_attention",
-    "select_blocks",
-    "selection_attention",
-    "sliding_window_attention",
-    "nsa_attention",
-    "interval_attention",
     "block_attention",
+    "compressed_attention",
     "compressed_attention_varlen",
-    "select_blocks_varlen",
-    "selection_attention_varlen",
-    "sliding_window_attention_varlen",
+    "interval_attention",
+    "nsa_attention",
     "nsa_attention_varlen",
+    "select_blocks",
+    "select_blocks_varlen",
+    "selection_attention",
+    "selection_attention_varlen",
+    "sliding_window_attention",
+    "sliding_window_attention_varlen",
 ]
 
 # float32 elements in one chunk's score tensor: a constant, so peak memory does not grow with T

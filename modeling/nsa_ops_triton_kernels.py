@@ -34,7 +34,7 @@ from torch import Tensor
 from .nsa_ops_flash_window import applies as flash_window_applies, window_attention as flash_window_window_attention
 from .nsa_ops_layout import QueryLayout, SparsePattern
 
-__all__ = ["interval_attention", "block_attention", "select_blocks", "window_attention"]
+__all__ = ["block_attention", "interval_attention", "select_blocks", "window_attention"]
 
 
 def _pow2(x: int, minimum: int = 16) -> int:

@@ -195,7 +195,7 @@ def test_cache_memory_at_32k_is_close_to_a_dense_kv_cache():
     cache = NsaCache(config)
     heads, dim, length = config.num_key_value_heads, config.head_dim, 32768
     kv = [torch.randn(1, length, heads, dim, dtype=torch.bfloat16) for _ in range(6)]
-    mean = lambda k, v, positions: (k.mean(-3), v.mean(-3))  # noqa: E731
+    mean = lambda k, v, positions: (k.mean(-3), v.mean(-3))
     cache.layers[0].update_nsa(*kv, compress=mean)
     for _ in range(3):
         cache.layers[0].update_nsa(*(t[:, :1] for t in kv), compress=mean)

@@ -169,7 +169,7 @@ def test_compressed_attention_sequence_shorter_than_block(T, l, d):
 
 def test_num_compressed_blocks_matches_brute_force():
     for l, d in [(32, 16), (64, 64), (8, 4), (12, 4)]:
-        for length in range(0, 3 * l + 5):
+        for length in range(3 * l + 5):
             assert num_compressed_blocks(length, l, d) == num_blocks_brute(length, l, d)
         lengths = torch.arange(0, 3 * l + 5)
         expected = torch.tensor([num_blocks_brute(int(x), l, d) for x in lengths])
@@ -501,7 +501,7 @@ class _LargestStorage(TorchDispatchMode):
 
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.MULTILINE).group(1))
 
 
 def _reset_peak_rss() -> bool:

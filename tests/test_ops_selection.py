@@ -125,7 +125,7 @@ def _select(q, k_cmp, l, d, lp, n, init, local, scale=None, cu_seqlens=None):
 def test_oracle_overlap_weights_are_the_papers():
     # l=32, d=16, l'=64: block j gets 1,2,2,2,1 from compressed blocks 4j-1 .. 4j+3, nothing else
     for j in range(1, 5):
-        weights = {i: overlap_weight(i, j, 32, 16, 64) for i in range(0, 4 * j + 8)}
+        weights = {i: overlap_weight(i, j, 32, 16, 64) for i in range(4 * j + 8)}
         assert {i: w for i, w in weights.items() if w} == {4 * j - 1: 1, 4 * j: 2, 4 * j + 1: 2, 4 * j + 2: 2, 4 * j + 3: 1}
     # l = d = l': identity
     for i in range(6):

@@ -13,13 +13,15 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from nsa_hf import NsaCache  # noqa: E402
-from nsa_hf.ops import reference  # noqa: E402
-from nsa_hf.ops import triton_kernels  # noqa: E402
-from nsa_hf.ops.backends import resolve_backend  # noqa: E402
-from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks  # noqa: E402
+from nsa_hf import NsaCache
+from nsa_hf.ops import (
+    reference,
+    triton_kernels,
+)
+from nsa_hf.ops.backends import resolve_backend
+from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
 
-from .factories import make_model, tiny_config  # noqa: E402
+from .factories import make_model, tiny_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -26,11 +26,11 @@ from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
 from .ops.backends import resolve_backend
 from .ops.compression import gather_blocks
-from .ops.layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids
+from .ops.layout import QueryLayout, cu_seqlens_from_left_padding
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["NsaPreTrainedModel", "NsaModel", "NsaForCausalLM"]
+__all__ = ["NsaForCausalLM", "NsaModel", "NsaPreTrainedModel"]
 
 
 class NsaRMSNorm(nn.Module):

@@ -25,15 +25,15 @@ from .reference import (
 
 __all__ = [
     "CompressionBlocks",
-    "compress_blocks",
-    "gather_blocks",
-    "mean_compress",
     "QueryLayout",
     "SparsePattern",
+    "compress_blocks",
     "compressed_attention",
     "cu_seqlens_from_batch",
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
+    "gather_blocks",
+    "mean_compress",
     "nsa_attention",
     "num_compressed_blocks",
     "select_blocks",

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import flash_window
 from .layout import QueryLayout, SparsePattern
 
-__all__ = ["interval_attention", "block_attention", "select_blocks", "window_attention"]
+__all__ = ["block_attention", "interval_attention", "select_blocks", "window_attention"]
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
