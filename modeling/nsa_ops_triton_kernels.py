@@ -548,7 +548,7 @@ def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor,
 
 def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int):
     """Invert the selection: for each (key head, selected block), the queries that read it, in pieces."""
-    num_q, heads_kv, slots = block_starts.shape
+    num_q, heads_kv, _ = block_starts.shape
     heads = torch.arange(heads_kv, device=block_starts.device)[None, :, None]
     tokens = torch.arange(num_q, device=block_starts.device)[:, None, None]
     valid = block_starts >= 0
@@ -695,7 +695,7 @@ def _select_blocks_kernel(
     tile_end = tl.minimum(tile_begin + share, num_tiles)
     # With R > 1, a share starts one tile early: that tile only computes the carry into its first tile.
     first_j = tile_begin * BLOCK_J
-    if R > 1:
+    if R > 1:  # a compile-time branch: nested, not joined with the runtime condition
         if (tile_begin > 0) & (tile_begin < tile_end):
             tile_begin -= 1
     for tile in range(tile_begin, tile_end):
