@@ -12,6 +12,8 @@ from .factories import make_model, tiny_config
 
 
 def decode_in_chunks(model: NsaForCausalLM, input_ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    if sum(sizes) != input_ids.shape[1]:
+        raise ValueError(f"chunk sizes {sizes} do not cover the {input_ids.shape[1]} tokens")
     cache = NsaCache(model.config)
     logits, start = [], 0
     with torch.no_grad():
@@ -19,7 +21,6 @@ def decode_in_chunks(model: NsaForCausalLM, input_ids: torch.Tensor, sizes: list
             chunk = input_ids[:, start : start + size]
             logits.append(model(chunk, past_key_values=cache, use_cache=True).logits)
             start += size
-        assert start == input_ids.shape[1]
         assert cache.get_seq_length() == start
     return torch.cat(logits, dim=1)
 
