@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-from nsa_hf import NsaForCausalLM
+from nsa_hf import NsaCache, NsaForCausalLM
 
 from .factories import make_model, tiny_config
 
@@ -122,6 +122,14 @@ def test_packed_rows_in_a_batch_match_documents_one_by_one(packing_case):
     expected_loss, expected_grads = loss_and_grads_one_by_one(model, docs)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads, expected_grads)
+
+
+def test_activation_checkpointing_with_a_cache_is_refused_by_name():
+    model = make_model(tiny_config()).train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    with pytest.raises(ValueError, match="past_key_values"):
+        model(ids, labels=ids, past_key_values=NsaCache(model.config))
 
 
 def test_right_padded_batch_matches_rows_one_by_one():

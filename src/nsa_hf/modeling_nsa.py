@@ -468,6 +468,11 @@ class NsaModel(NsaPreTrainedModel):
             use_cache = self.config.use_cache and not self.training and not packed
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
+        if self.gradient_checkpointing and self.training and past_key_values is not None and torch.is_grad_enabled():
+            raise ValueError(
+                "activation checkpointing recomputes every layer in the backward pass, which would write "
+                "`past_key_values` a second time: train without a cache (use_cache=False) or without checkpointing."
+            )
         if use_cache and past_key_values is None:
             past_key_values = NsaCache(self.config)
         cache = past_key_values if use_cache or past_key_values is not None else None
