@@ -22,6 +22,7 @@ __all__ = [
     "cu_seqlens_from_batch",
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
+    "cu_seqlens_from_seq_idx",
     "num_compressed_blocks",
 ]
 
@@ -85,15 +86,28 @@ def cu_seqlens_from_left_padding(pad_lengths: Tensor, seq_len: int) -> Tensor:
     return torch.unique(bounds)  # sorted; drops the empty padding documents of unpadded rows
 
 
+def _boundaries(starts: Tensor) -> Tensor:
+    """cu_seqlens over the flattened [B, T] tokens from a mask of document starts; every row starts one."""
+    starts = starts.clone()
+    starts[:, 0] = True  # rows never share a document
+    flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([flat_starts, flat_starts.new_tensor([starts.numel()])]).long()
+
+
 def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
-    """Boundaries of packed documents in one row whose positions restart at 0 (DataCollatorWithFlattening)."""
-    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
-        raise ValueError(f"packed `position_ids` must have shape [1, T], got {tuple(position_ids.shape)}.")
-    flat = position_ids[0]
-    starts = torch.nonzero(flat == 0).flatten()
-    if starts.numel() == 0 or starts[0] != 0:
-        starts = torch.cat([starts.new_zeros(1), starts])
-    return torch.cat([starts, starts.new_tensor([flat.numel()])]).long()
+    """Boundaries of packed documents in [B, T] rows whose positions restart at 0 (DataCollatorWithFlattening)."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"packed `position_ids` must have shape [B, T], got {tuple(position_ids.shape)}.")
+    return _boundaries(position_ids == 0)
+
+
+def cu_seqlens_from_seq_idx(seq_idx: Tensor) -> Tensor:
+    """Boundaries of packed documents in [B, T] rows from each token's document index (`return_seq_idx=True`)."""
+    if seq_idx.dim() != 2:
+        raise ValueError(f"packed `seq_idx` must have shape [B, T], got {tuple(seq_idx.shape)}.")
+    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return _boundaries(starts)
 
 
 def _validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None) -> None:

@@ -26,7 +26,7 @@ from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
 from .ops.backends import resolve_backend
 from .ops.compression import gather_blocks
-from .ops.layout import QueryLayout, cu_seqlens_from_left_padding
+from .ops.layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids, cu_seqlens_from_seq_idx
 
 logger = logging.get_logger(__name__)
 
@@ -362,19 +362,12 @@ def _packed_boundaries(position_ids: Tensor | None, batch: int, seq_idx: Tensor 
     `position_ids` restart at 0 inside a row (DataCollatorWithFlattening) or, without such position_ids, wherever
     `seq_idx` (each token's document index, `return_seq_idx=True`) changes. None when no row is packed."""
     if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any()):
-        positions = position_ids.expand(batch, -1)
-        starts = positions == 0
-    elif seq_idx is not None and seq_idx.shape[-1] > 1 and bool((seq_idx[..., 1:] != seq_idx[..., :-1]).any()):
+        return cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
+    if seq_idx is not None and seq_idx.shape[-1] > 1 and bool((seq_idx[..., 1:] != seq_idx[..., :-1]).any()):
         # Without position_ids (`return_position_ids=False`) seq_idx is the only sign of packing: ignoring it
         # would let every document attend to the ones before it.
-        documents = seq_idx.expand(batch, -1)
-        starts = torch.ones_like(documents, dtype=torch.bool)
-        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    else:
-        return None
-    starts[:, 0] = True  # rows never share a document
-    flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
-    return torch.cat([flat_starts, flat_starts.new_tensor([starts.numel()])])
+        return cu_seqlens_from_seq_idx(seq_idx.expand(batch, -1))
+    return None
 
 
 class NsaModel(NsaPreTrainedModel):

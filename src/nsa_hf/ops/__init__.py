@@ -13,6 +13,7 @@ from .layout import (
     cu_seqlens_from_batch,
     cu_seqlens_from_left_padding,
     cu_seqlens_from_position_ids,
+    cu_seqlens_from_seq_idx,
     num_compressed_blocks,
 )
 from .reference import (
@@ -32,6 +33,7 @@ __all__ = [
     "cu_seqlens_from_batch",
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
+    "cu_seqlens_from_seq_idx",
     "gather_blocks",
     "mean_compress",
     "nsa_attention",
