@@ -33,7 +33,9 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms / 1e6  # GB/s, read + write
 
 
-def measure(shape: str, context: int, batch: int) -> dict:
+def decode_step(shape: str, context: int, batch: int):
+    """One decoding step over an NsaCache-shaped store (random K/V, every row at `context` tokens):
+    the step as a closure, and the tensors dense decode reads."""
     heads_q, heads_kv, dim = SHAPES[shape]
     dtype, device = torch.bfloat16, "cuda"
     n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
@@ -53,6 +55,13 @@ def measure(shape: str, context: int, batch: int) -> dict:
     def step():
         return nsa(q, k_cmp, v_cmp, k, v, k, v, gates, layout, PATTERN, dim**-0.5)
 
+    return step, q, k, v
+
+
+def measure(shape: str, context: int, batch: int) -> dict:
+    heads_q, heads_kv, dim = SHAPES[shape]
+    n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
+    step, q, k, v = decode_step(shape, context, batch)
     nsa_ms = triton.testing.do_bench(step, return_mode="median")
     # The same step captured in a CUDA graph: kernel time without launch overhead (capture also proves
     # the decoding path has no host sync).
@@ -79,23 +88,12 @@ def measure(shape: str, context: int, batch: int) -> dict:
 
 def profile_step(shape: str, context: int, batch: int) -> str:
     """Kernel-by-kernel CUDA time of one eager decode step (torch.profiler), as a table."""
-    heads_q, heads_kv, dim = SHAPES[shape]
-    n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
-    rows = torch.arange(batch, device="cuda")
-    layout = QueryLayout(
-        positions=torch.full((batch,), context - 1, device="cuda"),
-        key_offsets=rows * context, cmp_offsets=rows * n_cmp, window_offsets=rows * context, run_length=1,
-    )
-    q = torch.randn(batch, heads_q, dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(batch * context, heads_kv, dim, device="cuda", dtype=torch.bfloat16)
-    k_cmp = torch.randn(batch * n_cmp, heads_kv, dim, device="cuda", dtype=torch.bfloat16)
-    gates = torch.rand(batch, heads_q, 3, device="cuda", dtype=torch.bfloat16)
-    nsa = resolve_backend("triton", torch.device("cuda"))
+    step, *_ = decode_step(shape, context, batch)
     for _ in range(3):
-        nsa(q, k_cmp, k_cmp, k, k, k, k, gates, layout, PATTERN, dim**-0.5)
+        step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        nsa(q, k_cmp, k_cmp, k, k, k, k, gates, layout, PATTERN, dim**-0.5)
+        step()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
 
