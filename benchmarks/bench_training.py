@@ -6,7 +6,8 @@ Both models (hidden 768, 12 layers, 12 heads, 2 KV heads, head dim 64, MLP 2048,
 with the same loop: fp32 master weights, bf16 autocast, fused AdamW, about `--tokens-per-step` tokens
 per step (batch = tokens / length). NSA runs its Triton backend (l=32, d=16, l'=64, n=16, w=512); Llama
 runs `LlamaForCausalLM` with SDPA. Reports tokens/s (median of timed steps after warm-up), peak
-memory, and the NSA / Llama ratio; `--compile` adds `torch.compile(model)` rows at the first length.
+memory, and the NSA / Llama ratio; `--compile` adds `torch.compile(model)` rows at the first length;
+`--profile` adds, per row, the GPU kernels that take the most time in one step (`training_profile.txt`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,21 @@ def build(kind: str, length: int) -> torch.nn.Module:
     return model.cuda().train()
 
 
-def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: bool) -> dict:
+def kernel_table(profiler: torch.profiler.profile, rows: int = 25) -> str:
+    """The GPU kernels of a profiled step, most time first: total ms, calls, name."""
+    totals: dict[str, list[float]] = {}
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time_total / 1e3
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    lines = [f"{ms:9.2f} ms {calls:6d}x  {name[:110]}" for name, (ms, calls) in ranked[:rows]]
+    return "\n".join([f"{sum(ms for ms, _ in totals.values()):9.2f} ms total GPU time", *lines])
+
+
+def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: bool,
+            profile: bool = False) -> dict:
     model = build(kind, length)
     step_model = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
@@ -64,6 +79,14 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
         if step >= warmup:
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
     seconds = statistics.median(times)
     row = {
         "model": kind, "length": length, "batch": batch, "compile": compile,
@@ -71,6 +94,8 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
         "step_s": seconds, "tokens_per_s": batch * length / seconds,
         "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": losses[-1],
     }
+    if profile:
+        row["profile"] = kernel_table(profiler)
     del model, step_model, optimizer
     torch.cuda.empty_cache()
     return row
@@ -84,6 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row (after --warmup)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows at the first length")
+    parser.add_argument("--profile", action="store_true", help="write each row's top GPU kernels of one step")
     parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -95,12 +121,16 @@ def main() -> None:
     rows = []
     for kind, length, compile in runs:
         try:
-            row = measure(kind, length, args.tokens_per_step, args.steps, args.warmup, compile)
+            row = measure(kind, length, args.tokens_per_step, args.steps, args.warmup, compile, args.profile)
         except Exception as error:  # noqa: BLE001 - a failed row is reported, the others still run
             row = {"model": kind, "length": length, "compile": compile, "error": f"{type(error).__name__}: {error}"[:500]}
             torch.cuda.empty_cache()
+        profile = row.pop("profile", None)
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if profile:
+            with open(args.out / "training_profile.txt", "a") as file:
+                file.write(f"## {kind} length {length} compile {compile}\n{profile}\n\n")
     ratios = {}
     for row in rows:
         dense = next((r for r in rows if r["model"] == "llama" and r["length"] == row["length"]

@@ -10,7 +10,7 @@ incremental decoding (stores = the cache), without any per-case code in the kern
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -146,6 +146,9 @@ class QueryLayout:
     cmp_offsets: Tensor  # [Nq] int64
     window_offsets: Tensor  # [Nq] int64
     run_length: int | None = None  # decoding: each row contributes this many consecutive queries (a tiling hint)
+    # Index work that backends derive from the layout alone (query tiles, document bounds), kept here so that
+    # the layers of one forward pass share it instead of each paying its host sync. Keyed by the backend.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_cu_seqlens(

@@ -103,13 +103,15 @@ def _check_gqa(q: Tensor, k: Tensor, name: str = "k") -> int:
 
 
 def interval_attention(
-    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
+    memo: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each query i attends to the contiguous keys [lo[i], hi[i]) of a flat store.
 
     q [Nq, HQ, D], k [Nk, H, D], v [Nk, H, Dv], lo/hi [Nq] -> (o [Nq, HQ, Dv] in q's dtype, lse [Nq, HQ] fp32).
     Serves the sliding window and the compressed branch: a chunk of queries reads one slice of keys.
-    `run_length` (queries per row when decoding) is a tiling hint for fast backends; unused here.
+    `run_length` (queries per row when decoding) is a tiling hint for fast backends, and `memo` a dict where
+    they may keep index work shared by calls with the same lo and hi; both unused here.
     """
     num_q, heads_q, _ = q.shape
     heads_kv = k.shape[1]
@@ -273,7 +275,7 @@ def select_blocks_varlen(
 class Primitives(NamedTuple):
     """What a backend provides; index building, the top-n rule and the gates are shared code."""
 
-    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale) -> (o, lse)
+    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length, memo=) -> (o, lse)
     block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
     select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
     window: Callable[..., Tensor] | None = None  # (q, k, v, layout, window_size, scale) -> o; None: interval
@@ -289,7 +291,8 @@ def compressed_attention_varlen(
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
     _check_gqa(q, k_cmp, "k_cmp")
     counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
-    return primitives.interval(q, k_cmp, v_cmp, layout.cmp_offsets, layout.cmp_offsets + counts, scale, layout.run_length)
+    lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
+    return primitives.interval(q, k_cmp, v_cmp, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("compressed", {}))
 
 
 def selection_attention_varlen(
@@ -312,7 +315,7 @@ def sliding_window_attention_varlen(
         return primitives.window(q, k, v, layout, window_size, scale)
     own = layout.window_offsets + layout.positions
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
-    return primitives.interval(q, k, v, lo, own + 1, scale, layout.run_length)[0]
+    return primitives.interval(q, k, v, lo, own + 1, scale, layout.run_length, memo=layout.memo.setdefault("window", {}))[0]
 
 
 def nsa_attention_varlen(

@@ -130,11 +130,11 @@ def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, st
 
 @triton.jit
 def _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv):
-    """Accumulate one tile of query rows into a key tile's dk (unscaled) and dv."""
+    """Accumulate one tile of query rows into a key tile's dk (unscaled) and dv; also returns the tile's dS."""
     p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
     dv += tl.dot(tl.trans(p).to(do.dtype), do)
     ds = tl.where(valid, p * (tl.dot(do, tl.trans(v)) - delta[:, None]), 0.0)
-    return dk + tl.dot(tl.trans(ds).to(q.dtype), q), dv
+    return dk + tl.dot(tl.trans(ds).to(q.dtype), q), dv, ds
 
 
 @triton.jit
@@ -181,22 +181,28 @@ def _interval_fwd_kernel(
 
 @triton.jit
 def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """Merge the partial (o, lse) of every split of one (query, head) row: softmax-weighted by their lse."""
-    row = tl.program_id(0)
+                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Merge the partial (o, lse) of every split of BLOCK_R (query, head) rows, softmax-weighted by their lse."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
     splits = tl.arange(0, SPLITS_PAD)
     dv = tl.arange(0, BLOCK_DV)
-    split_ok = splits < NUM_SPLITS
-    lse = tl.load(LSE_PART + splits * num_rows + row, mask=split_ok, other=float("-inf"))
+    lse = tl.load(LSE_PART + splits[:, None] * num_rows + rows[None, :],
+                  mask=(splits < NUM_SPLITS)[:, None] & row_ok[None, :], other=float("-inf"))
     top = tl.max(lse, axis=0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp(lse - top_safe)  # 0 for splits that saw no key
-    total = tl.sum(weight, axis=0)
-    part = tl.load(O_PART + (splits * num_rows + row)[:, None] * DV + dv[None, :],
-                   mask=split_ok[:, None] & (dv < DV)[None, :], other=0.0)
-    out = tl.sum(part * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(O + row * DV + dv, out.to(O.dtype.element_ty), mask=dv < DV)
-    tl.store(LSE + row, tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+    total = tl.sum(tl.exp(lse - top_safe[None, :]), axis=0)  # splits that saw no key weigh 0
+    out = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for split in range(NUM_SPLITS):
+        lse_split = tl.load(LSE_PART + split * num_rows + rows, mask=row_ok, other=float("-inf"))
+        # Such a split may not have written its o (block-centric slots without a block): never read it.
+        part = tl.load(O_PART + (split * num_rows + rows)[:, None] * DV + dv[None, :],
+                       mask=(lse_split > float("-inf"))[:, None] & (dv < DV)[None, :], other=0.0)
+        out += part * tl.exp(lse_split - top_safe)[:, None]
+    out = out / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(O + rows[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + rows, tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")),
+             mask=row_ok)
 
 
 @triton.jit
@@ -262,7 +268,7 @@ def _interval_bwd_dkv_kernel(
         q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                         stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & key_ok[None, :]
-        dk, dv = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
+        dk, dv, _ = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
     tl.atomic_add(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], dk * scale,
                   mask=key_ok[:, None] & (dq_idx < D)[None, :])
     tl.atomic_add(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv,
@@ -298,9 +304,9 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     out = torch.empty(num_q, heads_q, dim_v, device=o.device, dtype=dtype)
     out_lse = torch.empty(num_q, heads_q, device=o.device, dtype=torch.float32)
     if num_q:
-        _combine_splits_kernel[(num_q * heads_q,)](
+        _combine_splits_kernel[(triton.cdiv(num_q * heads_q, 32),)](
             o, lse, out, out_lse, num_q * heads_q, DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits,
-            SPLITS_PAD=_pow2(splits, 2),
+            SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
         )
     return out, out_lse
 
@@ -312,6 +318,16 @@ def _tile_tokens(g_pad: int, run_length: int | None) -> int:
     if run_length is None:
         return tokens
     return min(tokens, max(1, 16 // g_pad, triton.next_power_of_2(run_length)))
+
+
+def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut runs [first, first + len) into pieces of at most `piece`: (first, length, run index) per piece."""
+    pieces_per_run = (run_len + piece - 1) // piece
+    run = torch.repeat_interleave(torch.arange(run_first.numel(), device=run_first.device), pieces_per_run)
+    index = torch.arange(run.numel(), device=run_first.device) - (torch.cumsum(pieces_per_run, 0) - pieces_per_run)[run]
+    first = run_first[run] + index * piece
+    length = torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
+    return first, length, run
 
 
 def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> tuple[Tensor, Tensor, int]:
@@ -328,11 +344,20 @@ def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> t
     return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 
+def _memoized(memo: dict | None, key: tuple, build):
+    """build(), kept in `memo` (shared by calls over the same layout) when there is one."""
+    if memo is None:
+        return build()
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None,
-        num_splits: int | None,
+        num_splits: int | None, memo: dict | None,
     ):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
@@ -348,7 +373,7 @@ class _IntervalAttention(torch.autograd.Function):
             ctx.mark_non_differentiable(lse := q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32))
             ctx.shapes = (k.shape, v.shape)
             return q.new_zeros(num_q, heads_q, dim_v), lse
-        tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length)
+        tile_first, tile_len, num_tiles = _memoized(memo, ("tiles", block_t), lambda: _query_tiles(lo, hi, block_t, run_length))
         splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
@@ -361,7 +386,7 @@ class _IntervalAttention(torch.autograd.Function):
             )
         o, lse = _combine_splits(o, lse, q.dtype)
         ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse)
-        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
+        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length, ctx.memo = scale, block_t, num_tiles, run_length, memo
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -370,7 +395,7 @@ class _IntervalAttention(torch.autograd.Function):
         if ctx.no_keys:
             k_shape, v_shape = ctx.shapes
             dq = do.new_zeros(do.shape[0], do.shape[1], k_shape[2])
-            return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None
+            return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None, None
         q, k, v, lo, hi, tile_first, tile_len, o, lse = ctx.saved_tensors
         num_q, heads_q, dim = q.shape
         num_k, heads_kv, dim_v = v.shape
@@ -385,35 +410,43 @@ class _IntervalAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v,
             RUN_LENGTH=ctx.run_length or 0, **meta,
         )
-        # Queries that see key c form [first hi > c, first lo > c) since lo and hi never decrease.
-        key_index = torch.arange(num_k, device=q.device, dtype=lo.dtype)
-        q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
-        q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
+        q_chunk = 1024
+        q_lo, q_hi, num_chunks = _memoized(ctx.memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, q_chunk))
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        # Long query ranges (early compressed keys are seen by the whole document) split over programs.
-        q_chunk, pad = 1024, -num_k % 64
-        block_lo = torch.nn.functional.pad(q_lo, (0, pad), value=num_q).view(-1, 64).amin(1)
-        block_hi = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(-1, 64).amax(1)
-        num_chunks = triton.cdiv(max(1, int((block_hi - block_lo).max()) if num_k else 1), q_chunk)
         _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, num_chunks)](
             q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
             Q_CHUNK=q_chunk, D=dim, DV_DIM=dim_v, **meta,
         )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _key_readers(lo: Tensor, hi: Tensor, num_k: int, q_chunk: int) -> tuple[Tensor, Tensor, int]:
+    """For each key c, the queries that see it: [first hi > c, first lo > c), since lo and hi never
+    decrease; and how many chunks of `q_chunk` queries the longest such range of a 64-key tile needs (long
+    ranges, as of early compressed keys that the whole document sees, are split over programs)."""
+    key_index = torch.arange(num_k, device=lo.device, dtype=lo.dtype)
+    q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
+    q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
+    pad = -num_k % 64
+    block_lo = torch.nn.functional.pad(q_lo, (0, pad), value=lo.numel()).view(-1, 64).amin(1)
+    block_hi = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(-1, 64).amax(1)
+    return q_lo, q_hi, triton.cdiv(max(1, int((block_hi - block_lo).max()) if num_k else 1), q_chunk)
 
 
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
-    num_splits: int | None = None,
+    num_splits: int | None = None, memo: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing.
 
     `run_length`: queries come in runs of this many per row (decoding), which spares a host sync.
     `num_splits`: programs that share each query tile's key range in the forward pass (None: enough to
     fill the GPU when there are few tiles, as when decoding).
+    `memo`: a dict shared by calls with the same lo and hi (the layers of one pass), where the query tiles
+    and key readers are kept, so that only the first call waits for the GPU to build them.
     """
-    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits)
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits, memo)
 
 
 @triton.jit
@@ -457,185 +490,257 @@ def _block_fwd_kernel(
 
 
 @triton.jit
-def _block_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, STARTS, HI, DQ,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_st, stride_sh,
-    scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    token = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    heads_q = G * tl.num_programs(1)
-    group = tl.arange(0, G_PAD)
-    row_ok = group < G
-    head = kv_head * G + group
-    dq_idx = tl.arange(0, BLOCK_D)
-    dv_idx = tl.arange(0, BLOCK_DV)
-    hi = tl.load(HI + token).to(tl.int32)
-    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
-                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-    do = tl.load(DO + token * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
-                 mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
-    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
-    dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+def _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Entries, key head and keys of one piece of a selected block's query list (`_queries_per_block`)."""
+    first = tl.load(PIECE_FIRST + piece)
+    length = tl.load(PIECE_LEN + piece)
+    block_key = tl.load(SORTED_KEY + first)
     offsets = tl.arange(0, BLOCK_S)
-    for slot in range(NUM_SLOTS):
-        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot).to(tl.int32)
-        if start >= 0:
-            keys = start + offsets
-            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
-            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
-            p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (dq_idx < D)[None, :])
+    keys = block_key % num_k + offsets
+    in_block = (offsets < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
+    return first, length, block_key // num_k, keys, in_block
 
 
 @triton.jit
-def _block_bwd_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, HI, PIECE_FIRST, PIECE_LEN, PIECE_HEAD, PIECE_START, ENTRY_TOKEN, DK, DV,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_q, num_k, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """dk, dv of one selected block from (a piece of) the list of queries that selected it."""
-    piece = tl.program_id(0)
-    first = tl.load(PIECE_FIRST + piece)
-    length = tl.load(PIECE_LEN + piece)
-    kv_head = tl.load(PIECE_HEAD + piece)
-    block_start = tl.load(PIECE_START + piece)
-    offsets = tl.arange(0, BLOCK_S)
-    keys = block_start + offsets
-    dq_idx = tl.arange(0, BLOCK_D)
-    dv_idx = tl.arange(0, BLOCK_DV)
-    in_block = (offsets < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
-    k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
-    dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+def _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots, G: tl.constexpr, G_PAD: tl.constexpr,
+                BLOCK_Q: tl.constexpr):
+    """Rows (entry x group head) of one tile of a piece: token, slot, head, validity and key bound."""
     rows = tl.arange(0, BLOCK_Q * G_PAD)
     group = rows % G_PAD
-    head = kv_head * G + group
-    for e0 in range(0, length, BLOCK_Q):
-        entry = e0 + rows // G_PAD
-        row_ok = (entry < length) & (group < G)
-        token = tl.load(ENTRY_TOKEN + first + entry, mask=row_ok, other=0)
-        hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
-        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
-                                        stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
-        valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
-        dk, dv = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
-    # Long query lists are split into pieces, so several programs may add to one block.
-    tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
-                  mask=in_block[:, None] & (dq_idx < D)[None, :])
-    tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv,
-                  mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
+    entry_ok = e0 + rows // G_PAD < length
+    row_ok = entry_ok & (group < G)
+    entry = tl.load(ENTRY + first + e0 + rows // G_PAD, mask=entry_ok, other=0)
+    token = entry // (heads_kv * num_slots)
+    hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
+    return token, entry % num_slots, kv_head * G + group, row_ok, hi
 
 
-def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Cut runs [first, first + len) into pieces of at most `piece`: (first, length, run index) per piece."""
-    pieces_per_run = (run_len + piece - 1) // piece
-    run = torch.repeat_interleave(torch.arange(run_first.numel(), device=run_first.device), pieces_per_run)
-    index = torch.arange(run.numel(), device=run_first.device) - (torch.cumsum(pieces_per_run, 0) - pieces_per_run)[run]
-    first = run_first[run] + index * piece
-    length = torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
-    return first, length, run
+def _tuning_configs() -> list[triton.Config]:
+    """Launch settings the block-centric kernels are tuned over on a GPU (once per shape); the interpreter
+    runs one. Their loops gather rows, so how many warps hide the latency depends on the head dims."""
+    if not torch.cuda.is_available():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
 
 
-def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int):
-    """Invert the selection: for each (key head, selected block), the queries that read it, in pieces."""
-    num_q, heads_kv, _ = block_starts.shape
-    heads = torch.arange(heads_kv, device=block_starts.device)[None, :, None]
-    tokens = torch.arange(num_q, device=block_starts.device)[:, None, None]
-    valid = block_starts >= 0
-    keys = (heads * num_keys + block_starts.long())[valid]
-    order = torch.argsort(keys)
-    keys = keys[order]
-    entry_token = tokens.expand_as(block_starts)[valid][order].to(torch.int32)
-    new_run = torch.ones_like(keys, dtype=torch.bool)
-    new_run[1:] = keys[1:] != keys[:-1]
-    run_first = torch.nonzero(new_run).flatten()
-    run_len = torch.diff(run_first, append=run_first.new_tensor([keys.numel()]))
-    first, length, run = _split_runs(run_first, run_len, piece)
-    run_key = keys[run_first][run]
-    return first.to(torch.int32), length.to(torch.int32), (run_key // num_keys).to(torch.int32), (run_key % num_keys).to(torch.int32), entry_token
+@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV"])
+@triton.jit
+def _block_fwd_by_block_kernel(
+    Q, K, V, HI, TOTAL, PIECE_FIRST, PIECE_LEN, SORTED_KEY, ENTRY, O_PART, LSE_PART,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
+    heads_kv, num_slots, num_k, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Block-centric forward: each selected block is loaded once and attended by the queries that chose
+    it, BLOCK_Q at a time; every (query, slot) gets its partial (o, lse), merged by `_combine_splits`."""
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):  # persistent: no host sync
+        first, length, kv_head, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
+                                                        BLOCK_SIZE, BLOCK_S)
+        k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+        for e0 in range(0, length, BLOCK_Q):
+            token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
+                                                        G, G_PAD, BLOCK_Q)
+            q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                        mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None]), s, float("-inf"))
+            m_i = tl.max(s, axis=1)
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp(s - m_safe[:, None])
+            out, lse = _softmax_finish(tl.dot(p.to(v.dtype), v), m_i, tl.sum(p, axis=1))
+            tl.store(O_PART + slot[:, None] * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh
+                     + dv_idx[None, :], out, mask=row_ok[:, None] & (dv_idx < DV)[None, :])
+            tl.store(LSE_PART + slot * stride_ls + token * (G * heads_kv) + head, lse, mask=row_ok)
+
+
+@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV", "DQ_PARTIALS"], reset_to_zero=["DQ", "DK", "DV"])
+@triton.jit
+def _block_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, HI, TOTAL, PIECE_FIRST, PIECE_LEN, SORTED_KEY, ENTRY, DQ, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqs, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_kv, num_slots, num_k, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_PARTIALS: tl.constexpr,
+):
+    """Block-centric backward: dk, dv of one selected block from (a piece of) the queries that chose it,
+    accumulated in registers (fp32 atomics only where a long query list is cut into pieces). Each query
+    reads n blocks, so its dq has n parts: stored per slot when DQ_PARTIALS (DQ [n, Nq, HQ, D], summed
+    afterwards), else added by fp32 atomics (DQ [Nq, HQ, D])."""
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):
+        first, length, kv_head, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
+                                                        BLOCK_SIZE, BLOCK_S)
+        k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+        dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+        for e0 in range(0, length, BLOCK_Q):
+            token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
+                                                        G, G_PAD, BLOCK_Q)
+            q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+                                            stride_dot, stride_doh, G * heads_kv, D, DV_DIM, BLOCK_D, BLOCK_DV)
+            valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
+            dk, dv, ds = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
+            dq = tl.dot(ds.to(k.dtype), k) * scale
+            dq_ptr = DQ + token[:, None] * stride_dqt + head[:, None] * stride_dqh + dq_idx[None, :]
+            if DQ_PARTIALS:
+                tl.store(dq_ptr + slot[:, None] * stride_dqs, dq, mask=row_ok[:, None] & (dq_idx < D)[None, :])
+            else:
+                tl.atomic_add(dq_ptr, dq, mask=row_ok[:, None] & (dq_idx < D)[None, :])
+        tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
+                      mask=in_block[:, None] & (dq_idx < D)[None, :])
+        tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv,
+                      mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
+
+
+def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple[Tensor, ...]:
+    """Invert the selection without a host sync: entries (query, key head, slot) sorted by the block they
+    read, and the pieces of at most `piece` entries of one block that the block-centric kernels take.
+
+    Returns (count [1], piece_first [E], piece_len [E], sorted_key [E], entry [E]) with E = Nq * H * n:
+    pieces below `count` are valid; a piece's key is key head * num_keys + block start; an entry is
+    (query * H + key head) * n + slot. Every array has a size known on the host, so nothing waits for
+    the GPU (the kernels read `count` themselves).
+    """
+    num_q, heads_kv, slots = block_starts.shape
+    device = block_starts.device
+    none = heads_kv * num_keys  # sorts after every real block
+    heads = torch.arange(heads_kv, device=device, dtype=torch.int32)[None, :, None]
+    keys = torch.where(block_starts >= 0, heads * num_keys + block_starts.int(), none).flatten()
+    sorted_key, entry = torch.sort(keys, stable=True)
+    index = torch.arange(keys.numel(), device=device, dtype=torch.int32)
+    block_first = torch.searchsorted(sorted_key, sorted_key, out_int32=True)  # where each entry's block begins
+    starts_piece = ((index - block_first) % piece == 0) & (sorted_key < none)
+    piece_id = torch.cumsum(starts_piece, 0, dtype=torch.int32) - 1
+    count = piece_id[-1:] + 1 if keys.numel() else piece_id.new_zeros(1)
+    dump = keys.numel()  # non-starts scatter into one spare slot
+    piece_first = torch.zeros(dump + 1, device=device, dtype=torch.int32)
+    piece_first.scatter_(0, torch.where(starts_piece, piece_id, dump).long(), index)
+    piece_first = piece_first[:dump]
+    num_entries = (sorted_key < none).sum(dtype=torch.int32)
+    following = torch.cat([piece_first[1:], piece_first.new_zeros(1)])
+    piece_len = torch.where(index + 1 < count, following, num_entries) - piece_first
+    return count.int(), piece_first, piece_len, sorted_key, entry.int()
+
+
+def _persistent_programs(device: torch.device, work: int) -> int:
+    """Programs of a persistent kernel: a few per multiprocessor (one off CUDA: the interpreter is serial)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(work, 8 * _multiprocessors(index)))
+
+
+# The block-centric forward keeps a partial (o, lse) per (query, slot) in fp32; above this many bytes of
+# partials (G >= 16 at long T) the query-centric kernel, which needs none, runs instead.
+_PARTIALS_BUDGET = 2 << 30
+
+
+def _partials_fit(slots: int, num_q: int, heads_q: int, dim: int) -> bool:
+    return slots * num_q * heads_q * dim * 4 <= _PARTIALS_BUDGET
+
+
+def _use_block_centric(num_q: int, heads_q: int, slots: int, dim_v: int, num_splits: int | None) -> bool:
+    """Block-centric unless the queries are few (decoding: each block has about one reader, so the
+    query-centric kernel split over slots fills the GPU better) or the partials would be too large."""
+    return num_splits is None and num_q >= 256 and _partials_fit(slots, num_q, heads_q, dim_v)
 
 
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
-        num_splits: int | None,
+        num_splits: int | None, block_centric: bool | None,
     ):
         num_q, heads_q, dim = q.shape
-        heads_kv, dim_v = k.shape[1], v.shape[2]
+        num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
         _check_offsets(q=q, k=k, v=v)
-        meta = dict(
-            G=groups, G_PAD=_pow2(groups), NUM_SLOTS=starts.shape[-1], BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size),
-            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-        )
         slots = starts.shape[-1]
-        splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
-        per_split = triton.cdiv(slots, splits)
-        splits = triton.cdiv(slots, per_split)
-        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
-        if num_q:
-            _block_fwd_kernel[(num_q, heads_kv, splits)](
-                q, k, v, starts, hi, o, lse,
+        meta = dict(
+            G=groups, BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size), D=dim, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+        )
+        if block_centric is None:
+            block_centric = _use_block_centric(num_q, heads_q, slots, dim_v, num_splits)
+        pieces = None
+        if block_centric and num_q:
+            pieces = _queries_per_block(starts, num_k, piece=_PIECE)
+            o = torch.empty(slots, num_q, heads_q, dim_v, device=q.device, dtype=torch.float32)
+            lse = torch.full((slots, num_q, heads_q), float("-inf"), device=q.device, dtype=torch.float32)
+            _check_offsets(partial_outputs=o)
+            g_pad = triton.next_power_of_2(groups)
+            _block_fwd_by_block_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
+                q, k, v, hi, *pieces, o, lse,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
-                D=dim, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
+                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), heads_kv, slots, num_k, scale,
+                G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), DV=dim_v, **meta,
             )
+        else:
+            splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
+            per_split = triton.cdiv(slots, splits)
+            splits = triton.cdiv(slots, per_split)
+            o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
+            if num_q:
+                _block_fwd_kernel[(num_q, heads_kv, splits)](
+                    q, k, v, starts, hi, o, lse,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
+                    G_PAD=_pow2(groups), NUM_SLOTS=slots, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
+                )
         o, lse = _combine_splits(o, lse, q.dtype)
-        ctx.save_for_backward(q, k, v, starts, hi, o, lse)
+        ctx.save_for_backward(q, k, v, starts, hi, o, lse, *(pieces or ()))
         ctx.scale, ctx.meta = scale, meta
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        q, k, v, starts, hi, o, lse = ctx.saved_tensors
+        q, k, v, starts, hi, o, lse, *pieces = ctx.saved_tensors
         num_q, heads_q, dim = q.shape
         num_k, heads_kv, dim_v = v.shape
-        meta = ctx.meta
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
-        dq = torch.empty_like(q)
+        slots = starts.shape[-1]
+        dq_partials = _partials_fit(slots, num_q, heads_q, dim)  # else atomics: slower, but no n-fold buffer
+        dq = torch.zeros((slots, *q.shape) if dq_partials else q.shape, device=q.device, dtype=torch.float32)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         if num_q:
-            strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-            _block_bwd_dq_kernel[(num_q, heads_kv)](
-                q, k, v, do, lse, delta, starts, hi, dq, *strides, starts.stride(0), starts.stride(1),
-                ctx.scale, D=dim, DV_DIM=dim_v, **meta,
+            pieces = pieces or _queries_per_block(starts, num_k, piece=_PIECE)
+            g_pad = triton.next_power_of_2(ctx.meta["G"])
+            dq_strides = dq.stride()[:3] if dq_partials else (0, *dq.stride()[:2])
+            _block_bwd_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
+                q, k, v, do, lse, delta, hi, *pieces, dq, dk, dv,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+                *dq_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                heads_kv, slots, num_k, ctx.scale,
+                G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **ctx.meta,
             )
-            g_pad = triton.next_power_of_2(meta["G"])
-            pieces = _queries_per_block(starts, num_k, piece=256)
-            _block_bwd_dkv_kernel[(pieces[0].numel(),)](
-                q, k, v, do, lse, delta, hi, *pieces, dk, dv, *strides,
-                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads_q, num_k, ctx.scale,
-                G=meta["G"], G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), BLOCK_SIZE=meta["BLOCK_SIZE"], BLOCK_S=meta["BLOCK_S"],
-                D=dim, DV_DIM=dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
-            )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        if dq_partials:
+            dq = dq.sum(0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+_PIECE = 256  # queries of one selected block per program and pass (long lists meet in atomics)
 
 
 def block_attention(
     q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
-    num_splits: int | None = None,
+    num_splits: int | None = None, block_centric: bool | None = None,
 ) -> Tensor:
     """Triton version of `reference.block_attention`.
 
-    `num_splits`: programs that share each query's selected blocks in the forward pass (None: enough to
-    fill the GPU when there are few queries, as when decoding).
+    `block_centric`: the forward loads each selected block once for all the queries that chose it
+    (partial results per query and slot, then merged), instead of once per query. None picks it for
+    full passes (many queries) whose partials fit `_PARTIALS_BUDGET`. The backward is always block-centric.
+    `num_splits`: for the query-centric forward, programs that share each query's selected blocks
+    (None: enough to fill the GPU when there are few queries, as when decoding); it implies query-centric.
     """
-    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits)
+    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
 
 
 @triton.jit
@@ -786,7 +891,8 @@ def select_blocks(
     g_pad = triton.next_power_of_2(groups)
     block_t = _tile_tokens(g_pad, layout.run_length)
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
-    first, length, num_tiles = _document_tiles(layout, block_t)
+    first, length, num_tiles = _memoized(layout.memo.setdefault("triton", {}), ("document_tiles", block_t),
+                                         lambda: _document_tiles(layout, block_t))
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
     _select_blocks_kernel[(num_tiles, heads_kv, splits)](
@@ -810,4 +916,5 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, windo
     if flash_window_applies(q, layout):
         return flash_window_window_attention(q, k, v, layout, window_size, scale)
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
-    return interval_attention(q, k, v, lo, layout.window_offsets + layout.positions + 1, scale, layout.run_length)[0]
+    return interval_attention(q, k, v, lo, layout.window_offsets + layout.positions + 1, scale, layout.run_length,
+                              memo=layout.memo.setdefault("window", {}))[0]

@@ -97,7 +97,15 @@ def test_interval_attention_matches_reference(heads_q, heads_kv, dim, dtype):
 
 @pytest.mark.parametrize("heads_q,heads_kv,dim", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype):
+@pytest.mark.parametrize("block_centric", [True, False], ids=["block-centric", "query-centric"])
+def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_centric, monkeypatch):
+    """Both forward strategies. The backward is block-centric, with query lists cut into pieces that meet
+    in atomics (small pieces on CPU, so that every block's list is cut); its dq parts are summed from
+    per-slot partials, or (no budget for partials, run with the query-centric forward) by atomics."""
+    if not CUDA:
+        monkeypatch.setattr(triton_kernels, "_PIECE", 7)
+    if not block_centric:
+        monkeypatch.setattr(triton_kernels, "_PARTIALS_BUDGET", 0)
     torch.manual_seed(heads_q * 5 + dim)
     block = 64 if CUDA else 16
     num_q, slots = (1500, 16) if CUDA else (60, 3)
@@ -108,7 +116,7 @@ def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype):
     blocks = torch.rand(num_q, heads_kv, slots, device=DEVICE).argsort(-1)  # distinct blocks per (query, head)
     current = ((hi - 1) // block)[:, None, None]
     starts = torch.where((blocks <= current) & (torch.rand_like(blocks.float()) > 0.1), blocks * block, -1)
-    o = triton_kernels.block_attention(q, k, v, starts, block, hi, dim**-0.5)
+    o = triton_kernels.block_attention(q, k, v, starts, block, hi, dim**-0.5, block_centric=block_centric)
     grad_out = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), grad_out)
     o_ref, grads_ref = reference_grads(lambda *x: reference.block_attention(*x, starts, block, hi, dim**-0.5), (q, k, v), grad_out)

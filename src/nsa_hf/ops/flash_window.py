@@ -56,9 +56,11 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, windo
     """Causal attention over the last `window_size` tokens of each document (see `applies`)."""
     name, fn = _varlen_impl()
     _announce(name)
-    starts = torch.nonzero(layout.positions == 0).flatten()
-    cu = torch.cat([starts, starts.new_tensor([q.shape[0]])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    if "flash_window" not in layout.memo:  # one host sync per layout, not per layer
+        starts = torch.nonzero(layout.positions == 0).flatten()
+        cu = torch.cat([starts, starts.new_tensor([q.shape[0]])]).to(torch.int32)
+        layout.memo["flash_window"] = cu, int((cu[1:] - cu[:-1]).max())
+    cu, max_len = layout.memo["flash_window"]
     if name == "flash_attn":
         return fn(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True, window_size=(window_size - 1, 0))
     params = inspect.signature(fn).parameters
