@@ -299,8 +299,8 @@ def _split_outputs(splits: int, num_q: int, heads_q: int, dim_v: int, dtype: tor
 def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(o, lse) [S, Nq, HQ, ...] of S splits -> the attention over all of them."""
     splits, num_q, heads_q, dim_v = o.shape
-    if splits == 1:
-        return o[0], lse[0]
+    if splits == 1:  # fp32 when it holds block-centric partials
+        return o[0].to(dtype), lse[0]
     out = torch.empty(num_q, heads_q, dim_v, device=o.device, dtype=dtype)
     out_lse = torch.empty(num_q, heads_q, device=o.device, dtype=torch.float32)
     if num_q:
@@ -556,7 +556,47 @@ def _block_fwd_by_block_kernel(
             tl.store(LSE_PART + slot * stride_ls + token * (G * heads_kv) + head, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV", "DQ_PARTIALS"], reset_to_zero=["DQ", "DK", "DV"])
+@triton.jit
+def _block_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, STARTS, HI, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_st, stride_sh,
+    scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Query-centric dq (when per-slot dq partials would not fit): one token x the group of one key head."""
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    heads_q = G * tl.num_programs(1)
+    group = tl.arange(0, G_PAD)
+    row_ok = group < G
+    head = kv_head * G + group
+    dq_idx = tl.arange(0, BLOCK_D)
+    dv_idx = tl.arange(0, BLOCK_DV)
+    hi = tl.load(HI + token).to(tl.int32)
+    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
+                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
+    do = tl.load(DO + token * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+                 mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
+    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    offsets = tl.arange(0, BLOCK_S)
+    for slot in range(NUM_SLOTS):
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot).to(tl.int32)
+        if start >= 0:
+            keys = start + offsets
+            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
+            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+            p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (dq_idx < D)[None, :])
+
+
+@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV", "DQ_PARTIALS"], reset_to_zero=["DK", "DV"])
 @triton.jit
 def _block_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, HI, TOTAL, PIECE_FIRST, PIECE_LEN, SORTED_KEY, ENTRY, DQ, DK, DV,
@@ -567,8 +607,8 @@ def _block_bwd_kernel(
 ):
     """Block-centric backward: dk, dv of one selected block from (a piece of) the queries that chose it,
     accumulated in registers (fp32 atomics only where a long query list is cut into pieces). Each query
-    reads n blocks, so its dq has n parts: stored per slot when DQ_PARTIALS (DQ [n, Nq, HQ, D], summed
-    afterwards), else added by fp32 atomics (DQ [Nq, HQ, D])."""
+    reads n blocks, so its dq has n parts: with DQ_PARTIALS they are stored per slot (DQ [n, Nq, HQ, D],
+    summed afterwards); without, `_block_bwd_dq_kernel` computes dq (atomics for it measured slower)."""
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):
@@ -584,16 +624,32 @@ def _block_bwd_kernel(
                                             stride_dot, stride_doh, G * heads_kv, D, DV_DIM, BLOCK_D, BLOCK_DV)
             valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
             dk, dv, ds = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
-            dq = tl.dot(ds.to(k.dtype), k) * scale
-            dq_ptr = DQ + token[:, None] * stride_dqt + head[:, None] * stride_dqh + dq_idx[None, :]
             if DQ_PARTIALS:
-                tl.store(dq_ptr + slot[:, None] * stride_dqs, dq, mask=row_ok[:, None] & (dq_idx < D)[None, :])
-            else:
-                tl.atomic_add(dq_ptr, dq, mask=row_ok[:, None] & (dq_idx < D)[None, :])
+                tl.store(DQ + slot[:, None] * stride_dqs + token[:, None] * stride_dqt + head[:, None] * stride_dqh
+                         + dq_idx[None, :], tl.dot(ds.to(k.dtype), k) * scale, mask=row_ok[:, None] & (dq_idx < D)[None, :])
         tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
                       mask=in_block[:, None] & (dq_idx < D)[None, :])
         tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv,
                       mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
+
+
+@triton.jit
+def _sum_dq_parts_kernel(DQ_PART, STARTS, DQ, num_q, stride_ps, stride_st, stride_sh, heads_kv,
+                         G: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """dq of BLOCK_R (query, head) rows: the sum of their slots' parts, reading only slots that hold a block
+    (the others were never written, so the part buffer needs no zero fill)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_q * G * heads_kv
+    token = rows // (G * heads_kv)
+    kv_head = rows % (G * heads_kv) // G
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for slot in range(NUM_SLOTS):
+        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot, mask=row_ok, other=-1)
+        acc += tl.load(DQ_PART + slot * stride_ps + rows[:, None] * D + d[None, :],
+                       mask=(start >= 0)[:, None] & (d < D)[None, :], other=0.0)
+    tl.store(DQ + rows[:, None] * D + d[None, :], acc.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
 
 
 def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple[Tensor, ...]:
@@ -705,14 +761,21 @@ class _BlockAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
         slots = starts.shape[-1]
-        dq_partials = _partials_fit(slots, num_q, heads_q, dim)  # else atomics: slower, but no n-fold buffer
-        dq = torch.zeros((slots, *q.shape) if dq_partials else q.shape, device=q.device, dtype=torch.float32)
+        dq_partials = num_q > 0 and _partials_fit(slots, num_q, heads_q, dim)
+        dq = torch.empty((slots, *q.shape) if dq_partials else q.shape, device=q.device,
+                         dtype=torch.float32 if dq_partials else q.dtype)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         if num_q:
             pieces = pieces or _queries_per_block(starts, num_k, piece=_PIECE)
             g_pad = triton.next_power_of_2(ctx.meta["G"])
-            dq_strides = dq.stride()[:3] if dq_partials else (0, *dq.stride()[:2])
+            if not dq_partials:
+                _block_bwd_dq_kernel[(num_q, heads_kv)](
+                    q, k, v, do, lse, delta, starts, hi, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                    v.stride(0), v.stride(1), do.stride(0), do.stride(1), starts.stride(0), starts.stride(1), ctx.scale,
+                    G_PAD=_pow2(ctx.meta["G"]), NUM_SLOTS=slots, DV_DIM=dim_v, **ctx.meta,
+                )
+            dq_strides = dq.stride()[:3] if dq_partials else (0, 0, 0)
             _block_bwd_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
                 q, k, v, do, lse, delta, hi, *pieces, dq, dk, dv,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -720,9 +783,13 @@ class _BlockAttention(torch.autograd.Function):
                 heads_kv, slots, num_k, ctx.scale,
                 G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **ctx.meta,
             )
-        if dq_partials:
-            dq = dq.sum(0)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+            if dq_partials:
+                dq_parts, dq = dq, torch.empty_like(q)
+                _sum_dq_parts_kernel[(triton.cdiv(num_q * heads_q, 32),)](
+                    dq_parts, starts, dq, num_q, dq_parts.stride(0), starts.stride(0), starts.stride(1), heads_kv,
+                    G=ctx.meta["G"], NUM_SLOTS=slots, BLOCK_R=32, D=dim, BLOCK_D=ctx.meta["BLOCK_D"],
+                )
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 _PIECE = 256  # queries of one selected block per program and pass (long lists meet in atomics)
