@@ -9,10 +9,12 @@ compute exactly its functions:
   FlashAttention-2 style: a query-centric kernel for dq and a key-centric kernel for dk/dv, which needs
   lo and hi to be non-decreasing in the query index (true for every full pass: documents are in order).
 - block attention (selection): query i reads the n blocks [start, start + block_size) it selected,
-  keys s < hi[i]. One program owns one token x the G heads of one key head; each selected K/V block is
-  loaded once for the whole group. The backward pass inverts the selection (for each block, the
-  queries that read it) so that dk/dv accumulate in registers per block; only the pieces of long
-  query lists meet in fp32 atomics.
+  keys s < hi[i]. Full passes are block-centric: the selection is inverted on the GPU (for each block,
+  the queries that chose it, without a host sync) and each block is loaded once for BLOCK_Q of its
+  queries x their G heads, so small GQA groups still fill the tensor cores. The forward writes a
+  partial (o, lse) per query and slot, merged afterwards; the backward accumulates dk/dv in registers
+  per block (only pieces of long query lists meet in fp32 atomics) and stores dq per slot. Decoding
+  (few queries) runs query-centric: one program per token x key head, its n blocks split over programs.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package
 imports without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
@@ -393,7 +395,7 @@ class _IntervalAttention(torch.autograd.Function):
             dq = do.new_zeros(do.shape[0], do.shape[1], k_shape[2])
             return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None, None
         q, k, v, lo, hi, tile_first, tile_len, o, lse = ctx.saved_tensors
-        num_q, heads_q, dim = q.shape
+        heads_q, dim = q.shape[1:]
         num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
         g_pad = triton.next_power_of_2(groups)
