@@ -274,6 +274,35 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
         assert torch.equal(chosen.sort(-1).values, unsplit.sort(-1).values), f"selection, {splits} splits"
 
 
+def test_layers_sharing_a_layout_build_its_index_work_once(monkeypatch):
+    """The query tiles, document tiles and key readers derive from the layout alone: the layers of one pass
+    share them through `layout.memo` (each build waits for the GPU), and a second pass gets the same output."""
+    torch.manual_seed(2)
+    dtype = DTYPES[0]
+    pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    layout, blocks = pack_layout([300, 45] if CUDA else [40, 9], pattern.compress_block_size, pattern.compress_stride)
+    total, n_cmp = layout.positions.numel(), blocks.token_starts.numel()
+    inputs = [torch.randn(total, 4, 16, device=DEVICE, dtype=dtype), torch.randn(n_cmp, 2, 16, device=DEVICE, dtype=dtype),
+              torch.randn(n_cmp, 2, 16, device=DEVICE, dtype=dtype)]
+    inputs += [torch.randn(total, 2, 16, device=DEVICE, dtype=dtype) for _ in range(4)]
+    inputs.append(torch.rand(total, 4, 3, device=DEVICE, dtype=dtype))
+    inputs = [x.requires_grad_() for x in inputs]
+    builds = []
+    for name in ("_query_tiles", "_document_tiles", "_key_readers"):
+        original = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name, lambda *a, _f=original, _n=name, **kw: builds.append(_n) or _f(*a, **kw))
+    attention = resolve_backend("triton", torch.device(DEVICE))
+    outputs, built = [], []
+    for _ in range(2):  # two layers over one layout
+        out = attention(*inputs, layout, pattern, 0.25)
+        out.sum().backward()
+        outputs.append(out.detach())
+        built.append(list(builds))
+    assert {"_query_tiles", "_document_tiles", "_key_readers"} <= set(built[0])
+    assert built[1] == built[0], f"the second layer rebuilt {built[1][len(built[0]):]}"
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_tensors_past_int32_offsets_are_refused_by_name():
     huge = torch.empty(1).expand(2**31 + 1)  # no memory behind it
     with pytest.raises(ValueError, match="`k_cmp` has 2147483649"):
