@@ -19,6 +19,7 @@ PEFT matches a name against the end of each module's path, so "fc1" would pick b
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 import torch
@@ -131,7 +132,8 @@ def load_documents(train_file: str | None, max_samples: int) -> Dataset:
     else:
         paragraphs = [p.strip() for p in load_demo_corpus().split("\n\n") if len(p) > 200]
         dataset = Dataset.from_dict({"text": paragraphs})
-    return dataset.shuffle(seed=0).select(range(min(max_samples, len(dataset))))
+    # A seeded sample by index (`select` hashes plain indices; `shuffle` would hash a numpy Generator).
+    return dataset.select(random.Random(0).sample(range(len(dataset)), min(max_samples, len(dataset))))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -157,12 +159,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.print_trainable_parameters()
 
     documents = load_documents(args.train_file, args.max_train_samples)
+    # Named fingerprints: `datasets` would otherwise hash these closures (and the tokenizer) through dill,
+    # which failed on the GPU machine's Python 3.12 (a pyarrow type dill cannot pickle).
     train_set = documents.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.seq_len),
         batched=True,
         remove_columns=documents.column_names,
         desc="tokenizing",
-    ).filter(lambda example: len(example["input_ids"]) > 1)
+        new_fingerprint=f"{documents._fingerprint}-tokenized-{args.seq_len}",
+    ).filter(lambda example: len(example["input_ids"]) > 1, new_fingerprint=f"{documents._fingerprint}-nonempty-{args.seq_len}")
 
     training_args = TrainingArguments(
         output_dir=str(output_dir),
