@@ -64,29 +64,28 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     batch = max(1, tokens_per_step // length)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(warmup + steps):
-        ids = torch.randint(0, SHAPE["vocab_size"], (batch, length), device="cuda", generator=generator)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def train_step(ids: torch.Tensor) -> float:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        return loss.item()
+
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(warmup + steps):
+        ids = torch.randint(0, SHAPE["vocab_size"], (batch, length), device="cuda", generator=generator)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        losses.append(train_step(ids))
         if step >= warmup:
             times.append(time.perf_counter() - start)
-        losses.append(loss.item())
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            train_step(ids)
     seconds = statistics.median(times)
     row = {
         "model": kind, "length": length, "batch": batch, "compile": compile,

@@ -99,7 +99,11 @@ def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD
     hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
     hi = tl.where(hi > lo, hi, 0)  # empty intervals take no part in the tile's key range
     lo = tl.where(hi > lo, lo, 2147483647)
-    return token, kv_head * G + group, row_ok, lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
+    key_lo, key_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
+    # A tile without keys gets the range [0, 0), not [2**31 - 1, 0): the compiled key loops step past
+    # their start, and from 2**31 - 1 that step wraps around int32 to a negative key.
+    empty = key_hi <= key_lo
+    return token, kv_head * G + group, row_ok, lo, hi, tl.where(empty, 0, key_lo), tl.where(empty, 0, key_hi)
 
 
 @triton.jit
