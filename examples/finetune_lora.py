@@ -37,7 +37,7 @@ from transformers import (
 )
 
 import nsa_hf  # noqa: F401  (registers the "nsa" model type with the Auto classes)
-from nsa_hf.data import load_demo_corpus
+from nsa_hf.data import demo_corpus_path, load_demo_corpus
 from nsa_hf.demo import build_model, build_tokenizer
 
 # The attention projections of every branch (independent K/V); the MLP and phi stay frozen.
@@ -129,9 +129,9 @@ def load_documents(train_file: str | None, max_samples: int) -> Dataset:
     """Paragraphs of `train_file` (or of the bundled corpus) as a `text` dataset."""
     if train_file:
         dataset = load_dataset("text", data_files=train_file, sample_by="paragraph")["train"]
-    else:
-        paragraphs = [p.strip() for p in load_demo_corpus().split("\n\n") if len(p) > 200]
-        dataset = Dataset.from_dict({"text": paragraphs})
+    else:  # read from its file, as --train-file is: hashing an in-memory table failed on Python 3.12 (dill, pyarrow)
+        dataset = load_dataset("text", data_files=str(demo_corpus_path()), sample_by="paragraph")["train"]
+        dataset = dataset.filter(lambda example: len(example["text"].strip()) > 200)
     # A seeded sample by index (`select` hashes plain indices; `shuffle` would hash a numpy Generator).
     return dataset.select(random.Random(0).sample(range(len(dataset)), min(max_samples, len(dataset))))
 
