@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import evaluate_loss, load_model
+from nsa_hf.demo import add_nsa_backend_argument, evaluate_loss, load_model
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "passkey_retrieval"
 PREFIX = (
@@ -87,12 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--passkey-digits", type=int, default=5, help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="load the weights in bf16")
-    parser.add_argument(
-        "--nsa-backend",
-        choices=("auto", "reference", "triton"),
-        default="auto",
-        help="attention backend; auto = Triton on CUDA, else the PyTorch reference (default: %(default)s)",
-    )
+    add_nsa_backend_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     args = parser.parse_args(argv)
 

@@ -38,7 +38,7 @@ from transformers import (
 
 import nsa_hf  # noqa: F401  (registers the "nsa" model type with the Auto classes)
 from nsa_hf.data import demo_corpus_path, load_demo_corpus
-from nsa_hf.demo import build_model, build_tokenizer
+from nsa_hf.demo import add_nsa_backend_argument, build_model, build_tokenizer
 
 # The attention projections of every branch (independent K/V); the MLP and phi stay frozen.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -92,12 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="(default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    parser.add_argument(
-        "--nsa-backend",
-        choices=("auto", "reference", "triton"),
-        default="auto",
-        help="attention backend; auto = Triton on CUDA, else the PyTorch reference (default: %(default)s)",
-    )
+    add_nsa_backend_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     args = parser.parse_args(argv)
 
@@ -159,15 +154,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.print_trainable_parameters()
 
     documents = load_documents(args.train_file, args.max_train_samples)
-    # Named fingerprints: `datasets` would otherwise hash these closures (and the tokenizer) through dill,
-    # which failed on the GPU machine's Python 3.12 (a pyarrow type dill cannot pickle).
     train_set = documents.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.seq_len),
         batched=True,
         remove_columns=documents.column_names,
         desc="tokenizing",
-        new_fingerprint=f"{documents._fingerprint}-tokenized-{args.seq_len}",
-    ).filter(lambda example: len(example["input_ids"]) > 1, new_fingerprint=f"{documents._fingerprint}-nonempty-{args.seq_len}")
+    ).filter(lambda example: len(example["input_ids"]) > 1)
 
     training_args = TrainingArguments(
         output_dir=str(output_dir),

@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from nsa_hf import NsaCache, NsaConfig
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import load_model
+from nsa_hf.demo import add_nsa_backend_argument, load_model
 
 EPILOG = """\
 examples:
@@ -50,12 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-new-tokens", type=int, default=32, help="tokens to decode, EOS suppressed (default: %(default)s)"
     )
     parser.add_argument("--bf16", action="store_true", help="load the weights in bf16")
-    parser.add_argument(
-        "--nsa-backend",
-        choices=("auto", "reference", "triton"),
-        default="auto",
-        help="attention backend; auto = Triton on CUDA, else the PyTorch reference (default: %(default)s)",
-    )
+    add_nsa_backend_argument(parser)
     parser.add_argument(
         "--warmup",
         action=argparse.BooleanOptionalAction,

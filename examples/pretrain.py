@@ -29,7 +29,7 @@ from transformers import (
 
 from nsa_hf import NsaConfig, NsaForCausalLM
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import build_tokenizer
+from nsa_hf.demo import add_nsa_backend_argument, build_tokenizer
 
 EPILOG = """\
 examples:
@@ -105,12 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-selected-blocks", type=int, default=4, help="n, selection blocks per query (default: %(default)s)"
     )
     model.add_argument("--window-size", type=int, default=64, help="w, sliding window (default: %(default)s)")
-    model.add_argument(
-        "--nsa-backend",
-        choices=("auto", "reference", "triton"),
-        default="auto",
-        help="attention backend; auto = Triton on CUDA, else the PyTorch reference (default: %(default)s)",
-    )
+    add_nsa_backend_argument(model)
 
     train = parser.add_argument_group("training")
     train.add_argument(

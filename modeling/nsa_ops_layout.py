@@ -10,10 +10,14 @@ incremental decoding (stores = the cache), without any per-case code in the kern
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 __all__ = [
     "CompressionBlocks",
@@ -23,6 +27,7 @@ __all__ = [
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
     "cu_seqlens_from_seq_idx",
+    "memoized",
     "num_compressed_blocks",
 ]
 
@@ -61,6 +66,15 @@ class SparsePattern:
                 f"`num_selected_blocks` ({self.num_selected_blocks}) must be >= num_init_blocks + num_local_blocks "
                 f"({self.num_init_blocks} + {self.num_local_blocks}): forced blocks count toward n."
             )
+
+
+def memoized(memo: dict | None, key: object, build: Callable[[], T]) -> T:
+    """build(), kept in `memo` under `key` when there is a memo (`QueryLayout.memo` or a dict within it)."""
+    if memo is None:
+        return build()
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
 
 
 def num_compressed_blocks(length: Tensor | int, block_size: int, stride: int) -> Tensor | int:

@@ -34,7 +34,7 @@ except ImportError:
 from torch import Tensor
 
 from .nsa_ops_flash_window import applies as flash_window_applies, window_attention as flash_window_window_attention
-from .nsa_ops_layout import QueryLayout, SparsePattern
+from .nsa_ops_layout import QueryLayout, SparsePattern, memoized
 
 __all__ = ["block_attention", "interval_attention", "select_blocks", "window_attention"]
 
@@ -282,8 +282,12 @@ def _interval_bwd_dkv_kernel(
 
 
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
+def _device_multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return _device_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _num_splits(programs: int, device: torch.device, limit: int = 32) -> int:
@@ -291,8 +295,7 @@ def _num_splits(programs: int, device: torch.device, limit: int = 32) -> int:
     about four programs per multiprocessor. 1 off CUDA (the interpreter gains nothing)."""
     if device.type != "cuda" or programs == 0:
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(limit, triton.cdiv(4 * _multiprocessors(index), programs)))
+    return max(1, min(limit, triton.cdiv(4 * _multiprocessors(device), programs)))
 
 
 def _split_outputs(splits: int, num_q: int, heads_q: int, dim_v: int, dtype: torch.dtype, device: torch.device):
@@ -350,15 +353,6 @@ def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> t
     return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 
-def _memoized(memo: dict | None, key: tuple, build):
-    """build(), kept in `memo` (shared by calls over the same layout) when there is one."""
-    if memo is None:
-        return build()
-    if key not in memo:
-        memo[key] = build()
-    return memo[key]
-
-
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -379,7 +373,7 @@ class _IntervalAttention(torch.autograd.Function):
             ctx.mark_non_differentiable(lse := q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32))
             ctx.shapes = (k.shape, v.shape)
             return q.new_zeros(num_q, heads_q, dim_v), lse
-        tile_first, tile_len, num_tiles = _memoized(memo, ("tiles", block_t), lambda: _query_tiles(lo, hi, block_t, run_length))
+        tile_first, tile_len, num_tiles = memoized(memo, ("tiles", block_t), lambda: _query_tiles(lo, hi, block_t, run_length))
         splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
@@ -417,7 +411,7 @@ class _IntervalAttention(torch.autograd.Function):
             RUN_LENGTH=ctx.run_length or 0, **meta,
         )
         q_chunk = 1024
-        q_lo, q_hi, num_chunks = _memoized(ctx.memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, q_chunk))
+        q_lo, q_hi, num_chunks = memoized(ctx.memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, q_chunk))
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, num_chunks)](
@@ -667,7 +661,7 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple
     (query * H + key head) * n + slot. Every array has a size known on the host, so nothing waits for
     the GPU (the kernels read `count` themselves).
     """
-    num_q, heads_kv, slots = block_starts.shape
+    heads_kv = block_starts.shape[1]
     device = block_starts.device
     none = heads_kv * num_keys  # sorts after every real block
     heads = torch.arange(heads_kv, device=device, dtype=torch.int32)[None, :, None]
@@ -685,20 +679,28 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple
     num_entries = (sorted_key < none).sum(dtype=torch.int32)
     following = torch.cat([piece_first[1:], piece_first.new_zeros(1)])
     piece_len = torch.where(index + 1 < count, following, num_entries) - piece_first
-    return count.int(), piece_first, piece_len, sorted_key, entry.int()
+    return count, piece_first, piece_len, sorted_key, entry.int()
 
 
 def _persistent_programs(device: torch.device, work: int) -> int:
     """Programs of a persistent kernel: a few per multiprocessor (one off CUDA: the interpreter is serial)."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(work, 8 * _multiprocessors(index)))
+    return max(1, min(work, 8 * _multiprocessors(device)))
 
 
 # The block-centric forward keeps a partial (o, lse) per (query, slot) in fp32; above this many bytes of
 # partials (G >= 16 at long T) the query-centric kernel, which needs none, runs instead.
 _PARTIALS_BUDGET = 2 << 30
+
+
+_PIECE = 256  # queries of one selected block per program and pass (long lists meet in atomics)
+
+
+def _block_centric_tile(groups: int) -> dict[str, int]:
+    """Rows of one block-centric tile: BLOCK_Q queries x the group's heads padded to G_PAD, 64 rows or more."""
+    g_pad = triton.next_power_of_2(groups)
+    return dict(G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad))
 
 
 def _partials_fit(slots: int, num_q: int, heads_q: int, dim: int) -> bool:
@@ -735,12 +737,11 @@ class _BlockAttention(torch.autograd.Function):
             o = torch.empty(slots, num_q, heads_q, dim_v, device=q.device, dtype=torch.float32)
             lse = torch.full((slots, num_q, heads_q), float("-inf"), device=q.device, dtype=torch.float32)
             _check_offsets(partial_outputs=o)
-            g_pad = triton.next_power_of_2(groups)
             _block_fwd_by_block_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
                 q, k, v, hi, *pieces, o, lse,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), o.stride(2), lse.stride(0), heads_kv, slots, num_k, scale,
-                G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), DV=dim_v, **meta,
+                DV=dim_v, **_block_centric_tile(groups), **meta,
             )
         else:
             splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
@@ -767,38 +768,34 @@ class _BlockAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
         slots = starts.shape[-1]
-        dq_partials = num_q > 0 and _partials_fit(slots, num_q, heads_q, dim)
-        dq = torch.empty((slots, *q.shape) if dq_partials else q.shape, device=q.device,
-                         dtype=torch.float32 if dq_partials else q.dtype)
+        dq_partials = _partials_fit(slots, num_q, heads_q, dim)
+        dq = torch.empty_like(q)
+        # Per-slot dq parts, summed below; unused slots are never written, so no zero fill.
+        dq_parts = torch.empty(slots, *q.shape, device=q.device, dtype=torch.float32) if dq_partials else dq
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         if num_q:
             pieces = pieces or _queries_per_block(starts, num_k, piece=_PIECE)
-            g_pad = triton.next_power_of_2(ctx.meta["G"])
             if not dq_partials:
                 _block_bwd_dq_kernel[(num_q, heads_kv)](
                     q, k, v, do, lse, delta, starts, hi, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                     v.stride(0), v.stride(1), do.stride(0), do.stride(1), starts.stride(0), starts.stride(1), ctx.scale,
                     G_PAD=_pow2(ctx.meta["G"]), NUM_SLOTS=slots, DV_DIM=dim_v, **ctx.meta,
                 )
-            dq_strides = dq.stride()[:3] if dq_partials else (0, 0, 0)
+            dq_strides = dq_parts.stride()[:3] if dq_partials else (0, 0, 0)
             _block_bwd_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
-                q, k, v, do, lse, delta, hi, *pieces, dq, dk, dv,
+                q, k, v, do, lse, delta, hi, *pieces, dq_parts, dk, dv,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
                 *dq_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 heads_kv, slots, num_k, ctx.scale,
-                G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad), DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **ctx.meta,
+                DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **_block_centric_tile(ctx.meta["G"]), **ctx.meta,
             )
             if dq_partials:
-                dq_parts, dq = dq, torch.empty_like(q)
                 _sum_dq_parts_kernel[(triton.cdiv(num_q * heads_q, 32),)](
                     dq_parts, starts, dq, num_q, dq_parts.stride(0), starts.stride(0), starts.stride(1), heads_kv,
                     G=ctx.meta["G"], NUM_SLOTS=slots, BLOCK_R=32, D=dim, BLOCK_D=ctx.meta["BLOCK_D"],
                 )
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
-
-
-_PIECE = 256  # queries of one selected block per program and pass (long lists meet in atomics)
 
 
 def block_attention(
@@ -964,8 +961,7 @@ def select_blocks(
     g_pad = triton.next_power_of_2(groups)
     block_t = _tile_tokens(g_pad, layout.run_length)
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
-    first, length, num_tiles = _memoized(layout.memo.setdefault("triton", {}), ("document_tiles", block_t),
-                                         lambda: _document_tiles(layout, block_t))
+    first, length, num_tiles = memoized(layout.memo, ("document_tiles", block_t), lambda: _document_tiles(layout, block_t))
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
     _select_blocks_kernel[(num_tiles, heads_kv, splits)](

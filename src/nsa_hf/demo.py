@@ -17,6 +17,7 @@ Run it from the command line with ``nsa-hf demo`` (see `nsa_hf.cli`).
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 from .configuration_nsa import NsaConfig
 from .data import load_demo_corpus
 from .modeling_nsa import NsaForCausalLM
+from .ops.backends import BACKENDS
 
 __all__ = ["DemoResult", "build_model", "build_tokenizer", "evaluate_loss", "format_report", "load_model", "run_demo"]
 
@@ -147,6 +149,16 @@ def build_model(tokenizer, seq_len: int, num_layers: int = 2, seed: int = 0) -> 
     )
     torch.manual_seed(seed)
     return NsaForCausalLM(config)
+
+
+def add_nsa_backend_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The examples' `--nsa-backend` flag, with `NsaConfig.nsa_backend`'s choices."""
+    parser.add_argument(
+        "--nsa-backend",
+        choices=BACKENDS,
+        default="auto",
+        help="attention backend; auto = Triton on CUDA, else the PyTorch reference (default: %(default)s)",
+    )
 
 
 @torch.no_grad()

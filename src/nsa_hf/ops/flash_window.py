@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .layout import QueryLayout
+from .layout import QueryLayout, memoized
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +52,18 @@ def applies(q: Tensor, layout: QueryLayout) -> bool:
     )
 
 
+def _document_bounds(layout: QueryLayout) -> tuple[Tensor, int]:
+    """int32 cu_seqlens of the documents, and the longest one's length."""
+    starts = torch.nonzero(layout.positions == 0).flatten()
+    cu = torch.cat([starts, starts.new_tensor([layout.positions.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float) -> Tensor:
     """Causal attention over the last `window_size` tokens of each document (see `applies`)."""
     name, fn = _varlen_impl()
     _announce(name)
-    if "flash_window" not in layout.memo:  # one host sync per layout, not per layer
-        starts = torch.nonzero(layout.positions == 0).flatten()
-        cu = torch.cat([starts, starts.new_tensor([q.shape[0]])]).to(torch.int32)
-        layout.memo["flash_window"] = cu, int((cu[1:] - cu[:-1]).max())
-    cu, max_len = layout.memo["flash_window"]
+    cu, max_len = memoized(layout.memo, "flash_window", lambda: _document_bounds(layout))  # one host sync per layout
     if name == "flash_attn":
         return fn(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True, window_size=(window_size - 1, 0))
     params = inspect.signature(fn).parameters
