@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -92,6 +93,29 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that runs its own forward: not a subclass (quantized, PEFT), not hooked, not patched."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
+    """Every projection of the same input. When all are plain nn.Linear, one GEMM over their stacked weights:
+    under autocast the input is cast once and its gradient comes back as one tensor, not one per projection.
+    Wrapped modules (LoRA, quantized, hooked) keep their own forward."""
+    if len(projections) == 1 or not all(_plain_linear(p) for p in projections):
+        return tuple(p(hidden_states) for p in projections)
+    weight = torch.cat([p.weight for p in projections])
+    bias = None
+    if any(p.bias is not None for p in projections):
+        bias = torch.cat([p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections])
+    return F.linear(hidden_states, weight, bias).split([p.out_features for p in projections], dim=-1)
+
+
 class NsaMLP(nn.Module):
     def __init__(self, config: NsaConfig):
         super().__init__()
@@ -101,7 +125,8 @@ class NsaMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class NsaCompressor(nn.Module):
@@ -144,9 +169,18 @@ class NsaBranchGate(nn.Module):
             self.act_fn = nn.SiLU()
             self.fc2 = nn.Linear(config.gate_intermediate_size, out_features, bias=True)
 
+    @property
+    def input_projection(self) -> nn.Linear:
+        """The layer applied to the hidden states (the attention stacks it with its own projections)."""
+        return self.proj if hasattr(self, "proj") else self.fc1
+
+    def from_projection(self, projected: Tensor) -> Tensor:
+        """Gates [B, T, HQ, 3] from `input_projection`'s output."""
+        logits = projected if hasattr(self, "proj") else self.fc2(self.act_fn(projected))
+        return torch.sigmoid(logits).unflatten(-1, (-1, 3))
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        logits = self.proj(hidden_states) if hasattr(self, "proj") else self.fc2(self.act_fn(self.fc1(hidden_states)))
-        return torch.sigmoid(logits).unflatten(-1, (-1, 3))  # [B, T, HQ, 3]
+        return self.from_projection(self.input_projection(hidden_states))
 
 
 @dataclass
@@ -192,8 +226,10 @@ class NsaAttention(nn.Module):
         self.compress_value = NsaCompressor(config)
         self.branch_gate = NsaBranchGate(config)
 
-    def _heads(self, proj: nn.Linear, hidden_states: Tensor) -> Tensor:
-        return proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+    def _input_projections(self) -> tuple[nn.Module, ...]:
+        """Every projection of the layer's input, in the order `forward` unpacks them."""
+        branch_kv = (self.window_k_proj, self.window_v_proj, self.compress_k_proj, self.compress_v_proj) if self.independent_kv else ()
+        return (self.q_proj, self.k_proj, self.v_proj, *branch_kv, self.branch_gate.input_projection)
 
     def _compressor(self, plan: NsaForwardPlan) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
         """phi_k, phi_v, then RoPE on the compressed key at its block's last-token position."""
@@ -213,17 +249,15 @@ class NsaAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         batch, seq_len, _ = hidden_states.shape
         cos, sin = plan.cos, plan.sin
-        q = apply_rotary(self._heads(self.q_proj, hidden_states), cos, sin)
-        k_raw, v_slc = self._heads(self.k_proj, hidden_states), self._heads(self.v_proj, hidden_states)
-        k_slc = apply_rotary(k_raw, cos, sin)
+        *heads, gate_projection = project(hidden_states, self._input_projections())
+        q, k_raw, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
+        q, k_slc = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
         if self.independent_kv:
-            k_raw = self._heads(self.compress_k_proj, hidden_states)
-            v_raw = self._heads(self.compress_v_proj, hidden_states)
-            k_win = apply_rotary(self._heads(self.window_k_proj, hidden_states), cos, sin)
-            v_win = self._heads(self.window_v_proj, hidden_states)
+            k_win, v_win, k_raw, v_raw = branch_kv
+            k_win = apply_rotary(k_win, cos, sin)
         else:
             v_raw, k_win, v_win = v_slc, k_slc, v_slc
-        gates = self.branch_gate(hidden_states)
+        gates = self.branch_gate.from_projection(gate_projection)
         attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
 
         if past_key_values is not None:
@@ -244,8 +278,8 @@ class NsaAttention(nn.Module):
 
         inputs = (q.flatten(0, 1), k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.flatten(0, 1))
         if torch.is_autocast_enabled(q.device.type):
-            # RoPE's fp32 cos/sin promote q and k to fp32 under autocast; like SDPA, attention runs in the
-            # autocast dtype (the FlashAttention window and the Triton kernels need it).
+            # Like SDPA, attention runs in the autocast dtype (the FlashAttention window and the Triton kernels
+            # need it); projections and RoPE already give it, so this only catches what does not.
             dtype = torch.get_autocast_dtype(q.device.type)
             inputs = tuple(t.to(dtype) for t in inputs)
         out = attention(*inputs, layout, self.pattern, self.scaling)
@@ -289,6 +323,15 @@ class NsaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
+
+
+def _rope_dtype(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast, RoPE runs in the autocast dtype, as in a model loaded in that dtype: fp32 cos/sin
+    would promote q and every key to fp32, and attention takes them in the autocast dtype anyway."""
+    if not torch.is_autocast_enabled(cos.device.type):
+        return cos, sin
+    dtype = torch.get_autocast_dtype(cos.device.type)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _leading_padding(attention_mask: Tensor) -> Tensor:
@@ -358,7 +401,7 @@ class NsaModel(NsaPreTrainedModel):
             else:
                 doc_starts = cache.layers[0].doc_starts
             positions = (past + torch.arange(seq_len, device=device))[None, :] - doc_starts[:, None]
-            cos, sin = self.rotary_emb(hidden_states, positions.clamp(min=0))
+            cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions.clamp(min=0)))
             return NsaForwardPlan(cos, sin, self.rotary_emb, doc_starts=doc_starts)
 
         # Packed boundaries cover the flattened batch; from_cu_seqlens checks they end at its B * T tokens.
@@ -369,8 +412,8 @@ class NsaModel(NsaPreTrainedModel):
         layout, blocks = QueryLayout.from_cu_seqlens(
             cu_seqlens.to(device), self.config.compress_block_size, self.config.compress_stride, batch * seq_len
         )
-        cos, sin = self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len))
-        block_cos, block_sin = self.rotary_emb(hidden_states, blocks.positions[None])
+        cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
+        block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
         return NsaForwardPlan(
             cos, sin, self.rotary_emb, layout=layout, block_starts=blocks.token_starts, block_cos=block_cos[0], block_sin=block_sin[0]
         )

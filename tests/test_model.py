@@ -170,6 +170,28 @@ def test_cache_batch_operations_match_reordered_inputs():
         torch.testing.assert_close(again, model(prompt[:2], use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("branch_kv,gate_intermediate_size,attention_bias", [("independent", None, False), ("shared", 8, True)])
+def test_stacked_projections_equal_module_forwards(branch_kv, gate_intermediate_size, attention_bias):
+    """Plain nn.Linear projections of one input run as one GEMM; a hooked module (as LoRA or accelerate
+    wrap them) runs its own forward. Both give the same logits and gradients."""
+    config = tiny_config(branch_kv=branch_kv, gate_intermediate_size=gate_intermediate_size, attention_bias=attention_bias)
+    model = make_model(config).train()
+    input_ids = torch.randint(0, config.vocab_size, (2, 45))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(input_ids, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    stacked = logits_and_grads()
+    for layer in model.model.layers:  # one hooked projection per group turns stacking off
+        layer.self_attn.q_proj.register_forward_hook(lambda *args: None)
+        layer.mlp.up_proj.register_forward_hook(lambda *args: None)
+    separate = logits_and_grads()
+    torch.testing.assert_close(stacked, separate, rtol=1e-5, atol=1e-6)
+
+
 def test_save_load_round_trip_is_bit_identical(tmp_path):
     config = tiny_config(tie_word_embeddings=True)
     model = make_model(config)
