@@ -44,7 +44,7 @@ def build(kind: str, length: int) -> torch.nn.Module:
     return model.cuda().train()
 
 
-def kernel_table(profiler: torch.profiler.profile, rows: int = 25) -> str:
+def kernel_table(profiler: torch.profiler.profile, rows: int = 40) -> str:
     """The GPU kernels of a profiled step, most time first: total ms, calls, name."""
     totals: dict[str, list[float]] = {}
     for event in profiler.events():

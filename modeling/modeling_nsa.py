@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
-from .nsa_ops_backends import resolve_backend
+from .nsa_ops_backends import resolve_backend, resolve_rotary
 from .nsa_ops_compression import gather_blocks
 from .nsa_ops_layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids, cu_seqlens_from_seq_idx
 
@@ -109,11 +109,16 @@ def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[
     Wrapped modules (LoRA, quantized, hooked) keep their own forward."""
     if len(projections) == 1 or not all(_plain_linear(p) for p in projections):
         return tuple(p(hidden_states) for p in projections)
-    weight = torch.cat([p.weight for p in projections])
+    sizes = [p.out_features for p in projections]
+    # Zero rows up to a multiple of 8 outputs keep the output rows 16-byte aligned in bf16: otherwise cuBLAS
+    # falls back to unaligned kernels (as it did for the seed model's 1572 outputs on the H200).
+    padding = -sum(sizes) % 8
+    weights = [p.weight for p in projections] + [projections[0].weight.new_zeros(padding, hidden_states.shape[-1])]
     bias = None
     if any(p.bias is not None for p in projections):
-        bias = torch.cat([p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections])
-    return F.linear(hidden_states, weight, bias).split([p.out_features for p in projections], dim=-1)
+        biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
+        bias = torch.cat(biases + [projections[0].weight.new_zeros(padding)])
+    return F.linear(hidden_states, torch.cat(weights), bias).split(sizes + [padding], dim=-1)[: len(projections)]
 
 
 class NsaMLP(nn.Module):
@@ -251,10 +256,11 @@ class NsaAttention(nn.Module):
         cos, sin = plan.cos, plan.sin
         *heads, gate_projection = project(hidden_states, self._input_projections())
         q, k_raw, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
-        q, k_slc = apply_rotary(q, cos, sin), apply_rotary(k_raw, cos, sin)
+        rotate = resolve_rotary(self.config.nsa_backend, hidden_states.device) or apply_rotary
+        q, k_slc = rotate(q, cos, sin), rotate(k_raw, cos, sin)
         if self.independent_kv:
             k_win, v_win, k_raw, v_raw = branch_kv
-            k_win = apply_rotary(k_win, cos, sin)
+            k_win = rotate(k_win, cos, sin)
         else:
             v_raw, k_win, v_win = v_slc, k_slc, v_slc
         gates = self.branch_gate.from_projection(gate_projection)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -58,18 +59,32 @@ def _announce(requested: str, chosen: str, device_type: str) -> None:
     logger.info("nsa_backend=%r runs the %r backend on %s.", requested, chosen, device_type)
 
 
-def resolve_backend(name: str, device: torch.device) -> NsaBackend:
-    """The backend for `name` on `device`. "auto" picks Triton on CUDA (when installed), else the reference."""
+def _choose(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"`nsa_backend` must be one of {BACKENDS}, got {name!r}.")
     if name == "triton" and not triton_available():
         raise ValueError("`nsa_backend='triton'` needs the `triton` package (pip install 'nsa-hf[triton]').")
-    chosen = name
-    if name == "auto":
-        chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
-        if not torch.compiler.is_compiling():  # dynamo cannot trace logging inside functools.cache
-            _announce(name, chosen, device.type)
-    return _compiled_around(chosen)
+    if name != "auto":
+        return name
+    chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
+    if not torch.compiler.is_compiling():  # dynamo cannot trace logging inside functools.cache
+        _announce(name, chosen, device.type)
+    return chosen
+
+
+def resolve_backend(name: str, device: torch.device) -> NsaBackend:
+    """The backend for `name` on `device`. "auto" picks Triton on CUDA (when installed), else the reference."""
+    return _compiled_around(_choose(name, device))
+
+
+def resolve_rotary(name: str, device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """The fused RoPE of the backend `name` picks on `device`, or None for the model's PyTorch ops: with the
+    reference backend, and under torch.compile (inductor fuses those ops itself)."""
+    if torch.compiler.is_compiling() or _choose(name, device) != "triton":
+        return None
+    from .nsa_ops_triton_rotary import apply_rotary as triton_rotary_apply_rotary  # lazy, like the attention kernels
+
+    return triton_rotary_apply_rotary
 
 
 _BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache

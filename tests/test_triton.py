@@ -14,9 +14,11 @@ import torch
 triton = pytest.importorskip("triton")
 
 from nsa_hf import NsaCache
+from nsa_hf.modeling_nsa import apply_rotary
 from nsa_hf.ops import (
     reference,
     triton_kernels,
+    triton_rotary,
 )
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
@@ -177,6 +179,27 @@ def test_block_selection_matches_reference(blocks, dtype):
     # Exact in fp32; at bf16/fp16 a near-tie between two blocks may resolve either way.
     assert differing <= (0.0 if dtype == torch.float32 else 0.02), f"{differing:.2%} of rows select other blocks"
     assert bool(((chosen >= 0).sum(-1) == (expected >= 0).sum(-1)).all())  # -1 slots agree exactly
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_kernel_matches_pytorch_rope(dtype):
+    """The fused RoPE on a strided slice (as of the stacked projection), forward and gradient."""
+    torch.manual_seed(0)
+    batch, seq, heads, dim = (3, 70, 6, 64) if CUDA else (2, 9, 3, 8)
+    stacked = torch.randn(batch, seq, (heads + 2) * dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    angles = torch.randn(batch, seq, dim // 2, device=DEVICE).repeat(1, 1, 2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    x = stacked[..., dim : (heads + 1) * dim].unflatten(-1, (heads, dim))
+    out = triton_rotary.apply_rotary(x, cos, sin)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, stacked, grad_out)
+    out_ref, (grad_ref, _, _) = reference_grads(apply_rotary, (x, cos, sin), grad_out)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close_rel(out, out_ref, dtype, "out")
+    assert_close_rel(grad[..., dim : (heads + 1) * dim].unflatten(-1, (heads, dim)), grad_ref, dtype, "dx")
+    assert not grad[..., :dim].any() and not grad[..., (heads + 1) * dim :].any()
+    with pytest.raises(ValueError, match="`cos` and `sin` must have shape"):
+        triton_rotary.apply_rotary(x, cos[:, 1:], sin[:, 1:])
 
 
 def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding():
