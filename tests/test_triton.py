@@ -18,7 +18,7 @@ from nsa_hf.modeling_nsa import apply_rotary
 from nsa_hf.ops import (
     reference,
     triton_kernels,
-    triton_rotary,
+    triton_pointwise,
 )
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
@@ -190,7 +190,7 @@ def test_rotary_kernel_matches_pytorch_rope(dtype):
     angles = torch.randn(batch, seq, dim // 2, device=DEVICE).repeat(1, 1, 2)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     x = stacked[..., dim : (heads + 1) * dim].unflatten(-1, (heads, dim))
-    out = triton_rotary.apply_rotary(x, cos, sin)
+    out = triton_pointwise.apply_rotary(x, cos, sin)
     grad_out = torch.randn_like(out)
     (grad,) = torch.autograd.grad(out, stacked, grad_out)
     out_ref, (grad_ref, _, _) = reference_grads(apply_rotary, (x, cos, sin), grad_out)
@@ -199,7 +199,28 @@ def test_rotary_kernel_matches_pytorch_rope(dtype):
     assert_close_rel(grad[..., dim : (heads + 1) * dim].unflatten(-1, (heads, dim)), grad_ref, dtype, "dx")
     assert not grad[..., :dim].any() and not grad[..., (heads + 1) * dim :].any()
     with pytest.raises(ValueError, match="`cos` and `sin` must have shape"):
-        triton_rotary.apply_rotary(x, cos[:, 1:], sin[:, 1:])
+        triton_pointwise.apply_rotary(x, cos[:, 1:], sin[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding", [0, 4])
+def test_silu_mul_kernel_matches_pytorch_swiglu(dtype, padding):
+    """silu(gate) * up from the stacked gate/up projection (with zero padding columns), forward and gradient."""
+    torch.manual_seed(0)
+    shape = (3, 70) if CUDA else (2, 7)
+    width = 1000 if CUDA else 24
+    stacked = (torch.randn(*shape, 2 * width + padding, device=DEVICE, dtype=dtype) * 3).requires_grad_()
+    out = triton_pointwise.silu_mul(stacked, width)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, stacked, grad_out)
+    out_ref, (grad_ref,) = reference_grads(
+        lambda x: torch.nn.functional.silu(x[..., :width]) * x[..., width : 2 * width], (stacked,), grad_out
+    )
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close_rel(out, out_ref, dtype, "out")
+    assert_close_rel(grad, grad_ref, dtype, "d_gate_up")
+    with pytest.raises(ValueError, match="`gate_up` must hold gate and up"):
+        triton_pointwise.silu_mul(stacked[..., : 2 * width - 1], width)
 
 
 def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding():

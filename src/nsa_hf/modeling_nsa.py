@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
-from .ops.backends import resolve_backend, resolve_rotary
+from .ops.backends import resolve_backend, resolve_pointwise
 from .ops.compression import gather_blocks
 from .ops.layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids, cu_seqlens_from_seq_idx
 
@@ -102,12 +102,13 @@ def _plain_linear(module: nn.Module) -> bool:
     )
 
 
-def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
-    """Every projection of the same input. When all are plain nn.Linear, one GEMM over their stacked weights:
-    under autocast the input is cast once and its gradient comes back as one tensor, not one per projection.
-    Wrapped modules (LoRA, quantized, hooked) keep their own forward."""
-    if len(projections) == 1 or not all(_plain_linear(p) for p in projections):
-        return tuple(p(hidden_states) for p in projections)
+def stacked_projection(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> Tensor | None:
+    """The outputs of projections of the same input side by side, from one GEMM over their stacked weights
+    (under autocast the input is cast once and its gradient comes back as one tensor, not one per
+    projection), possibly followed by zero padding columns; None unless all are plain nn.Linear (LoRA,
+    quantized and hooked modules keep their own forward)."""
+    if not all(_plain_linear(p) for p in projections):
+        return None
     sizes = [p.out_features for p in projections]
     # Zero rows up to a multiple of 8 outputs keep the output rows 16-byte aligned in bf16: otherwise cuBLAS
     # falls back to unaligned kernels (as it did for the seed model's 1572 outputs on the H200).
@@ -117,18 +118,31 @@ def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[
     if any(p.bias is not None for p in projections):
         biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
         bias = torch.cat(biases + [projections[0].weight.new_zeros(padding)])
-    return F.linear(hidden_states, torch.cat(weights), bias).split(sizes + [padding], dim=-1)[: len(projections)]
+    return F.linear(hidden_states, torch.cat(weights), bias)
+
+
+def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
+    """Every projection of the same input: one stacked GEMM where `stacked_projection` allows, split."""
+    stacked = stacked_projection(hidden_states, projections) if len(projections) > 1 else None
+    if stacked is None:
+        return tuple(p(hidden_states) for p in projections)
+    sizes = [p.out_features for p in projections]
+    return stacked.split(sizes + [stacked.shape[-1] - sum(sizes)], dim=-1)[: len(projections)]
 
 
 class NsaMLP(nn.Module):
     def __init__(self, config: NsaConfig):
         super().__init__()
+        self.config = config
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = resolve_pointwise(self.config.nsa_backend, x.device) if self.config.hidden_act in ("silu", "swish") else None
+        if fused is not None and (gate_up := stacked_projection(x, (self.gate_proj, self.up_proj))) is not None:
+            return self.down_proj(fused.silu_mul(gate_up, self.gate_proj.out_features))
         gate, up = project(x, (self.gate_proj, self.up_proj))
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -255,7 +269,8 @@ class NsaAttention(nn.Module):
         cos, sin = plan.cos, plan.sin
         *heads, gate_projection = project(hidden_states, self._input_projections())
         q, k_raw, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
-        rotate = resolve_rotary(self.config.nsa_backend, hidden_states.device) or apply_rotary
+        fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
+        rotate = fused.rotary if fused is not None else apply_rotary
         q, k_slc = rotate(q, cos, sin), rotate(k_raw, cos, sin)
         if self.independent_kv:
             k_win, v_win, k_raw, v_raw = branch_kv

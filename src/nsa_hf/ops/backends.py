@@ -12,7 +12,7 @@ import functools
 import importlib.util
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -71,14 +71,19 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
     return _compiled_around(_choose(name, device))
 
 
-def resolve_rotary(name: str, device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
-    """The fused RoPE of the backend `name` picks on `device`, or None for the model's PyTorch ops: with the
-    reference backend, and under torch.compile (inductor fuses those ops itself)."""
+class PointwiseKernels(NamedTuple):
+    rotary: Callable[[Tensor, Tensor, Tensor], Tensor]  # (x [..., H, D], cos, sin) -> RoPE(x)
+    silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
+
+
+def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:
+    """The fused RoPE and SwiGLU kernels when `name` picks the Triton backend on `device`, or None for the
+    model's PyTorch ops: with the reference backend, and under torch.compile (inductor fuses those ops)."""
     if torch.compiler.is_compiling() or _choose(name, device) != "triton":
         return None
-    from . import triton_rotary  # lazy, like the attention kernels
+    from . import triton_pointwise  # lazy, like the attention kernels
 
-    return triton_rotary.apply_rotary
+    return PointwiseKernels(triton_pointwise.apply_rotary, triton_pointwise.silu_mul)
 
 
 _BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache

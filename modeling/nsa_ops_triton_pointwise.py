@@ -1,10 +1,9 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
-"""Rotary position embedding as one Triton kernel, forward and backward.
+"""The model's pointwise ops as Triton kernels, forward and backward: RoPE and SwiGLU's silu(gate) * up.
 
-Computes the model's `apply_rotary` (x * cos + rotate_half(x) * sin, cos and sin shared by the heads of a
-token) in fp32 and writes x's dtype. In eager PyTorch the same is six elementwise kernels over q and every
-key, each a full pass over memory, on strided slices of the stacked projection; here it is one read and
-one write. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself.
+In eager PyTorch each is several elementwise kernels, each a full pass over memory, and here on strided
+slices of a stacked projection (slower kernels); each kernel below reads its inputs once and writes once,
+computing in fp32. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ except ImportError:
     raise
 from torch import Tensor
 
-__all__ = ["apply_rotary"]
+__all__ = ["apply_rotary", "silu_mul"]
 
 
 @triton.jit
@@ -91,3 +90,65 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
             f"even head dim), got {tuple(cos.shape)} and {tuple(sin.shape)}."
         )
     return _Rotary.apply(x, cos, sin)
+
+
+@triton.jit
+def _silu_mul_kernel(GATE_UP, GRAD, OUT, width, stride_row, stride_grad, stride_out, BLOCK: tl.constexpr,
+                     BACKWARD: tl.constexpr):
+    """One row's BLOCK columns of silu(gate) * up, gate and up the two halves of GATE_UP's row. The backward
+    writes d(gate) and d(up) into OUT laid out like GATE_UP."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    gate = tl.load(GATE_UP + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GATE_UP + row * stride_row + width + cols, mask=mask, other=0.0).to(tl.float32)
+    sigmoid = 1.0 / (1.0 + tl.exp(-gate))
+    silu = gate * sigmoid
+    if BACKWARD:
+        grad = tl.load(GRAD + row * stride_grad + cols, mask=mask, other=0.0).to(tl.float32)
+        d_gate = grad * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        tl.store(OUT + row * stride_out + cols, d_gate.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + row * stride_out + width + cols, (grad * silu).to(OUT.dtype.element_ty), mask=mask)
+    else:
+        tl.store(OUT + row * stride_out + cols, (silu * up).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: int) -> None:
+    block = min(1024, triton.next_power_of_2(width))
+    rows = out.shape[0]
+    reference = grad if grad is not None else gate_up
+    _silu_mul_kernel[(rows, triton.cdiv(width, block))](
+        gate_up, reference, out, width, gate_up.stride(0), reference.stride(0), out.stride(0), BLOCK=block,
+        BACKWARD=grad is not None,
+    )
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: Tensor, width: int) -> Tensor:
+        rows = gate_up.reshape(-1, gate_up.shape[-1])
+        out = torch.empty(rows.shape[0], width, device=gate_up.device, dtype=gate_up.dtype)
+        _silu_mul_launch(rows, None, out, width)
+        ctx.save_for_backward(rows)
+        ctx.width, ctx.shape = width, gate_up.shape
+        return out.view(*gate_up.shape[:-1], width)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        # Columns past 2 * width (padding of the stacked projection) get a zero gradient.
+        empty = torch.empty if rows.shape[1] == 2 * ctx.width else torch.zeros
+        d_gate_up = empty(rows.shape, device=rows.device, dtype=rows.dtype)
+        _silu_mul_launch(rows, grad.reshape(-1, ctx.width).contiguous(), d_gate_up, ctx.width)
+        return d_gate_up.view(ctx.shape), None
+
+
+def silu_mul(gate_up: Tensor, width: int) -> Tensor:
+    """silu(gate_up[..., :width]) * gate_up[..., width:2 * width] (SwiGLU's gating), contiguous."""
+    if gate_up.shape[-1] < 2 * width or gate_up.stride(-1) != 1:
+        raise ValueError(
+            f"`gate_up` must hold gate and up ({2 * width} columns, last dim contiguous), got {tuple(gate_up.shape)}."
+        )
+    if gate_up.numel() > 2**31:
+        raise ValueError(f"the Triton SwiGLU addresses at most 2**31 elements; got {tuple(gate_up.shape)} (split the batch).")
+    return _SiluMul.apply(gate_up, width)
