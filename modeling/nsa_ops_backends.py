@@ -48,9 +48,15 @@ def _primitives(name: str) -> Primitives:
         window_attention as triton_kernels_window_attention,
     )  # lazy: the package imports without Triton
 
+    from .nsa_ops_triton_pointwise import (
+        apply_rotary as triton_pointwise_apply_rotary,
+        gate_branches as triton_pointwise_gate_branches,
+        silu_mul as triton_pointwise_silu_mul,
+    )
+
     return Primitives(
         triton_kernels_interval_attention, triton_kernels_block_attention, triton_kernels_select_blocks,
-        triton_kernels_window_attention,
+        triton_kernels_window_attention, triton_pointwise_gate_branches,
     )
 
 
@@ -89,6 +95,7 @@ def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | Non
         return None
     from .nsa_ops_triton_pointwise import (
         apply_rotary as triton_pointwise_apply_rotary,
+        gate_branches as triton_pointwise_gate_branches,
         silu_mul as triton_pointwise_silu_mul,
     )  # lazy, like the attention kernels
 

@@ -385,8 +385,15 @@ class _IntervalAttention(torch.autograd.Function):
                 NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
             )
         o, lse = _combine_splits(o, lse, q.dtype)
-        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse)
-        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length, ctx.memo = scale, block_t, num_tiles, run_length, memo
+        readers = None
+        if any(ctx.needs_input_grad[:3]):
+            # Built here, not in backward: its host sync would stall the backward pass behind the whole
+            # forward queue, and the GPU would then idle while the host launches the first backward kernels.
+            num_k = k.shape[0]
+            readers = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, _READER_CHUNK))
+        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse, *(readers or ())[:2])
+        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
+        ctx.reader_chunks = readers[2] if readers else None
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -396,7 +403,7 @@ class _IntervalAttention(torch.autograd.Function):
             k_shape, v_shape = ctx.shapes
             dq = do.new_zeros(do.shape[0], do.shape[1], k_shape[2])
             return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None, None
-        q, k, v, lo, hi, tile_first, tile_len, o, lse = ctx.saved_tensors
+        q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi = ctx.saved_tensors
         heads_q, dim = q.shape[1:]
         num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
@@ -410,15 +417,16 @@ class _IntervalAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v,
             RUN_LENGTH=ctx.run_length or 0, **meta,
         )
-        q_chunk = 1024
-        q_lo, q_hi, num_chunks = memoized(ctx.memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, q_chunk))
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, num_chunks)](
+        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, ctx.reader_chunks)](
             q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
-            Q_CHUNK=q_chunk, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
+            Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+_READER_CHUNK = 1024  # queries per dk/dv program: longer reader ranges are split over programs
 
 
 def _key_readers(lo: Tensor, hi: Tensor, num_k: int, q_chunk: int) -> tuple[Tensor, Tensor, int]:

@@ -1,5 +1,6 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
-"""The model's pointwise ops as Triton kernels, forward and backward: RoPE and SwiGLU's silu(gate) * up.
+"""The model's pointwise ops as Triton kernels, forward and backward: RoPE, SwiGLU's silu(gate) * up and
+the gated mix of NSA's three branches.
 
 In eager PyTorch each is several elementwise kernels, each a full pass over memory, and here on strided
 slices of a stacked projection (slower kernels); each kernel below reads its inputs once and writes once,
@@ -16,7 +17,7 @@ except ImportError:
     raise
 from torch import Tensor
 
-__all__ = ["apply_rotary", "silu_mul"]
+__all__ = ["apply_rotary", "gate_branches", "silu_mul"]
 
 
 @triton.jit
@@ -152,3 +153,78 @@ def silu_mul(gate_up: Tensor, width: int) -> Tensor:
     if gate_up.numel() > 2**31:
         raise ValueError(f"the Triton SwiGLU addresses at most 2**31 elements; got {tuple(gate_up.shape)} (split the batch).")
     return _SiluMul.apply(gate_up, width)
+
+
+@triton.jit
+def _gate_kernel(O_CMP, O_SLC, O_WIN, GATES, GRAD, OUT, D_GATES, num_rows, DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BACKWARD: tl.constexpr):
+    """BLOCK_R (query, head) rows of sum_c g_c * o_c; the backward writes d(o_c) = g_c * grad into OUT
+    ([3, rows, DIM]) and d(g_c) = <grad, o_c> into D_GATES ([rows, 3])."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < DIM)[None, :]
+    at = rows[:, None] * DIM + d[None, :]
+    g_cmp = tl.load(GATES + rows * 3, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    g_slc = tl.load(GATES + rows * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    g_win = tl.load(GATES + rows * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    o_cmp = tl.load(O_CMP + at, mask=mask, other=0.0).to(tl.float32)
+    o_slc = tl.load(O_SLC + at, mask=mask, other=0.0).to(tl.float32)
+    o_win = tl.load(O_WIN + at, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        grad = tl.load(GRAD + at, mask=mask, other=0.0).to(tl.float32)
+        size = num_rows * DIM
+        tl.store(OUT + at, (g_cmp * grad).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + size + at, (g_slc * grad).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + 2 * size + at, (g_win * grad).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(D_GATES + rows * 3, tl.sum(grad * o_cmp, axis=1).to(D_GATES.dtype.element_ty), mask=row_ok)
+        tl.store(D_GATES + rows * 3 + 1, tl.sum(grad * o_slc, axis=1).to(D_GATES.dtype.element_ty), mask=row_ok)
+        tl.store(D_GATES + rows * 3 + 2, tl.sum(grad * o_win, axis=1).to(D_GATES.dtype.element_ty), mask=row_ok)
+    else:
+        out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
+        tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Tensor | None, out: Tensor,
+                 d_gates: Tensor | None) -> None:
+    num_rows, dim = gates.shape[0] * gates.shape[1], outputs[0].shape[-1]
+    block_r = 32
+    _gate_kernel[(triton.cdiv(num_rows, block_r),)](
+        *outputs, gates, grad if grad is not None else out, out, d_gates if d_gates is not None else gates, num_rows,
+        DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r, BACKWARD=grad is not None,
+    )
+
+
+class _GateBranches(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+        outputs = tuple(o.contiguous() for o in (o_cmp, o_slc, o_win))
+        gates = gates.contiguous()
+        out = torch.empty_like(outputs[0])
+        if out.numel():
+            _gate_launch(outputs, gates, None, out, None)
+        ctx.save_for_backward(*outputs, gates)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        *outputs, gates = ctx.saved_tensors
+        d_outputs = torch.empty(3, *outputs[0].shape, device=grad.device, dtype=outputs[0].dtype)
+        d_gates = torch.empty_like(gates)
+        if grad.numel():
+            _gate_launch(tuple(outputs), gates, grad.contiguous(), d_outputs, d_gates)
+        return d_outputs[0], d_outputs[1], d_outputs[2], d_gates
+
+
+def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+    """`reference.gate_branches` in one kernel: o_* [Nq, HQ, Dv] (one dtype), gates [Nq, HQ, 3]."""
+    if not (o_cmp.shape == o_slc.shape == o_win.shape) or gates.shape != (*o_cmp.shape[:-1], 3):
+        raise ValueError(
+            f"branch outputs must share one shape [Nq, HQ, Dv] and `gates` be [Nq, HQ, 3], got {tuple(o_cmp.shape)}, "
+            f"{tuple(o_slc.shape)}, {tuple(o_win.shape)} and {tuple(gates.shape)}."
+        )
+    if not (o_cmp.dtype == o_slc.dtype == o_win.dtype):
+        raise ValueError(f"branch outputs must share one dtype, got {o_cmp.dtype}, {o_slc.dtype} and {o_win.dtype}.")
+    if 3 * o_cmp.numel() > 2**31:
+        raise ValueError(f"the Triton gate mix addresses at most 2**31 elements; got {tuple(o_cmp.shape)} (split the batch).")
+    return _GateBranches.apply(o_cmp, o_slc, o_win, gates)

@@ -223,6 +223,24 @@ def test_silu_mul_kernel_matches_pytorch_swiglu(dtype, padding):
         triton_pointwise.silu_mul(stacked[..., : 2 * width - 1], width)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_kernel_matches_reference_mix(dtype):
+    torch.manual_seed(0)
+    num_q, heads, dim = (1000, 12, 64) if CUDA else (13, 3, 8)
+    inputs = [torch.randn(num_q, heads, dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)]
+    inputs.append(torch.rand(num_q, heads, 3, device=DEVICE, dtype=dtype, requires_grad=True))
+    out = triton_pointwise.gate_branches(*inputs)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    out_ref, grads_ref = reference_grads(reference.gate_branches, inputs, grad_out)
+    assert_close_rel(out, out_ref, dtype, "o")
+    for name, g, g_ref in zip(("d_cmp", "d_slc", "d_win", "d_gates"), grads, grads_ref):
+        assert g.dtype == dtype
+        assert_close_rel(g, g_ref, dtype, name)
+    with pytest.raises(ValueError, match="`gates` be"):
+        triton_pointwise.gate_branches(*inputs[:3], inputs[3][..., :2])
+
+
 def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding():
     dtype = torch.bfloat16 if CUDA else torch.float32
     config = tiny_config(nsa_backend="reference")

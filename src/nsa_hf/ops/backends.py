@@ -42,9 +42,11 @@ def _primitives(name: str) -> Primitives:
         return REFERENCE
     from . import triton_kernels  # lazy: the package imports without Triton
 
+    from . import triton_pointwise
+
     return Primitives(
         triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks,
-        triton_kernels.window_attention,
+        triton_kernels.window_attention, triton_pointwise.gate_branches,
     )
 
 

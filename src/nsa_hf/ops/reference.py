@@ -271,13 +271,20 @@ def select_blocks_varlen(
     return torch.cat(parts)
 
 
+def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+    """Eq. 5's mix: sum over branches c of g_c * o_c; o_* [Nq, HQ, Dv], gates [Nq, HQ, 3] (cmp, slc, win)."""
+    gates = gates.to(o_cmp.dtype)
+    return (o_cmp * gates[..., 0:1]).addcmul_(o_slc, gates[..., 1:2]).addcmul_(o_win, gates[..., 2:3])
+
+
 class Primitives(NamedTuple):
-    """What a backend provides; index building, the top-n rule and the gates are shared code."""
+    """What a backend provides; index building and the top-n rule are shared code."""
 
     interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length, memo=) -> (o, lse)
     block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
     select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
     window: Callable[..., Tensor] | None = None  # (q, k, v, layout, window_size, scale) -> o; None: interval
+    gate: Callable[..., Tensor] = gate_branches  # (o_cmp, o_slc, o_win, gates) -> o
 
 
 REFERENCE = Primitives(interval_attention, block_attention, select_blocks_varlen)
@@ -336,8 +343,7 @@ def nsa_attention_varlen(
     block_indices = primitives.select(q, k_cmp, lse, layout, pattern, scale)
     o_slc = selection_attention_varlen(q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale, primitives)
     o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale, primitives)
-    gates = gates.to(o_cmp.dtype)
-    return (o_cmp * gates[..., 0:1]).addcmul_(o_slc, gates[..., 1:2]).addcmul_(o_win, gates[..., 2:3])
+    return primitives.gate(o_cmp, o_slc, o_win, gates)
 
 
 # ---------------------------------------------------------------------------------------------------
