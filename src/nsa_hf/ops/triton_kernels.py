@@ -519,13 +519,13 @@ def _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots, G: t
     return token, entry % num_slots, kv_head * G + group, row_ok, hi
 
 
-def _tuning_configs() -> list[triton.Config]:
+def _tuning_configs(stages: tuple[int, ...] = (1, 2)) -> list[triton.Config]:
     """Launch settings tuned on a GPU, once per shape, for the kernels whose best one moves with the shape (the
     block-centric kernels and block selection: their loops gather rows or merge lists, so how many warps hide
     the latency depends on the head dims and tile heights); the interpreter runs one."""
     if not torch.cuda.is_available():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
 
 
 @triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV"])
@@ -819,7 +819,7 @@ def block_attention(
     return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
 
 
-@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_T", "BLOCK_D", "BLOCK_J", "NUM_SPLITS"])
+@triton.autotune(configs=_tuning_configs(stages=(1, 2, 3)), key=["G_PAD", "BLOCK_T", "BLOCK_D", "BLOCK_J", "NUM_SPLITS"])
 @triton.jit
 def _select_blocks_kernel(
     Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT, RANKED,
@@ -966,9 +966,11 @@ def select_blocks(
         return out
     r = pattern.compress_block_size // pattern.compress_stride
     g_pad = triton.next_power_of_2(groups)
-    # Tiles of 128 rows: each step's compressed keys and top-n merge serve twice the tokens of the attention
-    # kernels' 64-row tiles (seed shape at 32k on the H200: 1.24 ms per layer, against 1.78 with 64 rows).
-    block_t = _tile_tokens(g_pad, layout.run_length, rows=128)
+    # At least 16 tokens per tile where that stays within 128 rows: the scores then run on the tensor cores
+    # and each step's keys and top-n merge serve more tokens (H200, seed shape G = 6 at 32k: 1.24 ms per
+    # layer with 16 tokens, 1.78 with 8). G = 16 keeps 64 rows: 128 measured slower there.
+    rows = 16 * g_pad if 16 * g_pad <= 128 else 64
+    block_t = _tile_tokens(g_pad, layout.run_length, rows=max(rows, 64))
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
     first, length, num_tiles = memoized(layout.memo, ("document_tiles", block_t), lambda: _document_tiles(layout, block_t))
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)

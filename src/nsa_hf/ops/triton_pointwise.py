@@ -152,10 +152,10 @@ def silu_mul(gate_up: Tensor, width: int) -> Tensor:
 
 
 @triton.jit
-def _gate_kernel(O_CMP, O_SLC, O_WIN, GATES, GRAD, OUT, D_GATES, num_rows, DIM: tl.constexpr,
+def _gate_kernel(O_CMP, O_SLC, O_WIN, GATES, GRAD, OUT, D_SLC, D_WIN, D_GATES, num_rows, DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BACKWARD: tl.constexpr):
-    """BLOCK_R (query, head) rows of sum_c g_c * o_c; the backward writes d(o_c) = g_c * grad into OUT
-    ([3, rows, DIM]) and d(g_c) = <grad, o_c> into D_GATES ([rows, 3])."""
+    """BLOCK_R (query, head) rows of sum_c g_c * o_c; the backward writes d(o_c) = g_c * grad into OUT (cmp),
+    D_SLC and D_WIN, and d(g_c) = <grad, o_c> into D_GATES ([rows, 3])."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     d = tl.arange(0, BLOCK_D)
@@ -169,10 +169,9 @@ def _gate_kernel(O_CMP, O_SLC, O_WIN, GATES, GRAD, OUT, D_GATES, num_rows, DIM: 
     o_win = tl.load(O_WIN + at, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         grad = tl.load(GRAD + at, mask=mask, other=0.0).to(tl.float32)
-        size = num_rows * DIM
         tl.store(OUT + at, (g_cmp * grad).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + size + at, (g_slc * grad).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT + 2 * size + at, (g_win * grad).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(D_SLC + at, (g_slc * grad).to(D_SLC.dtype.element_ty), mask=mask)
+        tl.store(D_WIN + at, (g_win * grad).to(D_WIN.dtype.element_ty), mask=mask)
         tl.store(D_GATES + rows * 3, tl.sum(grad * o_cmp, axis=1).to(D_GATES.dtype.element_ty), mask=row_ok)
         tl.store(D_GATES + rows * 3 + 1, tl.sum(grad * o_slc, axis=1).to(D_GATES.dtype.element_ty), mask=row_ok)
         tl.store(D_GATES + rows * 3 + 2, tl.sum(grad * o_win, axis=1).to(D_GATES.dtype.element_ty), mask=row_ok)
@@ -181,13 +180,16 @@ def _gate_kernel(O_CMP, O_SLC, O_WIN, GATES, GRAD, OUT, D_GATES, num_rows, DIM: 
         tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Tensor | None, out: Tensor,
-                 d_gates: Tensor | None) -> None:
+def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Tensor | None = None,
+                 d_outputs: tuple[Tensor, Tensor, Tensor] | None = None, d_gates: Tensor | None = None,
+                 out: Tensor | None = None) -> None:
+    """The forward (`out`) or, with `grad`, the backward (`d_outputs`, `d_gates`); unused pointers repeat an input."""
     num_rows, dim = gates.shape[0] * gates.shape[1], outputs[0].shape[-1]
     block_r = 32
+    targets = d_outputs if d_outputs is not None else (out, out, out)
     _gate_kernel[(triton.cdiv(num_rows, block_r),)](
-        *outputs, gates, grad if grad is not None else out, out, d_gates if d_gates is not None else gates, num_rows,
-        DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r, BACKWARD=grad is not None,
+        *outputs, gates, grad if grad is not None else outputs[0], *targets, d_gates if d_gates is not None else gates,
+        num_rows, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r, BACKWARD=grad is not None,
     )
 
 
@@ -198,18 +200,18 @@ class _GateBranches(torch.autograd.Function):
         gates = gates.contiguous()
         out = torch.empty_like(outputs[0])
         if out.numel():
-            _gate_launch(outputs, gates, None, out, None)
+            _gate_launch(outputs, gates, out=out)
         ctx.save_for_backward(*outputs, gates)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         *outputs, gates = ctx.saved_tensors
-        d_outputs = torch.empty(3, *outputs[0].shape, device=grad.device, dtype=outputs[0].dtype)
+        d_outputs = tuple(torch.empty_like(o) for o in outputs)
         d_gates = torch.empty_like(gates)
         if grad.numel():
             _gate_launch(tuple(outputs), gates, grad.contiguous(), d_outputs, d_gates)
-        return d_outputs[0], d_outputs[1], d_outputs[2], d_gates
+        return *d_outputs, d_gates
 
 
 def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
@@ -221,6 +223,6 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
         )
     if not (o_cmp.dtype == o_slc.dtype == o_win.dtype):
         raise ValueError(f"branch outputs must share one dtype, got {o_cmp.dtype}, {o_slc.dtype} and {o_win.dtype}.")
-    if 3 * o_cmp.numel() > 2**31:
+    if o_cmp.numel() > 2**31:  # int32 offsets, as in the attention kernels
         raise ValueError(f"the Triton gate mix addresses at most 2**31 elements; got {tuple(o_cmp.shape)} (split the batch).")
     return _GateBranches.apply(o_cmp, o_slc, o_win, gates)
