@@ -46,13 +46,12 @@ def _primitives(name: str) -> Primitives:
         interval_attention as triton_kernels_interval_attention,
         select_blocks as triton_kernels_select_blocks,
         window_attention as triton_kernels_window_attention,
-    )  # lazy: the package imports without Triton
-
+    )
     from .nsa_ops_triton_pointwise import (
         apply_rotary as triton_pointwise_apply_rotary,
         gate_branches as triton_pointwise_gate_branches,
         silu_mul as triton_pointwise_silu_mul,
-    )
+    )  # lazy: the package imports without Triton
 
     return Primitives(
         triton_kernels_interval_attention, triton_kernels_block_attention, triton_kernels_select_blocks,

@@ -40,9 +40,7 @@ def triton_available() -> bool:
 def _primitives(name: str) -> Primitives:
     if name == "reference":
         return REFERENCE
-    from . import triton_kernels  # lazy: the package imports without Triton
-
-    from . import triton_pointwise
+    from . import triton_kernels, triton_pointwise  # lazy: the package imports without Triton
 
     return Primitives(
         triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks,

@@ -381,15 +381,14 @@ class _IntervalAttention(torch.autograd.Function):
                 NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
             )
         o, lse = _combine_splits(o, lse, q.dtype)
-        readers = None
+        q_lo = q_hi = ctx.reader_chunks = None
         if any(ctx.needs_input_grad[:3]):
             # Built here, not in backward: its host sync would stall the backward pass behind the whole
             # forward queue, and the GPU would then idle while the host launches the first backward kernels.
             num_k = k.shape[0]
-            readers = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, _READER_CHUNK))
-        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse, *(readers or ())[:2])
+            q_lo, q_hi, ctx.reader_chunks = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, _READER_CHUNK))
+        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi)
         ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
-        ctx.reader_chunks = readers[2] if readers else None
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -969,8 +968,7 @@ def select_blocks(
     # At least 16 tokens per tile where that stays within 128 rows: the scores then run on the tensor cores
     # and each step's keys and top-n merge serve more tokens (H200, seed shape G = 6 at 32k: 1.24 ms per
     # layer with 16 tokens, 1.78 with 8). G = 16 keeps 64 rows: 128 measured slower there.
-    rows = 16 * g_pad if 16 * g_pad <= 128 else 64
-    block_t = _tile_tokens(g_pad, layout.run_length, rows=max(rows, 64))
+    block_t = _tile_tokens(g_pad, layout.run_length, rows=max(64, 16 * g_pad) if g_pad <= 8 else 64)
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
     first, length, num_tiles = memoized(layout.memo, ("document_tiles", block_t), lambda: _document_tiles(layout, block_t))
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)

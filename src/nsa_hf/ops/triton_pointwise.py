@@ -113,9 +113,9 @@ def _silu_mul_kernel(GATE_UP, GRAD, OUT, width, stride_row, stride_grad, stride_
 def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: int) -> None:
     block = min(1024, triton.next_power_of_2(width))
     rows = out.shape[0]
-    reference = grad if grad is not None else gate_up
+    grad_or_input = grad if grad is not None else gate_up  # the forward never reads GRAD
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](
-        gate_up, reference, out, width, gate_up.stride(0), reference.stride(0), out.stride(0), BLOCK=block,
+        gate_up, grad_or_input, out, width, gate_up.stride(0), grad_or_input.stride(0), out.stride(0), BLOCK=block,
         BACKWARD=grad is not None,
     )
 
