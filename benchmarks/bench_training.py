@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,24 +66,38 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
     batch = max(1, tokens_per_step // length)
     generator = torch.Generator(device="cuda").manual_seed(0)
 
-    def train_step(ids: torch.Tensor) -> float:
+    def train_step(ids: torch.Tensor) -> tuple[float, float]:
+        """(loss, seconds the host took to queue the step: near the step time, the GPU waits for the host)."""
+        start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        queued = time.perf_counter() - start
         torch.cuda.synchronize()
-        return loss.item()
+        return loss.item(), queued
 
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, host_times, losses = [], [], []
     for step in range(warmup + steps):
         ids = torch.randint(0, SHAPE["vocab_size"], (batch, length), device="cuda", generator=generator)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        losses.append(train_step(ids))
+        loss, queued = train_step(ids)
+        losses.append(loss)
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            host_times.append(queued)
+    with warnings.catch_warnings(record=True) as syncs:  # one step's host syncs, its own final one excluded
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                step_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        optimizer.zero_grad(set_to_none=True)
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             train_step(ids)
@@ -90,8 +105,9 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
     row = {
         "model": kind, "length": length, "batch": batch, "compile": compile,
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "step_s": seconds, "tokens_per_s": batch * length / seconds,
+        "step_s": seconds, "host_queue_s": statistics.median(host_times), "tokens_per_s": batch * length / seconds,
         "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": losses[-1],
+        "host_syncs_fwd_bwd": sum("synchronizing" in str(w.message) for w in syncs),
     }
     if profile:
         row["profile"] = kernel_table(profiler)

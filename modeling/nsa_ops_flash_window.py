@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .nsa_ops_layout import QueryLayout, memoized
+from .nsa_ops_layout import QueryLayout, host_to_device, memoized
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,11 @@ def applies(q: Tensor, layout: QueryLayout) -> bool:
 
 
 def _document_bounds(layout: QueryLayout) -> tuple[Tensor, int]:
-    """int32 cu_seqlens of the documents, and the longest one's length."""
+    """int32 cu_seqlens of the documents, and the longest one's length: from the layout's host copy when it
+    has one, else with a host sync."""
+    if layout.documents is not None:
+        bounds = torch.tensor(layout.documents, dtype=torch.int32)
+        return host_to_device(bounds, layout.positions.device), int(bounds.diff().max())
     starts = torch.nonzero(layout.positions == 0).flatten()
     cu = torch.cat([starts, starts.new_tensor([layout.positions.numel()])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
@@ -67,7 +71,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, windo
     """Causal attention over the last `window_size` tokens of each document (see `applies`)."""
     name, fn = _varlen_impl()
     _announce(name)
-    cu, max_len = memoized(layout.memo, "flash_window", lambda: _document_bounds(layout))  # one host sync per layout
+    cu, max_len = memoized(layout.memo, "flash_window", lambda: _document_bounds(layout))
     if name == "flash_attn":
         return fn(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True, window_size=(window_size - 1, 0))
     params = inspect.signature(fn).parameters

@@ -27,6 +27,7 @@ __all__ = [
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
     "cu_seqlens_from_seq_idx",
+    "host_to_device",
     "memoized",
     "num_compressed_blocks",
 ]
@@ -77,6 +78,14 @@ def memoized(memo: dict | None, key: object, build: Callable[[], T]) -> T:
     return memo[key]
 
 
+def host_to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without a host sync: a plain copy to a GPU waits for the stream, and one
+    from pageable memory may; pinned staging lets the copy run in stream order while the host goes on."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def num_compressed_blocks(length: Tensor | int, block_size: int, stride: int) -> Tensor | int:
     """Complete compressed blocks among the first `length` tokens of a document: floor((L - l) / d) + 1, or 0."""
     if isinstance(length, Tensor):  # floor division keeps every L < l at <= 0
@@ -124,7 +133,8 @@ def cu_seqlens_from_seq_idx(seq_idx: Tensor) -> Tensor:
     return _boundaries(starts)
 
 
-def _validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None) -> None:
+def _document_bounds(cu_seqlens: Tensor, num_tokens: int | None) -> tuple[int, ...]:
+    """The validated boundaries on the host, empty documents dropped (one host sync if they live on a GPU)."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
         raise ValueError(f"`cu_seqlens` must be a 1-D tensor of document boundaries, got {shape}.")
@@ -135,6 +145,7 @@ def _validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None) -> None:
         raise ValueError(f"`cu_seqlens` must start at 0 and never decrease, got {bounds[:8]}...")
     if num_tokens is not None and bounds[-1] != num_tokens:
         raise ValueError(f"`cu_seqlens` must end at the number of tokens ({num_tokens}), got {bounds[-1]}.")
+    return tuple(dict.fromkeys(bounds))  # sorted already: this only drops repeats
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,7 @@ class CompressionBlocks:
     token_starts: Tensor  # [N_cmp] flat index of each block's first token
     positions: Tensor  # [N_cmp] position of each block's last token in its document (where its RoPE is taken)
     cu_blocks: Tensor  # [num_docs + 1] boundaries of each document's blocks
+    count: int  # N_cmp, known on the host
 
 
 @dataclass(frozen=True)
@@ -160,32 +172,46 @@ class QueryLayout:
     cmp_offsets: Tensor  # [Nq] int64
     window_offsets: Tensor  # [Nq] int64
     run_length: int | None = None  # decoding: each row contributes this many consecutive queries (a tiling hint)
+    # Full pass: the document boundaries (cu_seqlens, no empty documents) on the host, so that the sizes
+    # backends derive from them (query tiles, the longest document) need no host sync. A tiling hint too.
+    documents: tuple[int, ...] | None = None
     # Index work that backends derive from the layout alone (query tiles, document bounds), kept here so that
     # the layers of one forward pass share it instead of each paying its host sync. Keyed by the backend.
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_cu_seqlens(
-        cls, cu_seqlens: Tensor, block_size: int, stride: int, num_tokens: int | None = None
+        cls, cu_seqlens: Tensor, block_size: int, stride: int, num_tokens: int | None = None,
+        device: torch.device | str | None = None,
     ) -> tuple[QueryLayout, CompressionBlocks]:
-        """Layout of a full (non-incremental) pass over packed documents, and the compressed blocks it needs."""
-        _validate_cu_seqlens(cu_seqlens, num_tokens)
-        cu = cu_seqlens.long()
-        total = int(cu[-1])
-        tokens = torch.arange(total, device=cu.device)
+        """Layout of a full (non-incremental) pass over packed documents, and the compressed blocks it needs.
+
+        The index tensors live on `device` (default: cu_seqlens'). Boundaries given on the host cost no
+        host sync; on a GPU, one (they are read once here, and every size is derived from that copy).
+        """
+        documents = _document_bounds(cu_seqlens, num_tokens)
+        device = torch.device(device) if device is not None else cu_seqlens.device
+        host_cu = torch.tensor(documents, dtype=torch.long)
+        host_blocks = num_compressed_blocks(host_cu.diff(), block_size, stride)
+        num_blocks = int(host_blocks.sum())
+        cu = host_to_device(host_cu, device)
+        blocks_per_doc = host_to_device(host_blocks, device)
+
+        tokens = torch.arange(documents[-1], device=device)
         doc = torch.searchsorted(cu[1:], tokens, right=True)
         key_offsets = cu[doc]
         positions = tokens - key_offsets
-
-        lengths = cu[1:] - cu[:-1]
-        blocks_per_doc = num_compressed_blocks(lengths, block_size, stride)
         cu_blocks = torch.cat([cu.new_zeros(1), blocks_per_doc.cumsum(0)])
-        block_doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), blocks_per_doc)
-        block_index = torch.arange(block_doc.numel(), device=cu.device) - cu_blocks[block_doc]
+        block_doc = torch.repeat_interleave(torch.arange(len(documents) - 1, device=device), blocks_per_doc, output_size=num_blocks)
+        block_index = torch.arange(num_blocks, device=device) - cu_blocks[block_doc]
         blocks = CompressionBlocks(
             token_starts=cu[block_doc] + block_index * stride,
             positions=block_index * stride + block_size - 1,
             cu_blocks=cu_blocks,
+            count=num_blocks,
         )
-        layout = cls(positions=positions, key_offsets=key_offsets, cmp_offsets=cu_blocks[doc], window_offsets=key_offsets)
+        layout = cls(
+            positions=positions, key_offsets=key_offsets, cmp_offsets=cu_blocks[doc], window_offsets=key_offsets,
+            documents=documents,
+        )
         return layout, blocks

@@ -104,14 +104,15 @@ def _check_gqa(q: Tensor, k: Tensor, name: str = "k") -> int:
 
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
-    memo: dict | None = None,
+    memo: dict | None = None, documents: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each query i attends to the contiguous keys [lo[i], hi[i]) of a flat store.
 
     q [Nq, HQ, D], k [Nk, H, D], v [Nk, H, Dv], lo/hi [Nq] -> (o [Nq, HQ, Dv] in q's dtype, lse [Nq, HQ] fp32).
     Serves the sliding window and the compressed branch: a chunk of queries reads one slice of keys.
-    `run_length` (queries per row when decoding) is a tiling hint for fast backends, and `memo` a dict where
-    they may keep index work shared by calls with the same lo and hi; both unused here.
+    `run_length` (queries per row when decoding) and `documents` (host document boundaries of a full pass,
+    each query's interval inside its document's part of the store) are tiling hints for fast backends, and
+    `memo` a dict where they may keep index work shared by calls with the same lo and hi; all unused here.
     """
     num_q, heads_q, _ = q.shape
     heads_kv = k.shape[1]
@@ -281,7 +282,7 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
 class Primitives(NamedTuple):
     """What a backend provides; index building and the top-n rule are shared code."""
 
-    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length, memo=) -> (o, lse)
+    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length, memo=, documents=) -> (o, lse)
     block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
     select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
     window: Callable[..., Tensor] | None = None  # (q, k, v, layout, window_size, scale) -> o; None: interval
@@ -299,7 +300,9 @@ def compressed_attention_varlen(
     _check_gqa(q, k_cmp, "k_cmp")
     counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
     lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
-    return primitives.interval(q, k_cmp, v_cmp, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("compressed", {}))
+    return primitives.interval(
+        q, k_cmp, v_cmp, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("compressed", {}), documents=layout.documents
+    )
 
 
 def selection_attention_varlen(
@@ -322,7 +325,9 @@ def sliding_window_attention_varlen(
         return primitives.window(q, k, v, layout, window_size, scale)
     own = layout.window_offsets + layout.positions
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
-    return primitives.interval(q, k, v, lo, own + 1, scale, layout.run_length, memo=layout.memo.setdefault("window", {}))[0]
+    return primitives.interval(
+        q, k, v, lo, own + 1, scale, layout.run_length, memo=layout.memo.setdefault("window", {}), documents=layout.documents
+    )[0]
 
 
 def nsa_attention_varlen(
@@ -375,18 +380,19 @@ def _check_qkv(q: Tensor, same_length: tuple[str, ...] = (), **tensors: Tensor) 
             raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of the key/value heads of `{name}` ({heads_kv}).")
 
 
-def _batch_layout(q: Tensor, pattern: SparsePattern, cu_seqlens: Tensor | None) -> tuple[QueryLayout, Tensor]:
+def _batch_layout(q: Tensor, pattern: SparsePattern, cu_seqlens: Tensor | None) -> tuple[QueryLayout, int]:
+    """The flat layout of q's tokens and the number of compressed blocks they hold."""
     batch, seq_len = q.shape[:2]
     if cu_seqlens is None:
-        cu_seqlens = cu_seqlens_from_batch(batch, seq_len, q.device)
+        cu_seqlens = cu_seqlens_from_batch(batch, seq_len)  # on the host: the layout needs no host sync
     elif batch != 1:
         raise ValueError(f"with `cu_seqlens` (packed documents) the batch size must be 1, got {batch}.")
     elif not isinstance(cu_seqlens, Tensor):
         raise ValueError(f"`cu_seqlens` must be a tensor, got {type(cu_seqlens).__name__}.")
     layout, blocks = QueryLayout.from_cu_seqlens(
-        cu_seqlens.to(q.device), pattern.compress_block_size, pattern.compress_stride, num_tokens=batch * seq_len
+        cu_seqlens, pattern.compress_block_size, pattern.compress_stride, num_tokens=batch * seq_len, device=q.device
     )
-    return layout, blocks.cu_blocks
+    return layout, blocks.count
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -407,8 +413,8 @@ def _pattern(
     )
 
 
-def _check_cmp(k_cmp: Tensor, cu_blocks: Tensor, batch: int) -> None:
-    expected = int(cu_blocks[-1]) // batch
+def _check_cmp(k_cmp: Tensor, num_blocks: int, batch: int) -> None:
+    expected = num_blocks // batch
     if k_cmp.shape[1] != expected:
         raise ValueError(
             f"`k_cmp` holds {k_cmp.shape[1]} compressed blocks per row but the sequence has {expected} "
@@ -433,8 +439,8 @@ def compressed_attention(
     """
     _check_qkv(q, k_cmp=k_cmp, v_cmp=v_cmp)
     pattern = _pattern(compress_block_size=block_size, compress_stride=stride, select_block_size=stride)
-    layout, cu_blocks = _batch_layout(q, pattern, cu_seqlens)
-    _check_cmp(k_cmp, cu_blocks, q.shape[0])
+    layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
+    _check_cmp(k_cmp, num_blocks, q.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o, lse = compressed_attention_varlen(q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _flat(v_cmp), layout, pattern, scale)
     return o.view(*q.shape[:3], -1), lse.view(*q.shape[:3])
@@ -462,8 +468,8 @@ def select_blocks(
     """
     _check_qkv(q, k_cmp=k_cmp)
     pattern = _pattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks)
-    layout, cu_blocks = _batch_layout(q, pattern, cu_seqlens)
-    _check_cmp(k_cmp, cu_blocks, q.shape[0])
+    layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
+    _check_cmp(k_cmp, num_blocks, q.shape[0])
     if lse.shape != q.shape[:3]:
         raise ValueError(f"`lse` must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -551,8 +557,8 @@ def nsa_attention(
     if gates.shape != (*q.shape[:3], 3):
         raise ValueError(f"`gates` must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}.")
     pattern = _pattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks, window_size)
-    layout, cu_blocks = _batch_layout(q, pattern, cu_seqlens)
-    _check_cmp(k_cmp, cu_blocks, q.shape[0])
+    layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
+    _check_cmp(k_cmp, num_blocks, q.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o = nsa_attention_varlen(
         q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _flat(v_cmp), _flat(k_slc), _flat(v_slc), _flat(k_win), _flat(v_win),

@@ -34,7 +34,7 @@ except ImportError:
 from torch import Tensor
 
 from .nsa_ops_flash_window import applies as flash_window_applies, window_attention as flash_window_window_attention
-from .nsa_ops_layout import QueryLayout, SparsePattern, memoized
+from .nsa_ops_layout import QueryLayout, SparsePattern, host_to_device, memoized
 
 __all__ = ["block_attention", "interval_attention", "select_blocks", "window_attention"]
 
@@ -339,12 +339,25 @@ def _split_runs(run_first: Tensor, run_len: Tensor, piece: int) -> tuple[Tensor,
     return first, length, run
 
 
-def _query_tiles(lo: Tensor, hi: Tensor, tile: int, run_length: int | None) -> tuple[Tensor, Tensor, int]:
+def _document_pieces(documents: tuple[int, ...], tile: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """Tiles of at most `tile` consecutive queries cut from host document boundaries: (first, length, count),
+    built on the host and copied without a host sync."""
+    bounds = torch.tensor(documents)
+    first, length, _ = _split_runs(bounds[:-1], bounds.diff(), tile)
+    return host_to_device(first.int(), device), host_to_device(length.int(), device), first.numel()
+
+
+def _query_tiles(
+    lo: Tensor, hi: Tensor, tile: int, run_length: int | None, documents: tuple[int, ...] | None
+) -> tuple[Tensor, Tensor, int]:
     """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
     whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count).
-    Runs of `run_length` queries (decoding) need no arrays: the kernels compute their tiles (no host sync)."""
+    Runs of `run_length` queries (decoding) need no arrays: the kernels compute their tiles; host
+    `documents` give them without a host sync too."""
     if run_length is not None:
         return lo, lo, lo.numel() // run_length * triton.cdiv(run_length, tile)
+    if documents is not None:
+        return _document_pieces(documents, tile, lo.device)
     apart = torch.ones_like(lo, dtype=torch.bool)
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()
@@ -357,7 +370,7 @@ class _IntervalAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None,
-        num_splits: int | None, memo: dict | None,
+        num_splits: int | None, memo: dict | None, documents: tuple[int, ...] | None,
     ):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
@@ -373,7 +386,9 @@ class _IntervalAttention(torch.autograd.Function):
             ctx.mark_non_differentiable(lse := q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32))
             ctx.shapes = (k.shape, v.shape)
             return q.new_zeros(num_q, heads_q, dim_v), lse
-        tile_first, tile_len, num_tiles = memoized(memo, ("tiles", block_t), lambda: _query_tiles(lo, hi, block_t, run_length))
+        tile_first, tile_len, num_tiles = memoized(
+            memo, ("tiles", block_t), lambda: _query_tiles(lo, hi, block_t, run_length, documents)
+        )
         splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
@@ -385,12 +400,12 @@ class _IntervalAttention(torch.autograd.Function):
                 NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
             )
         o, lse = _combine_splits(o, lse, q.dtype)
-        q_lo = q_hi = ctx.reader_chunks = None
+        q_lo = q_hi = ctx.reader_span = None
         if any(ctx.needs_input_grad[:3]):
-            # Built here, not in backward: its host sync would stall the backward pass behind the whole
-            # forward queue, and the GPU would then idle while the host launches the first backward kernels.
+            # Built here, not in backward: the backward pass reads the span on the host, long after the GPU
+            # has computed it, so that read never waits.
             num_k = k.shape[0]
-            q_lo, q_hi, ctx.reader_chunks = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k, _READER_CHUNK))
+            q_lo, q_hi, ctx.reader_span = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k))
         ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi)
         ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
         ctx.mark_non_differentiable(lse)
@@ -401,7 +416,7 @@ class _IntervalAttention(torch.autograd.Function):
         if ctx.no_keys:
             k_shape, v_shape = ctx.shapes
             dq = do.new_zeros(do.shape[0], do.shape[1], k_shape[2])
-            return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None, None
+            return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None, None, None
         q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi = ctx.saved_tensors
         heads_q, dim = q.shape[1:]
         num_k, heads_kv, dim_v = v.shape
@@ -418,32 +433,51 @@ class _IntervalAttention(torch.autograd.Function):
         )
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, ctx.reader_chunks)](
+        reader_chunks = triton.cdiv(max(1, ctx.reader_span.get()), _READER_CHUNK)
+        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, reader_chunks)](
             q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
             Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
         )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 _READER_CHUNK = 1024  # queries per dk/dv program: longer reader ranges are split over programs
 
 
-def _key_readers(lo: Tensor, hi: Tensor, num_k: int, q_chunk: int) -> tuple[Tensor, Tensor, int]:
+class _HostScalar:
+    """A GPU scalar copied to the host without waiting for it; `get` waits only if the copy is not done yet."""
+
+    def __init__(self, value: Tensor):
+        if value.device.type != "cuda":
+            self._host, self._copied = value, None
+            return
+        self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        self._host.copy_(value, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def get(self) -> int:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return int(self._host)
+
+
+def _key_readers(lo: Tensor, hi: Tensor, num_k: int) -> tuple[Tensor, Tensor, _HostScalar]:
     """For each key c, the queries that see it: [first hi > c, first lo > c), since lo and hi never
-    decrease; and how many chunks of `q_chunk` queries the longest such range of a 64-key tile needs (long
-    ranges, as of early compressed keys that the whole document sees, are split over programs)."""
+    decrease; and the longest such range of a 64-key tile (long ranges, as of early compressed keys that
+    the whole document sees, are split over programs)."""
     key_index = torch.arange(num_k, device=lo.device, dtype=lo.dtype)
     q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
     q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
     pad = -num_k % 64
     block_lo = torch.nn.functional.pad(q_lo, (0, pad), value=lo.numel()).view(-1, 64).amin(1)
     block_hi = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(-1, 64).amax(1)
-    return q_lo, q_hi, triton.cdiv(max(1, int((block_hi - block_lo).max()) if num_k else 1), q_chunk)
+    return q_lo, q_hi, _HostScalar((block_hi - block_lo).max() if num_k else q_lo.new_zeros(()))
 
 
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
-    num_splits: int | None = None, memo: dict | None = None,
+    num_splits: int | None = None, memo: dict | None = None, documents: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing.
 
@@ -451,9 +485,11 @@ def interval_attention(
     `num_splits`: programs that share each query tile's key range in the forward pass (None: enough to
     fill the GPU when there are few tiles, as when decoding).
     `memo`: a dict shared by calls with the same lo and hi (the layers of one pass), where the query tiles
-    and key readers are kept, so that only the first call waits for the GPU to build them.
+    and key readers are kept, so that only the first call builds them.
+    `documents`: host boundaries of the documents of a full pass, each query's interval inside its
+    document's part of the store: the query tiles are cut from them without a host sync.
     """
-    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits, memo)
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits, memo, documents)
 
 
 @triton.jit
@@ -931,10 +967,13 @@ def _select_blocks_kernel(
 
 def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int]:
     """Tiles of at most `tile` consecutive queries that never cross a document: (first, length, count);
-    computed in the kernel for runs of `layout.run_length` queries (decoding)."""
+    computed in the kernel for runs of `layout.run_length` queries (decoding), from the host document
+    boundaries of a full pass, and only otherwise with a host sync."""
     positions = layout.positions
     if layout.run_length is not None:
         return positions, positions, positions.numel() // layout.run_length * triton.cdiv(layout.run_length, tile)
+    if layout.documents is not None:
+        return _document_pieces(layout.documents, tile, positions.device)
     new_doc = torch.ones_like(positions, dtype=torch.bool)
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
@@ -999,4 +1038,4 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, windo
         return flash_window_window_attention(q, k, v, layout, window_size, scale)
     lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
     return interval_attention(q, k, v, lo, layout.window_offsets + layout.positions + 1, scale, layout.run_length,
-                              memo=layout.memo.setdefault("window", {}))[0]
+                              memo=layout.memo.setdefault("window", {}), documents=layout.documents)[0]

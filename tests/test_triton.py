@@ -72,8 +72,9 @@ def test_interval_attention_matches_reference(heads_q, heads_kv, dim, dtype):
     layout, _ = pack_layout(lengths, 32, 16)
     total = sum(lengths)
     q = torch.randn(total, heads_q, dim, device=DEVICE, dtype=dtype, requires_grad=True)
-    # A compressed-branch-like store (non-decreasing intervals) and a sliding window over the tokens.
-    for kind in ("compressed", "window"):
+    # A compressed-branch-like store (non-decreasing intervals) and a sliding window over the tokens; query
+    # tiles cut from the intervals (host sync) or from the layout's host document boundaries.
+    for kind, documents in [(kind, documents) for kind in ("compressed", "window") for documents in (None, layout.documents)]:
         if kind == "compressed":
             counts = num_compressed_blocks(layout.positions + 1, 32, 16)
             lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
@@ -83,7 +84,7 @@ def test_interval_attention_matches_reference(heads_q, heads_kv, dim, dtype):
             hi, num_keys = layout.key_offsets + layout.positions + 1, total
         k = torch.randn(num_keys, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
         v = torch.randn(num_keys, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
-        o, lse = triton_kernels.interval_attention(q, k, v, lo, hi, dim**-0.5)
+        o, lse = triton_kernels.interval_attention(q, k, v, lo, hi, dim**-0.5, documents=documents)
         grad_out = torch.randn_like(o)
         grads = torch.autograd.grad(o, (q, k, v), grad_out)
         o_ref, grads_ref = reference_grads(lambda *x: reference.interval_attention(*x, lo, hi, dim**-0.5), (q, k, v), grad_out)
@@ -270,6 +271,25 @@ def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding()
     err_full = (full.float() - truth).abs().max().item()
     err_decode = (torch.cat(steps, 1).float() - truth).abs().max().item()
     assert err_decode <= 2 * err_full + tolerance(dtype)["atol"] / 10, f"decode {err_decode:.2e} vs full {err_full:.2e}"
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs are a CUDA notion")
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(packed):
+    """Full-pass index work reads the host copy of the document boundaries: once the kernels are compiled, a
+    forward and backward pass queues all its GPU work without a host sync, for plain rows and for packed
+    documents whose boundaries are given on the host (given on the GPU, reading them is the one sync)."""
+    model = make_model(tiny_config(nsa_backend="triton")).to(DEVICE, torch.bfloat16).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 300), device=DEVICE)
+    kwargs = {}
+    if packed:
+        kwargs["cu_seq_lens_q"] = torch.tensor([0, 120, 300, 333, 600])  # host boundaries, as a collator builds them
+    for debug_mode in ("default", "error"):  # the first pass compiles and autotunes the kernels
+        torch.cuda.set_sync_debug_mode(debug_mode)
+        try:
+            model(input_ids, labels=input_ids, use_cache=False, **kwargs).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_query_key_and_value_head_dims_may_differ():

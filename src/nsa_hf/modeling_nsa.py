@@ -27,7 +27,7 @@ from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
 from .ops.backends import resolve_backend, resolve_pointwise
 from .ops.compression import gather_blocks
-from .ops.layout import QueryLayout, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids, cu_seqlens_from_seq_idx
+from .ops.layout import QueryLayout, cu_seqlens_from_batch, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids, cu_seqlens_from_seq_idx
 
 logger = logging.get_logger(__name__)
 
@@ -480,9 +480,9 @@ class NsaModel(NsaPreTrainedModel):
         if cu_seqlens is None and attention_mask is not None:
             cu_seqlens = cu_seqlens_from_left_padding(_leading_padding(attention_mask).to(device), seq_len)
         elif cu_seqlens is None:
-            cu_seqlens = torch.arange(batch + 1, device=device) * seq_len
+            cu_seqlens = cu_seqlens_from_batch(batch, seq_len)  # on the host: the layout then needs no host sync
         layout, blocks = QueryLayout.from_cu_seqlens(
-            cu_seqlens.to(device), self.config.compress_block_size, self.config.compress_stride, batch * seq_len
+            cu_seqlens, self.config.compress_block_size, self.config.compress_stride, batch * seq_len, device=device
         )
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))

@@ -31,8 +31,8 @@ def compress_blocks(x: Tensor, block_size: int, stride: int, cu_seqlens: Tensor 
     batch, seq_len = x.shape[:2]
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"with `cu_seqlens` (packed documents) the batch size must be 1, got {batch}.")
-    cu = cu_seqlens_from_batch(batch, seq_len, x.device) if cu_seqlens is None else cu_seqlens.to(x.device)
-    _, blocks = QueryLayout.from_cu_seqlens(cu, block_size, stride, num_tokens=batch * seq_len)
+    cu = cu_seqlens_from_batch(batch, seq_len) if cu_seqlens is None else cu_seqlens  # host bounds: no host sync
+    _, blocks = QueryLayout.from_cu_seqlens(cu, block_size, stride, num_tokens=batch * seq_len, device=x.device)
     out = gather_blocks(x.reshape(-1, *x.shape[2:]), blocks.token_starts, block_size)
     return out.view(batch, -1, *out.shape[1:])
 
