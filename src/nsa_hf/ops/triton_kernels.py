@@ -5,7 +5,8 @@ compute exactly its functions:
 
 - interval attention: query i attends to keys [lo[i], hi[i]) of a flat store. It runs the compressed
   branch (the document's complete blocks) and the sliding window. One program owns BLOCK_T tokens x the
-  G query heads of one key head, so each key tile is loaded once per GQA group. The backward pass is
+  G query heads of one key head, so each key tile is loaded once per GQA group; its rows are (token, head)
+  pairs flattened, so a group of 6 fills 60 of 64 rows rather than 48 (padding each group to 8). The backward pass is
   FlashAttention-2 style: a query-centric kernel for dq and a key-centric kernel for dk/dv, which needs
   lo and hi to be non-decreasing in the query index (true for every full pass: documents are in order).
 - block attention (selection): query i reads the n blocks [start, start + block_size) it selected,
@@ -83,14 +84,20 @@ def _program_tile(TILE_START, TILE_LEN, RUN_LENGTH: tl.constexpr, BLOCK_T: tl.co
 
 
 @triton.jit
-def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+def _tile_rows(first, length, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """ROWS rows for BLOCK_T consecutive tokens from `first` (`length` of them real) x the G heads of a group,
+    flattened: the tile pads only its last rows to a power of two, not every group (G = 6 would waste 1/4)."""
+    rows = tl.arange(0, ROWS)
+    token = first + rows // G
+    return token, rows % G, (rows // G < length) & (rows < BLOCK_T * G)
+
+
+@triton.jit
+def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
                    RUN_LENGTH: tl.constexpr):
     """Rows (token x group head) of this program's query tile, their key intervals, and the tile's key range."""
     first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
-    rows = tl.arange(0, BLOCK_T * G_PAD)
-    token = first + rows // G_PAD
-    group = rows % G_PAD
-    row_ok = (rows // G_PAD < length) & (group < G)
+    token, group, row_ok = _tile_rows(first, length, G, ROWS, BLOCK_T)
     lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
     hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
     hi = tl.where(hi > lo, hi, 0)  # empty intervals take no part in the tile's key range
@@ -144,14 +151,14 @@ def _interval_fwd_kernel(
     Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
     scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     RUN_LENGTH: tl.constexpr,
 ):
     """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
     range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
     kv_head = tl.program_id(1)
-    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T, RUN_LENGTH)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS, BLOCK_T, RUN_LENGTH)
     span = tl.maximum(key_hi - key_lo, 0)
     share = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     begin = tl.minimum(tl.program_id(2) * share, span)
@@ -163,9 +170,9 @@ def _interval_fwd_kernel(
         Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
         mask=row_ok[:, None] & (dq < D)[None, :], other=0.0,
     )
-    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_DV], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     for start in range(key_lo + begin, key_lo + end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < key_lo + end
@@ -212,16 +219,16 @@ def _interval_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, LO, HI, TILE_START, TILE_LEN, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, RUN_LENGTH: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, G_PAD, BLOCK_T, RUN_LENGTH)
+    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS, BLOCK_T, RUN_LENGTH)
     dq_idx = tl.arange(0, BLOCK_D)
     q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                     stride_dot, stride_doh, heads_q, D, DV, BLOCK_D, BLOCK_DV)
-    acc = tl.zeros([BLOCK_T * G_PAD, BLOCK_D], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < key_hi
@@ -240,7 +247,7 @@ def _interval_bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, LO, HI, QLO, QHI, DK, DV,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     num_k, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries that see them (chunks meet in atomics)."""
@@ -259,12 +266,9 @@ def _interval_bwd_dkv_kernel(
     k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    rows = tl.arange(0, BLOCK_T * G_PAD)
-    group = rows % G_PAD
-    head = kv_head * G + group
     for start in range(q_lo, q_hi, BLOCK_T):
-        token = start + rows // G_PAD
-        row_ok = (token < q_hi) & (group < G)
+        token, group, row_ok = _tile_rows(start, q_hi - start, G, ROWS, BLOCK_T)
+        head = kv_head * G + group
         lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
         hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
         q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
@@ -316,9 +320,18 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     return out, out_lse
 
 
+def _query_tile(groups: int, run_length: int | None) -> tuple[int, int]:
+    """(tokens, rows) of an interval-kernel query tile: 64 rows of tokens x group heads (`_tile_rows`), or when
+    decoding, just enough tokens for the run in at least 16 rows (tl.dot's minimum)."""
+    tokens = max(1, 64 // groups)
+    if run_length is not None:
+        tokens = min(tokens, max(1, 16 // groups, triton.next_power_of_2(run_length)))
+    return tokens, _pow2(tokens * groups)
+
+
 def _tile_tokens(g_pad: int, run_length: int | None, rows: int = 64) -> int:
-    """Tokens per query tile: `rows` rows (tokens x padded group heads), or when decoding, just enough for
-    the run (tl.dot needs 16 rows)."""
+    """Tokens per block-selection tile: `rows` rows (tokens x group heads padded to g_pad, as the kernel sums
+    scores over each group), or when decoding, just enough for the run (tl.dot needs 16 rows)."""
     tokens = max(1, rows // g_pad)
     if run_length is None:
         return tokens
@@ -371,8 +384,7 @@ class _IntervalAttention(torch.autograd.Function):
         num_q, heads_q, dim = q.shape
         heads_kv, dim_v = k.shape[1], v.shape[2]
         groups = heads_q // heads_kv
-        g_pad = triton.next_power_of_2(groups)
-        block_t = _tile_tokens(g_pad, run_length)
+        block_t, rows = _query_tile(groups, run_length)
         q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
         _check_offsets(q=q, k=k, v=v)
         ctx.no_keys = k.shape[0] == 0
@@ -392,7 +404,7 @@ class _IntervalAttention(torch.autograd.Function):
                 q, k, v, lo, hi, tile_first, tile_len, o, lse,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
-                G=groups, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+                G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
                 NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
             )
         o, lse = _combine_splits(o, lse, q.dtype)
@@ -403,7 +415,7 @@ class _IntervalAttention(torch.autograd.Function):
             num_k = k.shape[0]
             q_lo, q_hi, ctx.reader_span = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k))
         ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi)
-        ctx.scale, ctx.block_t, ctx.num_tiles, ctx.run_length = scale, block_t, num_tiles, run_length
+        ctx.scale, ctx.block_t, ctx.rows, ctx.num_tiles, ctx.run_length = scale, block_t, rows, num_tiles, run_length
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -417,11 +429,10 @@ class _IntervalAttention(torch.autograd.Function):
         heads_q, dim = q.shape[1:]
         num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
-        g_pad = triton.next_power_of_2(groups)
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-        meta = dict(G=groups, G_PAD=g_pad, BLOCK_T=ctx.block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
+        meta = dict(G=groups, ROWS=ctx.rows, BLOCK_T=ctx.block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
         dq = torch.empty_like(q)
         _interval_bwd_dq_kernel[(ctx.num_tiles, heads_kv)](
             q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v,
@@ -541,14 +552,12 @@ def _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k, BLOCK_SIZE: tl.cons
 
 
 @triton.jit
-def _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots, G: tl.constexpr, G_PAD: tl.constexpr,
+def _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots, G: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_Q: tl.constexpr):
-    """Rows (entry x group head) of one tile of a piece: token, slot, head, validity and key bound."""
-    rows = tl.arange(0, BLOCK_Q * G_PAD)
-    group = rows % G_PAD
-    entry_ok = e0 + rows // G_PAD < length
-    row_ok = entry_ok & (group < G)
-    entry = tl.load(ENTRY + first + e0 + rows // G_PAD, mask=entry_ok, other=0)
+    """Rows (entry x group head, flattened as in `_tile_rows`) of one tile of a piece: token, slot, head,
+    validity and key bound."""
+    index, group, row_ok = _tile_rows(e0, length - e0, G, ROWS, BLOCK_Q)
+    entry = tl.load(ENTRY + first + index, mask=row_ok, other=0)
     token = entry // (heads_kv * num_slots)
     hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
     return token, entry % num_slots, kv_head * G + group, row_ok, hi
@@ -563,13 +572,13 @@ def _tuning_configs(stages: tuple[int, ...] = (1, 2)) -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
 
 
-@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV"])
+@triton.autotune(configs=_tuning_configs(), key=["G", "ROWS", "BLOCK_D", "BLOCK_DV"])
 @triton.jit
 def _block_fwd_by_block_kernel(
     Q, K, V, HI, TOTAL, PIECE_FIRST, PIECE_LEN, SORTED_KEY, ENTRY, O_PART, LSE_PART,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
     heads_kv, num_slots, num_k, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Block-centric forward: each selected block is loaded once and attended by the queries that chose
@@ -582,7 +591,7 @@ def _block_fwd_by_block_kernel(
         k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
         for e0 in range(0, length, BLOCK_Q):
             token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
-                                                        G, G_PAD, BLOCK_Q)
+                                                        G, ROWS, BLOCK_Q)
             q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
                         mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -636,13 +645,13 @@ def _block_bwd_dq_kernel(
              mask=row_ok[:, None] & (dq_idx < D)[None, :])
 
 
-@triton.autotune(configs=_tuning_configs(), key=["G_PAD", "BLOCK_D", "BLOCK_DV", "DQ_PARTIALS"], reset_to_zero=["DK", "DV"])
+@triton.autotune(configs=_tuning_configs(), key=["G", "ROWS", "BLOCK_D", "BLOCK_DV", "DQ_PARTIALS"], reset_to_zero=["DK", "DV"])
 @triton.jit
 def _block_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, HI, TOTAL, PIECE_FIRST, PIECE_LEN, SORTED_KEY, ENTRY, DQ, DK, DV,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqs, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_kv, num_slots, num_k, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_PARTIALS: tl.constexpr,
 ):
     """Block-centric backward: dk, dv of one selected block from (a piece of) the queries that chose it,
@@ -659,7 +668,7 @@ def _block_bwd_kernel(
         dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
         for e0 in range(0, length, BLOCK_Q):
             token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
-                                                        G, G_PAD, BLOCK_Q)
+                                                        G, ROWS, BLOCK_Q)
             q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                             stride_dot, stride_doh, G * heads_kv, D, DV_DIM, BLOCK_D, BLOCK_DV)
             valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
@@ -739,9 +748,9 @@ _PIECE = 256  # queries of one selected block per program and pass (long lists m
 
 
 def _block_centric_tile(groups: int) -> dict[str, int]:
-    """Rows of one block-centric tile: BLOCK_Q queries x the group's heads padded to G_PAD, 64 rows or more."""
-    g_pad = triton.next_power_of_2(groups)
-    return dict(G_PAD=g_pad, BLOCK_Q=max(1, 64 // g_pad))
+    """One block-centric tile: BLOCK_Q queries x the group's heads, flattened into ROWS (64 or more) rows."""
+    block_q = max(1, 64 // groups)
+    return dict(ROWS=_pow2(block_q * groups, 64), BLOCK_Q=block_q)
 
 
 def _partials_fit(slots: int, num_q: int, heads_q: int, dim: int, dtype: torch.dtype) -> bool:
