@@ -108,6 +108,7 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
         "step_s": seconds, "host_queue_s": statistics.median(host_times), "tokens_per_s": batch * length / seconds,
         "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": losses[-1],
         "host_syncs_fwd_bwd": sum("synchronizing" in str(w.message) for w in syncs),
+        "host_sync_sites": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs if "synchronizing" in str(w.message)}),
     }
     if profile:
         row["profile"] = kernel_table(profiler)
