@@ -27,7 +27,13 @@ from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
 from .ops.backends import resolve_backend, resolve_pointwise
 from .ops.compression import gather_blocks
-from .ops.layout import QueryLayout, cu_seqlens_from_batch, cu_seqlens_from_left_padding, cu_seqlens_from_position_ids, cu_seqlens_from_seq_idx
+from .ops.layout import (
+    QueryLayout,
+    cu_seqlens_from_batch,
+    cu_seqlens_from_left_padding,
+    cu_seqlens_from_position_ids,
+    cu_seqlens_from_seq_idx,
+)
 
 logger = logging.get_logger(__name__)
 

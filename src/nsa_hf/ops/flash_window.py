@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import inspect
 import logging
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -56,8 +57,9 @@ def _document_bounds(layout: QueryLayout) -> tuple[Tensor, int]:
     """int32 cu_seqlens of the documents, and the longest one's length: from the layout's host copy when it
     has one, else with a host sync."""
     if layout.documents is not None:
-        bounds = torch.tensor(layout.documents, dtype=torch.int32)
-        return host_to_device(bounds, layout.positions.device), int(bounds.diff().max())
+        documents = layout.documents
+        bounds = torch.tensor(documents, dtype=torch.int32)
+        return host_to_device(bounds, layout.positions.device), max(end - start for start, end in pairwise(documents))
     starts = torch.nonzero(layout.positions == 0).flatten()
     cu = torch.cat([starts, starts.new_tensor([layout.positions.numel()])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
