@@ -98,6 +98,7 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
         finally:
             torch.cuda.set_sync_debug_mode("default")
         optimizer.zero_grad(set_to_none=True)
+    sync_sites = [f"{Path(w.filename).name}:{w.lineno}" for w in syncs if "called a synchronizing" in str(w.message)]
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             train_step(ids)
@@ -107,8 +108,10 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s": seconds, "host_queue_s": statistics.median(host_times), "tokens_per_s": batch * length / seconds,
         "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": losses[-1],
-        "host_syncs_fwd_bwd": sum("synchronizing" in str(w.message) for w in syncs),
-        "host_sync_sites": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs if "synchronizing" in str(w.message)}),
+        "host_syncs_fwd_bwd": len(sync_sites),
+        "host_sync_sites": sorted(set(sync_sites)),
+        # cudaMalloc retries free the allocator's cache, which waits for the GPU: a host stall no sync mode sees.
+        "alloc_retries": torch.cuda.memory_stats()["num_alloc_retries"],
     }
     if profile:
         row["profile"] = kernel_table(profiler)
