@@ -358,7 +358,8 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
 
 def test_layers_sharing_a_layout_build_its_index_work_once(monkeypatch):
     """The query tiles, document tiles and key readers derive from the layout alone: the layers of one pass
-    share them through `layout.memo` (each build waits for the GPU), and a second pass gets the same output."""
+    share them through `layout.memo` (each build costs launches, and a host sync without host document
+    bounds), and a second pass gets the same output."""
     torch.manual_seed(2)
     dtype = DTYPES[0]
     pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)

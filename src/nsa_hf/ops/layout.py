@@ -176,7 +176,8 @@ class QueryLayout:
     # backends derive from them (query tiles, the longest document) need no host sync. A tiling hint too.
     documents: tuple[int, ...] | None = None
     # Index work that backends derive from the layout alone (query tiles, document bounds), kept here so that
-    # the layers of one forward pass share it instead of each paying its host sync. Keyed by the backend.
+    # the layers of one forward pass share it instead of each rebuilding it (and, for layouts without
+    # `documents`, paying its host sync). Keyed by the backend.
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
