@@ -365,18 +365,15 @@ def _tile_tokens(g_pad: int, run_length: int | None, rows: int = 64) -> int:
     return min(tokens, max(1, 16 // g_pad, triton.next_power_of_2(run_length)))
 
 
-def _split_runs(
-    run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Cut runs [first, first + len) into pieces of at most `piece`: (first, length, run index) per piece.
+def _split_runs(run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int | None = None) -> tuple[Tensor, Tensor]:
+    """Cut runs [first, first + len) into pieces of at most `piece`: (first, length) per piece.
     `num_pieces`, when the host knows it, spares the host sync that sizes the result."""
     pieces_per_run = (run_len + piece - 1) // piece
     runs = torch.arange(run_first.numel(), device=run_first.device)
     run = torch.repeat_interleave(runs, pieces_per_run, output_size=num_pieces)
     index = torch.arange(run.numel(), device=run_first.device) - (torch.cumsum(pieces_per_run, 0) - pieces_per_run)[run]
     first = run_first[run] + index * piece
-    length = torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
-    return first, length, run
+    return first, torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
 
 
 def _document_pieces(documents: tuple[int, ...], tile: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
@@ -385,7 +382,7 @@ def _document_pieces(documents: tuple[int, ...], tile: int, device: torch.device
     each on a busy host, measured on the H200 machine)."""
     count = sum(-(-(end - start) // tile) for start, end in pairwise(documents))
     bounds = host_to_device(torch.tensor(documents), device)
-    first, length, _ = _split_runs(bounds[:-1], bounds.diff(), tile, num_pieces=count)
+    first, length = _split_runs(bounds[:-1], bounds.diff(), tile, num_pieces=count)
     return first.int(), length.int(), count
 
 
@@ -404,7 +401,7 @@ def _query_tiles(
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()
     run_len = torch.diff(run_first, append=run_first.new_tensor([lo.numel()]))
-    first, length, _ = _split_runs(run_first, run_len, tile)
+    first, length = _split_runs(run_first, run_len, tile)
     return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 
@@ -1018,7 +1015,7 @@ def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
     doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
-    first, length, _ = _split_runs(doc_start, doc_len, tile)
+    first, length = _split_runs(doc_start, doc_len, tile)
     return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 

@@ -133,7 +133,7 @@ def cu_seqlens_from_seq_idx(seq_idx: Tensor) -> Tensor:
     return _boundaries(starts)
 
 
-def _document_bounds(cu_seqlens: Tensor, num_tokens: int | None) -> tuple[int, ...]:
+def _validated_documents(cu_seqlens: Tensor, num_tokens: int | None) -> tuple[int, ...]:
     """The validated boundaries on the host, empty documents dropped (one host sync if they live on a GPU)."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
@@ -190,7 +190,7 @@ class QueryLayout:
         The index tensors live on `device` (default: cu_seqlens'). Boundaries given on the host cost no
         host sync; on a GPU, one (they are read once here, and every size is derived from that copy).
         """
-        documents = _document_bounds(cu_seqlens, num_tokens)
+        documents = _validated_documents(cu_seqlens, num_tokens)
         device = torch.device(device) if device is not None else cu_seqlens.device
         # Sizes from the host copy in plain Python: small CPU tensor ops cost a millisecond each on a busy host.
         lengths = [end - start for start, end in pairwise(documents)]
