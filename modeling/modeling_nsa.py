@@ -42,12 +42,16 @@ __all__ = ["NsaForCausalLM", "NsaModel", "NsaPreTrainedModel"]
 
 
 class NsaRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, config: NsaConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
+        self.config = config  # read at each call: `nsa_backend` may change after construction
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.variance_epsilon = config.rms_norm_eps
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
+        if fused is not None:
+            return fused.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -319,8 +323,8 @@ class NsaDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         self.self_attn = NsaAttention(config, layer_idx)
         self.mlp = NsaMLP(config)
-        self.input_layernorm = NsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = NsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = NsaRMSNorm(config)
+        self.post_attention_layernorm = NsaRMSNorm(config)
 
     def forward(
         self,
@@ -396,7 +400,7 @@ class NsaModel(NsaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([NsaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = NsaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = NsaRMSNorm(config)
         self.rotary_emb = NsaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()

@@ -1,6 +1,6 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
-"""The model's pointwise ops as Triton kernels, forward and backward: RoPE, SwiGLU's silu(gate) * up and
-the gated mix of NSA's three branches.
+"""The model's pointwise ops as Triton kernels, forward and backward: RMSNorm, RoPE, SwiGLU's silu(gate) * up
+and the gated mix of NSA's three branches.
 
 In eager PyTorch each is several elementwise kernels, each a full pass over memory, and here on strided
 slices of a stacked projection (slower kernels); each kernel below reads its inputs once and writes once,
@@ -17,7 +17,108 @@ except ImportError:
     raise
 from torch import Tensor
 
-__all__ = ["apply_rotary", "gate_branches", "silu_mul"]
+from .nsa_ops_triton_kernels import _multiprocessors
+
+__all__ = ["apply_rotary", "gate_branches", "rms_norm", "silu_mul"]
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, OUT, RSTD, num_rows, width, stride_x, stride_out, eps,
+                         BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """BLOCK_R rows of w * (x / rms(x)), rounded as the PyTorch module rounds: x / rms(x) to x's dtype first."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < num_rows)[:, None] & (cols < width)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / width + eps)
+    x_hat = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < width, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * stride_out + cols[None, :], (w[None, :] * x_hat).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < num_rows)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(X, W, RSTD, GRAD, DX, DW_PART, num_rows, width, stride_x, stride_grad, stride_dx,
+                         rows_per_program, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dx of `rows_per_program` rows, BLOCK_R at a time, and their share of dw (one fp32 row of DW_PART,
+    summed afterwards: no atomics)."""
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < width
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    first = tl.program_id(0) * rows_per_program
+    for start in range(first, tl.minimum(first + rows_per_program, num_rows), BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        row_ok = (rows < num_rows) & (rows < first + rows_per_program)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(GRAD + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = x * rstd[:, None]
+        dw += tl.sum(grad * x_hat.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        d_hat = grad * w[None, :]
+        # d(x * rstd)/dx with rstd = mean(x^2)^-1/2: rstd * (d_hat - x_hat * mean(d_hat * x_hat))
+        dx = rstd[:, None] * (d_hat - x_hat * (tl.sum(d_hat * x_hat, axis=1) / width)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + tl.program_id(0) * width + cols, dw, mask=col_ok)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        num_rows, width = rows.shape
+        out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+        rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+        block, block_r = triton.next_power_of_2(width), _norm_rows(width)
+        if num_rows:
+            _rms_norm_fwd_kernel[(triton.cdiv(num_rows, block_r),)](
+                rows, weight, out, rstd, num_rows, width, rows.stride(0), out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
+            )
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], width)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        num_rows, width = rows.shape
+        grad = grad.reshape(num_rows, width)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        dx = torch.empty(rows.shape, device=rows.device, dtype=rows.dtype)
+        if num_rows == 0:
+            return dx.view(ctx.shape), torch.zeros_like(weight), None
+        block, block_r = triton.next_power_of_2(width), _norm_rows(width)
+        # A few programs per multiprocessor, each over a contiguous range of rows: dw has one partial per
+        # program (off CUDA, the interpreter, still a few: tests then cover the partials' sum).
+        limit = 4 * _multiprocessors(rows.device) if rows.device.type == "cuda" else 3
+        programs = min(triton.cdiv(num_rows, block_r), limit)
+        per_program = triton.cdiv(triton.cdiv(num_rows, programs), block_r) * block_r
+        programs = triton.cdiv(num_rows, per_program)
+        dw_part = torch.empty(programs, width, device=rows.device, dtype=torch.float32)
+        _rms_norm_bwd_kernel[(programs,)](
+            rows, weight, rstd, grad, dx, dw_part, num_rows, width, rows.stride(0), grad.stride(0), dx.stride(0),
+            per_program, BLOCK=block, BLOCK_R=block_r,
+        )
+        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None
+
+
+def _norm_rows(width: int) -> int:
+    """Rows per RMSNorm tile: about 4096 elements (a 768-wide row pads to 1024: 4 rows)."""
+    return max(1, 4096 // triton.next_power_of_2(width))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`NsaRMSNorm`'s function in one kernel each way: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype),
+    in the dtype PyTorch promotes weight and x to; statistics in fp32."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"`weight` must have shape {tuple(x.shape[-1:])} (x's last dim), got {tuple(weight.shape)}.")
+    if x.numel() > 2**31:  # int32 offsets, as in the attention kernels
+        raise ValueError(f"the Triton RMSNorm addresses at most 2**31 elements; got {tuple(x.shape)} (split the batch).")
+    return _RMSNorm.apply(x, weight, eps)
 
 
 @triton.jit

@@ -225,6 +225,29 @@ def test_silu_mul_kernel_matches_pytorch_swiglu(dtype, padding):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, None])
+def test_rms_norm_kernel_matches_pytorch_rmsnorm(dtype, weight_dtype):
+    """RMSNorm forward and gradients (x and weight), with an fp32 weight (autocast training) or the input's dtype;
+    enough rows that the backward sums the weight gradient over several programs, one of them partial."""
+    torch.manual_seed(0)
+    shape, width = ((3, 700), 768) if CUDA else ((2, 150), 24)
+    x = torch.randn(*shape, width, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (1 + torch.randn(width, device=DEVICE) / 4).to(weight_dtype or dtype).requires_grad_()
+    out = triton_pointwise.rms_norm(x, weight, 1e-6)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, weight), grad_out)
+    out_ref, grads_ref = reference_grads(lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
+                                         (x, weight), grad_out)
+    assert out.dtype == torch.promote_types(weight.dtype, dtype)  # as the PyTorch module's weight * x_hat
+    assert_close_rel(out, out_ref, dtype, "out")
+    for name, grad, grad_ref, like in zip(("dx", "dweight"), grads, grads_ref, (x, weight)):
+        assert grad.dtype == like.dtype
+        assert_close_rel(grad, grad_ref, dtype, name)
+    with pytest.raises(ValueError, match="`weight` must have shape"):
+        triton_pointwise.rms_norm(x, weight[1:], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gate_kernel_matches_reference_mix(dtype):
     torch.manual_seed(0)
     num_q, heads, dim = (1000, 12, 64) if CUDA else (13, 3, 8)

@@ -9,7 +9,7 @@ in a try block. So the files are generated from the package, deterministically:
   (`nsa_hf.ops.layout` -> `nsa_ops_layout.py`; top-level modules keep their names, which `auto_map` uses);
 - their imports become flat relative imports; `from . import module` becomes an import of the names used
   (`module.name` -> `module_name`), which transformers can follow;
-- optional third-party imports (triton, flash_attn) are wrapped in try blocks that re-raise, so nothing
+- optional third-party imports (triton) are wrapped in try blocks that re-raise, so nothing
   changes at run time but transformers' `check_imports` does not demand them;
 - the methods that write remote code and model cards from the package are left out: transformers saves
   and pushes remote-code classes itself (copying their own files, writing `auto_map`).

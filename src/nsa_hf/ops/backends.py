@@ -74,16 +74,17 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
 class PointwiseKernels(NamedTuple):
     rotary: Callable[[Tensor, Tensor, Tensor], Tensor]  # (x [..., H, D], cos, sin) -> RoPE(x)
     silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x [..., W], weight [W], eps) -> RMSNorm(x)
 
 
 def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:
-    """The fused RoPE and SwiGLU kernels when `name` picks the Triton backend on `device`, or None for the
+    """The fused RMSNorm, RoPE and SwiGLU kernels when `name` picks the Triton backend on `device`, or None for the
     model's PyTorch ops: with the reference backend, and under torch.compile (inductor fuses those ops)."""
     if torch.compiler.is_compiling() or _choose(name, device) != "triton":
         return None
     from . import triton_pointwise  # lazy, like the attention kernels
 
-    return PointwiseKernels(triton_pointwise.apply_rotary, triton_pointwise.silu_mul)
+    return PointwiseKernels(triton_pointwise.apply_rotary, triton_pointwise.silu_mul, triton_pointwise.rms_norm)
 
 
 _BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache
