@@ -49,6 +49,7 @@ def _primitives(name: str) -> Primitives:
     )
     from .nsa_ops_triton_pointwise import (
         apply_rotary as triton_pointwise_apply_rotary,
+        cross_entropy as triton_pointwise_cross_entropy,
         gate_branches as triton_pointwise_gate_branches,
         rms_norm as triton_pointwise_rms_norm,
         silu_mul as triton_pointwise_silu_mul,
@@ -87,21 +88,25 @@ class PointwiseKernels(NamedTuple):
     rotary: Callable[[Tensor, Tensor, Tensor], Tensor]  # (x [..., H, D], cos, sin) -> RoPE(x)
     silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x [..., W], weight [W], eps) -> RMSNorm(x)
+    cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
 
 
 def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:
-    """The fused RMSNorm, RoPE and SwiGLU kernels when `name` picks the Triton backend on `device`, or None for the
+    """The fused RMSNorm, RoPE, SwiGLU and cross-entropy kernels when `name` picks the Triton backend on `device`, or None for the
     model's PyTorch ops: with the reference backend, and under torch.compile (inductor fuses those ops)."""
     if torch.compiler.is_compiling() or _choose(name, device) != "triton":
         return None
     from .nsa_ops_triton_pointwise import (
         apply_rotary as triton_pointwise_apply_rotary,
+        cross_entropy as triton_pointwise_cross_entropy,
         gate_branches as triton_pointwise_gate_branches,
         rms_norm as triton_pointwise_rms_norm,
         silu_mul as triton_pointwise_silu_mul,
     )  # lazy, like the attention kernels
 
-    return PointwiseKernels(triton_pointwise_apply_rotary, triton_pointwise_silu_mul, triton_pointwise_rms_norm)
+    return PointwiseKernels(
+        triton_pointwise_apply_rotary, triton_pointwise_silu_mul, triton_pointwise_rms_norm, triton_pointwise_cross_entropy
+    )
 
 
 _BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache

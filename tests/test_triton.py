@@ -248,6 +248,57 @@ def test_rms_norm_kernel_matches_pytorch_rmsnorm(dtype, weight_dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_kernel_matches_pytorch(dtype):
+    """Per-token cross entropy and the logits' gradient against F.cross_entropy on fp32 logits, with ignored rows
+    (zero loss and gradient) and a vocabulary that is not a multiple of the kernel's chunk; a label outside the
+    vocabulary gives NaN, never a silent number."""
+    torch.manual_seed(0)
+    rows, vocab = (300, 5000) if CUDA else (10, 37)
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
+    labels[::3] = -100
+    losses = triton_pointwise.cross_entropy(logits, labels)
+    grad_out = torch.rand(rows, device=DEVICE)
+    (grad,) = torch.autograd.grad(losses, logits, grad_out)
+    losses_ref, (grad_ref,) = reference_grads(
+        lambda x: torch.nn.functional.cross_entropy(x, labels, reduction="none"), (logits,), grad_out
+    )
+    assert losses.dtype == torch.float32 and grad.dtype == dtype
+    assert_close_rel(losses, losses_ref, torch.float32, "losses")  # both in fp32 from the same rounded logits
+    assert_close_rel(grad, grad_ref, dtype, "d_logits")
+    assert not losses[::3].any() and not grad[::3].any()
+    labels[1] = vocab
+    assert triton_pointwise.cross_entropy(logits.detach(), labels)[1].isnan()
+    with pytest.raises(ValueError, match="`labels` \\[N\\]"):
+        triton_pointwise.cross_entropy(logits, labels[1:])
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_fused_causal_lm_loss_matches_transformers_loss(num_items, shifted):
+    """The model's loss with the fused cross entropy against transformers' ForCausalLMLoss: label shift (or
+    given `shift_labels`), ignored tokens and the `num_items_in_batch` sum reduction."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from nsa_hf.modeling_nsa import fused_causal_lm_loss
+
+    torch.manual_seed(0)
+    vocab = 50
+    logits = torch.randn(2, 9, vocab, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 9), device=DEVICE)
+    labels[0, :3] = -100
+    kwargs = {"num_items_in_batch": num_items}
+    if shifted:
+        kwargs["shift_labels"] = torch.roll(labels, -1, dims=1)
+    loss = fused_causal_lm_loss(triton_pointwise.cross_entropy, logits, labels, vocab, **kwargs)
+    expected = ForCausalLMLoss(logits, labels, vocab, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (grad_ref,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gate_kernel_matches_reference_mix(dtype):
     torch.manual_seed(0)
     num_q, heads, dim = (1000, 12, 64) if CUDA else (13, 3, 8)

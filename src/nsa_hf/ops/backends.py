@@ -75,16 +75,19 @@ class PointwiseKernels(NamedTuple):
     rotary: Callable[[Tensor, Tensor, Tensor], Tensor]  # (x [..., H, D], cos, sin) -> RoPE(x)
     silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x [..., W], weight [W], eps) -> RMSNorm(x)
+    cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
 
 
 def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:
-    """The fused RMSNorm, RoPE and SwiGLU kernels when `name` picks the Triton backend on `device`, or None for the
+    """The fused RMSNorm, RoPE, SwiGLU and cross-entropy kernels when `name` picks the Triton backend on `device`, or None for the
     model's PyTorch ops: with the reference backend, and under torch.compile (inductor fuses those ops)."""
     if torch.compiler.is_compiling() or _choose(name, device) != "triton":
         return None
     from . import triton_pointwise  # lazy, like the attention kernels
 
-    return PointwiseKernels(triton_pointwise.apply_rotary, triton_pointwise.silu_mul, triton_pointwise.rms_norm)
+    return PointwiseKernels(
+        triton_pointwise.apply_rotary, triton_pointwise.silu_mul, triton_pointwise.rms_norm, triton_pointwise.cross_entropy
+    )
 
 
 _BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache

@@ -1,5 +1,5 @@
-"""The model's pointwise ops as Triton kernels, forward and backward: RMSNorm, RoPE, SwiGLU's silu(gate) * up
-and the gated mix of NSA's three branches.
+"""The model's pointwise and row-wise ops as Triton kernels, forward and backward: RMSNorm, RoPE, SwiGLU's
+silu(gate) * up, the gated mix of NSA's three branches and the language-model cross entropy.
 
 In eager PyTorch each is several elementwise kernels, each a full pass over memory, and here on strided
 slices of a stacked projection (slower kernels); each kernel below reads its inputs once and writes once,
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .triton_kernels import _multiprocessors
 
-__all__ = ["apply_rotary", "gate_branches", "rms_norm", "silu_mul"]
+__all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
 
 @triton.jit
@@ -327,3 +327,90 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
     if o_cmp.numel() > 2**31:  # int32 offsets, as in the attention kernels
         raise ValueError(f"the Triton gate mix addresses at most 2**31 elements; got {tuple(o_cmp.shape)} (split the batch).")
     return _GateBranches.apply(o_cmp, o_slc, o_win, gates)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(LOGITS, LABELS, LOSS, LSE, vocab, stride_row, ignore_index, BLOCK: tl.constexpr):
+    """One row: its logsumexp (online over BLOCK-wide chunks, in fp32) and lse - logit[label]; 0 for an ignored
+    row, NaN for a label outside [0, vocab) (PyTorch raises there; a host check would cost a sync)."""
+    row = tl.program_id(0)
+    logits = LOGITS + row.to(tl.int64) * stride_row
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+        m = m_new
+    top = tl.max(m, axis=0)
+    lse = top + tl.log(tl.sum(total * tl.exp(m - top), axis=0))
+    label = tl.load(LABELS + row).to(tl.int32)
+    valid = (label >= 0) & (label < vocab)
+    target = tl.load(logits + label, mask=valid, other=0.0).to(tl.float32)
+    loss = tl.where(valid, lse - target, float("nan"))
+    tl.store(LOSS + row, tl.where(label == ignore_index, 0.0, loss))
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(LOGITS, LABELS, LSE, GRAD, DLOGITS, vocab, stride_row, stride_drow, ignore_index,
+                              BLOCK: tl.constexpr):
+    """BLOCK columns of one row's d(logits) = grad * (softmax - onehot(label)), 0 for an ignored row."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab
+    x = tl.load(LOGITS + row.to(tl.int64) * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    label = tl.load(LABELS + row).to(tl.int32)
+    grad = tl.where(label == ignore_index, 0.0, tl.load(GRAD + row))
+    d = (tl.exp(x - tl.load(LSE + row)) - (cols == label).to(tl.float32)) * grad
+    tl.store(DLOGITS + row.to(tl.int64) * stride_drow + cols, d.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+_CE_BLOCK = 4096  # logits per chunk of a row (16 KB of fp32 in flight per program)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        labels = labels.contiguous()
+        num_rows, vocab = logits.shape
+        losses = torch.empty(num_rows, device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(losses)
+        block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
+        if num_rows:
+            _cross_entropy_fwd_kernel[(num_rows,)](logits, labels, losses, lse, vocab, logits.stride(0), ignore_index,
+                                                   BLOCK=block)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index = ignore_index
+        ctx.mark_non_differentiable(labels)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        num_rows, vocab = logits.shape
+        d_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
+        if num_rows:
+            _cross_entropy_bwd_kernel[(num_rows, triton.cdiv(vocab, block))](
+                logits, labels, lse, grad.float().contiguous(), d_logits, vocab, logits.stride(0), d_logits.stride(0),
+                ctx.ignore_index, BLOCK=block,
+            )
+        return d_logits, None, None
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-row cross entropy of logits [N, V] (any float dtype, read once and upcast in the kernel, never
+    copied to fp32) against labels [N]: fp32 [N], 0 where the label is `ignore_index`. The logits' gradient
+    comes back in their dtype."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"`logits` must be [N, V] and `labels` [N], got {tuple(logits.shape)} and {tuple(labels.shape)}."
+        )
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"`labels` must be an integer tensor, got {labels.dtype}.")
+    return _CrossEntropy.apply(logits, labels, ignore_index)
