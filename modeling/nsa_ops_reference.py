@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .nsa_ops_layout import QueryLayout, SparsePattern, cu_seqlens_from_batch, num_compressed_blocks
+from .nsa_ops_layout import QueryLayout, SparsePattern, cu_seqlens_from_batch, memoized, num_compressed_blocks
 
 __all__ = [
     "block_attention",
@@ -232,8 +232,8 @@ def select_blocks_varlen(
     num_q, heads_q, _ = q.shape
     heads_kv = k_cmp.shape[1]
     groups = _check_gqa(q, k_cmp, "k_cmp")
-    counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
-    lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
+    lo, hi = compressed_intervals(layout, pattern)
+    counts = hi - lo
     weights = _overlap_weights(pattern, q.device).view(1, 1, -1)
     r = pattern.compress_block_size // pattern.compress_stride
     m = pattern.select_block_size // pattern.compress_stride
@@ -298,8 +298,10 @@ def compressed_attention_varlen(
 ) -> tuple[Tensor, Tensor]:
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
     _check_gqa(q, k_cmp, "k_cmp")
-    counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
-    lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
+    lo, hi = memoized(
+        layout.memo, ("compressed_intervals", pattern.compress_block_size, pattern.compress_stride),
+        lambda: compressed_intervals(layout, pattern),
+    )
     return primitives.interval(
         q, k_cmp, v_cmp, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("compressed", {}), documents=layout.documents
     )
@@ -313,7 +315,8 @@ def selection_attention_varlen(
     starts = torch.where(
         block_indices >= 0, layout.key_offsets[:, None, None] + block_indices.long() * block_size, -1
     )
-    return primitives.block(q, k, v, starts, block_size, layout.key_offsets + layout.positions + 1, scale)
+    key_ends = memoized(layout.memo, "key_ends", lambda: layout.key_offsets + layout.positions + 1)
+    return primitives.block(q, k, v, starts, block_size, key_ends, scale)
 
 
 def sliding_window_attention_varlen(
@@ -323,11 +326,22 @@ def sliding_window_attention_varlen(
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
     if primitives.window is not None:
         return primitives.window(q, k, v, layout, window_size, scale)
-    own = layout.window_offsets + layout.positions
-    lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
+    lo, hi = memoized(layout.memo, ("window_intervals", window_size), lambda: window_intervals(layout, window_size))
     return primitives.interval(
-        q, k, v, lo, own + 1, scale, layout.run_length, memo=layout.memo.setdefault("window", {}), documents=layout.documents
+        q, k, v, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("window", {}), documents=layout.documents
     )[0]
+
+
+def compressed_intervals(layout: QueryLayout, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+    """Each query's compressed blocks [lo, hi) in the compressed store: its document's complete blocks."""
+    counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
+    return layout.cmp_offsets, layout.cmp_offsets + counts
+
+
+def window_intervals(layout: QueryLayout, window_size: int) -> tuple[Tensor, Tensor]:
+    """Each query's window [lo, hi) in the window store: its document's last `window_size` tokens up to itself."""
+    lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
+    return lo, layout.window_offsets + layout.positions + 1
 
 
 def nsa_attention_varlen(

@@ -36,6 +36,7 @@ except ImportError:
 from torch import Tensor
 
 from .nsa_ops_layout import QueryLayout, SparsePattern, host_to_device, memoized
+from .nsa_ops_reference import window_intervals
 
 __all__ = ["block_attention", "interval_attention", "select_blocks", "window_attention"]
 
@@ -1070,6 +1071,6 @@ def select_blocks(
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float) -> Tensor:
     """The window branch: the interval kernel over each query's last `window_size` keys."""
-    lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
-    return interval_attention(q, k, v, lo, layout.window_offsets + layout.positions + 1, scale, layout.run_length,
-                              memo=layout.memo.setdefault("window", {}), documents=layout.documents)[0]
+    lo, hi = memoized(layout.memo, ("window_intervals", window_size), lambda: window_intervals(layout, window_size))
+    return interval_attention(q, k, v, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("window", {}),
+                              documents=layout.documents)[0]
