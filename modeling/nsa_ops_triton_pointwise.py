@@ -122,17 +122,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 @triton.jit
-def _rotary_kernel(
-    X, COS, SIN, OUT, num_rows, heads, stride_xt, stride_xh, stride_ct, stride_st,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, INVERSE: tl.constexpr,
-):
-    """BLOCK_R (token, head) rows of x [N, H, 2 * HALF] (last dim contiguous) into a contiguous OUT.
+def _rotate_rows(X, OUT, COS, SIN, num_tokens, stride_xt, stride_xh, stride_ct, stride_st, HEADS: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, INVERSE: tl.constexpr):
+    """BLOCK_R (token, head) rows of x [N, HEADS, 2 * HALF] (last dim contiguous) into a contiguous OUT.
     INVERSE rotates by -angle: the backward pass, since the rotation's transpose is its inverse."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    token = rows // heads
-    head = rows % heads
+    token = rows // HEADS
+    head = rows % HEADS
     d = tl.arange(0, BLOCK_HALF)
-    mask = (rows < num_rows)[:, None] & (d < HALF)[None, :]
+    mask = (token < num_tokens)[:, None] & (d < HALF)[None, :]
     x = X + token[:, None] * stride_xt + head[:, None] * stride_xh + d[None, :]
     x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -151,47 +149,77 @@ def _rotary_kernel(
     tl.store(out + HALF, out2.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
-    *lead, heads, dim = x.shape
-    rows = x.reshape(-1, heads, dim)  # a view for slices of the stacked projection
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if rows.shape[0] * rows.stride(0) > 2**31:  # int32 offsets, as in the attention kernels
-        raise ValueError(f"the Triton RoPE addresses at most 2**31 elements; got {tuple(x.shape)} (split the batch).")
+@triton.jit
+def _rotary_kernel(
+    X0, X1, X2, OUT0, OUT1, OUT2, COS, SIN, num_tokens, stride_x0t, stride_x0h, stride_x1t, stride_x1h,
+    stride_x2t, stride_x2h, stride_ct, stride_st, H0: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """Up to three tensors of the same tokens in one launch (RoPE's q and keys): program_id(1) picks one."""
+    part = tl.program_id(1)
+    if part == 0:
+        _rotate_rows(X0, OUT0, COS, SIN, num_tokens, stride_x0t, stride_x0h, stride_ct, stride_st, H0, HALF, BLOCK_HALF,
+                     BLOCK_R, INVERSE)
+    elif part == 1:
+        _rotate_rows(X1, OUT1, COS, SIN, num_tokens, stride_x1t, stride_x1h, stride_ct, stride_st, H1, HALF, BLOCK_HALF,
+                     BLOCK_R, INVERSE)
+    else:
+        _rotate_rows(X2, OUT2, COS, SIN, num_tokens, stride_x2t, stride_x2h, stride_ct, stride_st, H2, HALF, BLOCK_HALF,
+                     BLOCK_R, INVERSE)
+
+
+def _rotate(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, ...]:
+    dim = xs[0].shape[-1]
+    rows = []
+    for x in xs:
+        x_rows = x.reshape(-1, x.shape[-2], dim)  # a view for slices of the stacked projection
+        rows.append(x_rows if x_rows.stride(-1) == 1 else x_rows.contiguous())
+        if x_rows.shape[0] * rows[-1].stride(0) > 2**31:  # int32 offsets, as in the attention kernels
+            raise ValueError(f"the Triton RoPE addresses at most 2**31 elements; got {tuple(x.shape)} (split the batch).")
     cos, sin = cos.reshape(-1, dim), sin.reshape(-1, dim)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(rows.shape, device=x.device, dtype=x.dtype)
-    num_rows = rows.shape[0] * heads
-    block_r = 64
-    _rotary_kernel[(triton.cdiv(num_rows, block_r),)](
-        rows, cos, sin, out, num_rows, heads, rows.stride(0), rows.stride(1), cos.stride(0), sin.stride(0),
-        HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_R=block_r, INVERSE=inverse,
+    outs = [torch.empty(r.shape, device=r.device, dtype=r.dtype) for r in rows]
+    num_tokens, block_r = cos.shape[0], 64
+    pad = 3 - len(rows)  # unused parts repeat the first: their programs never run
+    padded_rows, padded_outs = rows + rows[:1] * pad, outs + outs[:1] * pad
+    heads = [r.shape[1] for r in padded_rows]
+    strides = [stride for r in padded_rows for stride in (r.stride(0), r.stride(1))]
+    _rotary_kernel[(triton.cdiv(num_tokens * max(heads), block_r), len(rows))](
+        *padded_rows, *padded_outs, cos, sin, num_tokens, *strides, cos.stride(0), sin.stride(0),
+        H0=heads[0], H1=heads[1], H2=heads[2], HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2),
+        BLOCK_R=block_r, INVERSE=inverse,
     )
-    return out.view(*lead, heads, dim)
+    return tuple(out.view(x.shape) for out, x in zip(outs, xs))
 
 
 class _Rotary(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(ctx, cos: Tensor, sin: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, inverse=False)
+        return _rotate(xs, cos, sin, inverse=False)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, *grads: Tensor):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, inverse=True), None, None
+        return None, None, *_rotate(grads, cos, sin, inverse=True)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [..., H, D] by cos/sin [..., D] (one phase per token, shared by its heads); no gradient
-    flows to cos and sin (they are functions of positions)."""
-    if x.shape[-1] % 2 or cos.shape != (*x.shape[:-2], x.shape[-1]) or sin.shape != cos.shape:
-        raise ValueError(
-            f"`cos` and `sin` must have shape {(*x.shape[:-2], x.shape[-1])} (x {tuple(x.shape)} without its heads, "
-            f"even head dim), got {tuple(cos.shape)} and {tuple(sin.shape)}."
-        )
-    return _Rotary.apply(x, cos, sin)
+def apply_rotary(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+    """Rotate each x [..., H_x, D] of `xs` (one to three tensors of the same tokens, e.g. q and the keys) by
+    cos/sin [..., D] (one phase per token, shared by its heads), in one launch; contiguous results. No
+    gradient flows to cos and sin (they are functions of positions)."""
+    if not 1 <= len(xs) <= 3:
+        raise ValueError(f"`xs` must hold one to three tensors, got {len(xs)}.")
+    for x in xs:
+        if x.shape[-1] % 2 or cos.shape != (*x.shape[:-2], x.shape[-1]) or sin.shape != cos.shape:
+            raise ValueError(
+                f"`cos` and `sin` must have shape {(*x.shape[:-2], x.shape[-1])} (x {tuple(x.shape)} without its "
+                f"heads, even head dim), got {tuple(cos.shape)} and {tuple(sin.shape)}."
+            )
+        if x.dtype != xs[0].dtype:
+            raise ValueError(f"the tensors of `xs` must share one dtype, got {x.dtype} and {xs[0].dtype}.")
+    return _Rotary.apply(cos, sin, *xs)
 
 
 @triton.jit

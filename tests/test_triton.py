@@ -7,6 +7,7 @@ float32; on a GPU they run compiled, in bf16/fp16 at sizes that are not multiple
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -183,24 +184,29 @@ def test_block_selection_matches_reference(blocks, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_kernel_matches_pytorch_rope(dtype):
-    """The fused RoPE on a strided slice (as of the stacked projection), forward and gradient."""
+@pytest.mark.parametrize("parts", [1, 3])
+def test_rotary_kernel_matches_pytorch_rope(dtype, parts):
+    """The fused RoPE on strided slices (as of the stacked projection), one or three tensors with different head
+    counts in one launch (q and the keys), forward and gradient; columns it does not read get no gradient."""
     torch.manual_seed(0)
-    batch, seq, heads, dim = (3, 70, 6, 64) if CUDA else (2, 9, 3, 8)
-    stacked = torch.randn(batch, seq, (heads + 2) * dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    batch, seq, dim = (3, 70, 64) if CUDA else (2, 9, 8)
+    heads = (6, 2, 1)[:parts]
+    stacked = torch.randn(batch, seq, (sum(heads) + 2) * dim, device=DEVICE, dtype=dtype, requires_grad=True)
     angles = torch.randn(batch, seq, dim // 2, device=DEVICE).repeat(1, 1, 2)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    x = stacked[..., dim : (heads + 1) * dim].unflatten(-1, (heads, dim))
-    out = triton_pointwise.apply_rotary(x, cos, sin)
-    grad_out = torch.randn_like(out)
-    (grad,) = torch.autograd.grad(out, stacked, grad_out)
-    out_ref, (grad_ref, _, _) = reference_grads(apply_rotary, (x, cos, sin), grad_out)
-    assert out.dtype == dtype and out.is_contiguous()
-    assert_close_rel(out, out_ref, dtype, "out")
-    assert_close_rel(grad[..., dim : (heads + 1) * dim].unflatten(-1, (heads, dim)), grad_ref, dtype, "dx")
-    assert not grad[..., :dim].any() and not grad[..., (heads + 1) * dim :].any()
+    bounds = [dim * (1 + sum(heads[:i])) for i in range(parts + 1)]
+    xs = tuple(stacked[..., a:b].unflatten(-1, (-1, dim)) for a, b in itertools.pairwise(bounds))
+    outs = triton_pointwise.apply_rotary(xs, cos, sin)
+    grads_out = [torch.randn_like(out) for out in outs]
+    (grad,) = torch.autograd.grad(outs, stacked, grads_out)
+    for x, out, grad_out, (a, b) in zip(xs, outs, grads_out, itertools.pairwise(bounds)):
+        out_ref, (grad_ref, _, _) = reference_grads(apply_rotary, (x, cos, sin), grad_out)
+        assert out.dtype == dtype and out.is_contiguous()
+        assert_close_rel(out, out_ref, dtype, "out")
+        assert_close_rel(grad[..., a:b].unflatten(-1, (-1, dim)), grad_ref, dtype, "dx")
+    assert not grad[..., :dim].any() and not grad[..., bounds[-1] :].any()
     with pytest.raises(ValueError, match="`cos` and `sin` must have shape"):
-        triton_pointwise.apply_rotary(x, cos[:, 1:], sin[:, 1:])
+        triton_pointwise.apply_rotary(xs, cos[:, 1:], sin[:, 1:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
-from .ops.backends import resolve_backend, resolve_pointwise
+from .ops.backends import PointwiseKernels, resolve_backend, resolve_pointwise
 from .ops.compression import gather_blocks
 from .ops.layout import (
     QueryLayout,
@@ -102,6 +102,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [..., H, D] by cos/sin [..., D] (one phase per token, shared by its heads)."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
+
+
+def rotate_all(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor, fused: PointwiseKernels | None) -> tuple[Tensor, ...]:
+    """RoPE on tensors of the same tokens: one fused launch for all of them, or PyTorch ops per tensor."""
+    if fused is not None:
+        return fused.rotary(xs, cos, sin)
+    return tuple(apply_rotary(x, cos, sin) for x in xs)
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -280,15 +287,14 @@ class NsaAttention(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         cos, sin = plan.cos, plan.sin
         *heads, gate_projection = project(hidden_states, self._input_projections())
-        q, k_raw, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
+        q, k_proj, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
         fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
-        rotate = fused.rotary if fused is not None else apply_rotary
-        q, k_slc = rotate(q, cos, sin), rotate(k_raw, cos, sin)
         if self.independent_kv:
             k_win, v_win, k_raw, v_raw = branch_kv
-            k_win = rotate(k_win, cos, sin)
-        else:
-            v_raw, k_win, v_win = v_slc, k_slc, v_slc
+            q, k_slc, k_win = rotate_all((q, k_proj, k_win), cos, sin, fused)
+        else:  # one K/V for all branches; compression reads the keys before RoPE
+            q, k_slc = rotate_all((q, k_proj), cos, sin, fused)
+            k_raw, v_raw, k_win, v_win = k_proj, v_slc, k_slc, v_slc
         gates = self.branch_gate.from_projection(gate_projection)
         attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
 
@@ -304,7 +310,7 @@ class NsaAttention(nn.Module):
             k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
             size = self.pattern.compress_block_size
             k_blocks = gather_blocks(k_raw.flatten(0, 1), plan.block_starts, size)
-            k_cmp = apply_rotary(self.compress_key(k_blocks), plan.block_cos, plan.block_sin)
+            (k_cmp,) = rotate_all((self.compress_key(k_blocks),), plan.block_cos, plan.block_sin, fused)
             v_cmp = self.compress_value(gather_blocks(v_raw.flatten(0, 1), plan.block_starts, size))
             layout = plan.layout
 
