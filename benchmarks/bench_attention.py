@@ -25,6 +25,7 @@ from torch.nn.attention.varlen import varlen_attn
 from nsa_hf.ops import triton_kernels
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
+from nsa_hf.ops.reference import window_intervals
 
 SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64)}
 PATTERN = SparsePattern(32, 16, 64, 16, 1, 2, 512)
@@ -98,7 +99,9 @@ def measure(shape: str, length: int, backward: bool) -> dict:
     starts = torch.where(idx >= 0, idx.long() * 64, -1)
     row["cmp_ms"] = run(lambda *x: triton_kernels.interval_attention(*x, lo, hi, scale), q, k_cmp, v_cmp)
     row["slc_ms"] = run(lambda *x: triton_kernels.block_attention(*x, starts, 64, layout.positions + 1, scale), q, k_slc, v_slc)
-    row["win_ms"] = run(lambda *x: triton_kernels.window_attention(*x, layout, PATTERN.window_size, scale), q, k_win, v_win)
+    win_lo, win_hi = window_intervals(layout, PATTERN.window_size)
+    row["win_ms"] = run(lambda *x: triton_kernels.interval_attention(*x, win_lo, win_hi, scale, documents=layout.documents)[0],
+                        q, k_win, v_win)
     k, v = rand(length, heads_kv, dim), rand(length, heads_kv, dim)
     row["dense_ms"] = run(lambda *x: dense(*x, cu, length), q, k, v)
     row["window512_ms"] = run(lambda *x: dense(*x, cu, length, window=512), q, k, v)

@@ -45,7 +45,6 @@ def _primitives(name: str) -> Primitives:
         block_attention as triton_kernels_block_attention,
         interval_attention as triton_kernels_interval_attention,
         select_blocks as triton_kernels_select_blocks,
-        window_attention as triton_kernels_window_attention,
     )
     from .nsa_ops_triton_pointwise import (
         apply_rotary as triton_pointwise_apply_rotary,
@@ -57,7 +56,7 @@ def _primitives(name: str) -> Primitives:
 
     return Primitives(
         triton_kernels_interval_attention, triton_kernels_block_attention, triton_kernels_select_blocks,
-        triton_kernels_window_attention, triton_pointwise_gate_branches,
+        gate=triton_pointwise_gate_branches,
     )
 
 

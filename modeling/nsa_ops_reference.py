@@ -285,7 +285,6 @@ class Primitives(NamedTuple):
     interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length, memo=, documents=) -> (o, lse)
     block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
     select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
-    window: Callable[..., Tensor] | None = None  # (q, k, v, layout, window_size, scale) -> o; None: interval
     gate: Callable[..., Tensor] = gate_branches  # (o_cmp, o_slc, o_win, gates) -> o
 
 
@@ -324,8 +323,6 @@ def sliding_window_attention_varlen(
     primitives: Primitives = REFERENCE,
 ) -> Tensor:
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
-    if primitives.window is not None:
-        return primitives.window(q, k, v, layout, window_size, scale)
     lo, hi = memoized(layout.memo, ("window_intervals", window_size), lambda: window_intervals(layout, window_size))
     return primitives.interval(
         q, k, v, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("window", {}), documents=layout.documents

@@ -36,9 +36,8 @@ except ImportError:
 from torch import Tensor
 
 from .nsa_ops_layout import QueryLayout, SparsePattern, host_to_device, memoized
-from .nsa_ops_reference import window_intervals
 
-__all__ = ["block_attention", "interval_attention", "select_blocks", "window_attention"]
+__all__ = ["block_attention", "interval_attention", "select_blocks"]
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -1068,9 +1067,3 @@ def select_blocks(
     best = torch.topk(ranked.permute(1, 2, 0, 3).reshape(num_q, heads_kv, -1), n, dim=-1).values
     return torch.where(best >= 0, 2**31 - 1 - (best & 0xFFFFFFFF), -1).to(torch.int32)
 
-
-def window_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float) -> Tensor:
-    """The window branch: the interval kernel over each query's last `window_size` keys."""
-    lo, hi = memoized(layout.memo, ("window_intervals", window_size), lambda: window_intervals(layout, window_size))
-    return interval_attention(q, k, v, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("window", {}),
-                              documents=layout.documents)[0]

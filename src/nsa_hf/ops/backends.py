@@ -44,7 +44,7 @@ def _primitives(name: str) -> Primitives:
 
     return Primitives(
         triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks,
-        triton_kernels.window_attention, triton_pointwise.gate_branches,
+        gate=triton_pointwise.gate_branches,
     )
 
 
