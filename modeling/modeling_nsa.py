@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .configuration_nsa import NsaConfig
 from .nsa_ops_backends import PointwiseKernels, resolve_backend, resolve_pointwise
-from .nsa_ops_compression import gather_blocks
+from .nsa_ops_compression import block_tokens, take_blocks
 from .nsa_ops_layout import (
     QueryLayout,
     cu_seqlens_from_batch,
@@ -51,14 +51,19 @@ class NsaRMSNorm(nn.Module):
         self.variance_epsilon = config.rms_norm_eps
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        # Under autocast the output is in the autocast dtype: its consumers (projections, lm_head) would cast it
+        # anyway, and the fused kernel then writes it once instead of an fp32 copy that a cast reads again.
+        device_type = hidden_states.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
         if fused is not None:
-            return fused.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+            return fused.rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        out = self.weight * hidden_states.to(input_dtype)
+        return out if out_dtype is None else out.to(out_dtype)
 
 
 class NsaRotaryEmbedding(nn.Module):
@@ -122,6 +127,21 @@ def _plain_linear(module: nn.Module) -> bool:
     )
 
 
+def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A shared read-only zero tensor (padding rows and missing biases of stacked weights): built once per
+    shape, dtype and device, not queued as a fill kernel in every layer of every step."""
+    if torch.compiler.is_compiling():  # dynamo would guard on the dict: inductor folds the zeros anyway
+        return like.new_zeros(shape)
+    key = (shape, like.dtype, like.device)
+    if key not in _ZEROS:
+        with torch.inference_mode(False):  # a normal tensor even when first built under inference mode
+            _ZEROS[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return _ZEROS[key]
+
+
+_ZEROS: dict[tuple, Tensor] = {}
+
+
 def stacked_projection(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> Tensor | None:
     """The outputs of projections of the same input side by side, from one GEMM over their stacked weights
     (under autocast the input is cast once and its gradient comes back as one tensor, not one per
@@ -133,11 +153,12 @@ def stacked_projection(hidden_states: Tensor, projections: tuple[nn.Module, ...]
     # Zero rows up to a multiple of 8 outputs keep the output rows 16-byte aligned in bf16: otherwise cuBLAS
     # falls back to unaligned kernels (as it did for the seed model's 1572 outputs on the H200).
     padding = -sum(sizes) % 8
-    weights = [p.weight for p in projections] + [projections[0].weight.new_zeros(padding, hidden_states.shape[-1])]
+    weight = projections[0].weight
+    weights = [p.weight for p in projections] + ([_zeros((padding, weight.shape[1]), weight)] if padding else [])
     bias = None
     if any(p.bias is not None for p in projections):
-        biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
-        bias = torch.cat(biases + [projections[0].weight.new_zeros(padding)])
+        biases = [_zeros((p.out_features,), weight) if p.bias is None else p.bias for p in projections]
+        bias = torch.cat(biases + ([_zeros((padding,), weight)] if padding else []))
     return F.linear(hidden_states, torch.cat(weights), bias)
 
 
@@ -229,7 +250,7 @@ class NsaForwardPlan:
     sin: Tensor
     rotary_emb: NsaRotaryEmbedding
     layout: QueryLayout | None = None  # full pass (no cache): flat layout over B * T tokens
-    block_starts: Tensor | None = None  # full pass: flat index of every compressed block's first token
+    block_tokens: Tensor | None = None  # full pass: flat index of every compressed block's tokens [N_cmp, l]
     block_cos: Tensor | None = None  # full pass: RoPE at every compressed block's position [N_cmp, D]
     block_sin: Tensor | None = None
     doc_starts: Tensor | None = None  # cached pass: [B] first token of each row's document
@@ -290,8 +311,11 @@ class NsaAttention(nn.Module):
         *heads, gate_projection = project(hidden_states, self._input_projections())
         q, k_proj, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
         fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
+        # Values are slices of the stacked projection: one copy each here, not one in every kernel wrapper.
+        v_slc = v_slc.contiguous()
         if self.independent_kv:
             k_win, v_win, k_raw, v_raw = branch_kv
+            v_win = v_win.contiguous()
             q, k_slc, k_win = rotate_all((q, k_proj, k_win), cos, sin, fused)
         else:  # one K/V for all branches; compression reads the keys before RoPE
             q, k_slc = rotate_all((q, k_proj), cos, sin, fused)
@@ -309,10 +333,9 @@ class NsaAttention(nn.Module):
             k_slc, v_slc, k_win, v_win = stores.k_slc, stores.v_slc, stores.k_win, stores.v_win
         else:
             k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
-            size = self.pattern.compress_block_size
-            k_blocks = gather_blocks(k_raw.flatten(0, 1), plan.block_starts, size)
+            k_blocks = take_blocks(k_raw.flatten(0, 1), plan.block_tokens)
             (k_cmp,) = rotate_all((self.compress_key(k_blocks),), plan.block_cos, plan.block_sin, fused)
-            v_cmp = self.compress_value(gather_blocks(v_raw.flatten(0, 1), plan.block_starts, size))
+            v_cmp = self.compress_value(take_blocks(v_raw.flatten(0, 1), plan.block_tokens))
             layout = plan.layout
 
         inputs = (q.flatten(0, 1), k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.flatten(0, 1))
@@ -453,8 +476,9 @@ class NsaModel(NsaPreTrainedModel):
         )
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
+        tokens = block_tokens(blocks.token_starts, self.config.compress_block_size, batch * seq_len)
         return NsaForwardPlan(
-            cos, sin, self.rotary_emb, layout=layout, block_starts=blocks.token_starts, block_cos=block_cos[0], block_sin=block_sin[0]
+            cos, sin, self.rotary_emb, layout=layout, block_tokens=tokens, block_cos=block_cos[0], block_sin=block_sin[0]
         )
 
     def forward(

@@ -253,6 +253,23 @@ def test_rms_norm_kernel_matches_pytorch_rmsnorm(dtype, weight_dtype):
         triton_pointwise.rms_norm(x, weight[1:], 1e-6)
 
 
+def test_rms_norm_kernel_rounds_once_to_out_dtype():
+    """With `out_dtype` (the model passes the autocast dtype), the output is the promoted output rounded once,
+    and a gradient in that dtype gives the same dx and dweight as the fp32 gradient of the same values."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 24, device=DEVICE, requires_grad=True)
+    weight = (1 + torch.randn(24, device=DEVICE) / 4).requires_grad_()
+    out = triton_pointwise.rms_norm(x, weight, 1e-6)
+    out_half = triton_pointwise.rms_norm(x, weight, 1e-6, out_dtype=torch.float16)
+    assert out_half.dtype == torch.float16
+    torch.testing.assert_close(out_half, out.to(torch.float16), rtol=0, atol=0)
+    grad_out = torch.randn_like(out_half)
+    grads = torch.autograd.grad(out, (x, weight), grad_out.float())
+    grads_half = torch.autograd.grad(out_half, (x, weight), grad_out)
+    for grad, grad_half in zip(grads, grads_half):
+        assert grad_half.dtype == torch.float32
+        torch.testing.assert_close(grad_half, grad, rtol=0, atol=0)
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_kernel_matches_pytorch(dtype):
     """Per-token cross entropy and the logits' gradient against F.cross_entropy on fp32 logits, with ignored rows

@@ -74,7 +74,7 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
 class PointwiseKernels(NamedTuple):
     rotary: Callable[[tuple[Tensor, ...], Tensor, Tensor], tuple[Tensor, ...]]  # (xs [..., H_x, D], cos, sin) -> RoPE(xs)
     silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
-    rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x [..., W], weight [W], eps) -> RMSNorm(x)
+    rms_norm: Callable[..., Tensor]  # (x [..., W], weight [W], eps, out_dtype=None) -> RMSNorm(x)
     cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
 
 

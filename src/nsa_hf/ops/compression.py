@@ -11,16 +11,30 @@ from torch import Tensor
 
 from .layout import QueryLayout, cu_seqlens_from_batch
 
-__all__ = ["compress_blocks", "gather_blocks", "mean_compress"]
+__all__ = ["block_tokens", "compress_blocks", "gather_blocks", "mean_compress", "take_blocks"]
+
+
+def block_tokens(token_starts: Tensor, block_size: int, num_tokens: int) -> Tensor:
+    """Token index [..., Nc, block_size] of the blocks starting at `token_starts` [..., Nc] in a store of
+    `num_tokens`. Indices past the store are clamped: callers mask such blocks (incomplete ones) themselves."""
+    offsets = torch.arange(block_size, device=token_starts.device)
+    return (token_starts[..., None] + offsets).clamp(0, max(num_tokens - 1, 0))
+
+
+def take_blocks(x: Tensor, tokens: Tensor) -> Tensor:
+    """Blocks [..., Nc, l, H, D] of a flat store x [N, H, D] at `tokens` [..., Nc, l] (`block_tokens`): one
+    gather into head-major storage [..., Nc, H, l, D], returned as a view, so a learned phi flattens each
+    head's block with no further copy."""
+    heads = torch.arange(x.shape[1], device=x.device)[:, None]
+    return x[tokens[..., None, :], heads].transpose(-3, -2)
 
 
 def gather_blocks(x: Tensor, token_starts: Tensor, block_size: int) -> Tensor:
-    """Blocks [Nc, block_size, H, D] of a flat store x [N, H, D] starting at `token_starts` [..., Nc].
+    """Blocks [..., Nc, block_size, H, D] of a flat store x [N, H, D] starting at `token_starts` [..., Nc].
 
     Indices past the store are clamped: callers mask such blocks (incomplete ones) themselves.
     """
-    index = (token_starts[..., None] + torch.arange(block_size, device=x.device)).clamp(0, x.shape[0] - 1)
-    return x[index]
+    return take_blocks(x, block_tokens(token_starts, block_size, x.shape[0]))
 
 
 def compress_blocks(x: Tensor, block_size: int, stride: int, cu_seqlens: Tensor | None = None) -> Tensor:

@@ -61,12 +61,13 @@ def _rms_norm_bwd_kernel(X, W, RSTD, GRAD, DX, DW_PART, num_rows, width, stride_
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         num_rows, width = rows.shape
-        out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+        out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
+        out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
         rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
         block, block_r = triton.next_power_of_2(width), _norm_rows(width)
         if num_rows:
@@ -86,7 +87,7 @@ class _RMSNorm(torch.autograd.Function):
             grad = grad.contiguous()
         dx = torch.empty(rows.shape, device=rows.device, dtype=rows.dtype)
         if num_rows == 0:
-            return dx.view(ctx.shape), torch.zeros_like(weight), None
+            return dx.view(ctx.shape), torch.zeros_like(weight), None, None
         block, block_r = triton.next_power_of_2(width), _norm_rows(width)
         # A few programs per multiprocessor, each over a contiguous range of rows: dw has one partial per
         # program (off CUDA, the interpreter, still a few: tests then cover the partials' sum).
@@ -99,7 +100,7 @@ class _RMSNorm(torch.autograd.Function):
             rows, weight, rstd, grad, dx, dw_part, num_rows, width, rows.stride(0), grad.stride(0), dx.stride(0),
             per_program, BLOCK=block, BLOCK_R=block_r,
         )
-        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None
+        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
 
 
 def _norm_rows(width: int) -> int:
@@ -107,14 +108,14 @@ def _norm_rows(width: int) -> int:
     return max(1, 4096 // triton.next_power_of_2(width))
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
     """`NsaRMSNorm`'s function in one kernel each way: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype),
-    in the dtype PyTorch promotes weight and x to; statistics in fp32."""
+    rounded once to `out_dtype` (None: the dtype PyTorch promotes weight and x to); statistics in fp32."""
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"`weight` must have shape {tuple(x.shape[-1:])} (x's last dim), got {tuple(weight.shape)}.")
     if x.numel() > 2**31:  # int32 offsets, as in the attention kernels
         raise ValueError(f"the Triton RMSNorm addresses at most 2**31 elements; got {tuple(x.shape)} (split the batch).")
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps, out_dtype)
 
 
 @triton.jit
