@@ -779,7 +779,7 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple
     for the GPU (the kernels read `count` themselves). Two small kernels around one sort: the host queues
     five launches per layer where PyTorch ops took some thirty, each about 20 us on the H200 machine's host.
     """
-    num_q, heads_kv, slots = block_starts.shape
+    _, heads_kv, slots = block_starts.shape
     num_entries = block_starts.numel()
     device = block_starts.device
     none = heads_kv * num_keys  # sorts after every real block
