@@ -311,9 +311,7 @@ def selection_attention_varlen(
     primitives: Primitives = REFERENCE,
 ) -> Tensor:
     """Selection branch on flat tensors; block_indices [Nq, H, n] are relative to each query's document."""
-    starts = torch.where(
-        block_indices >= 0, layout.key_offsets[:, None, None] + block_indices.long() * block_size, -1
-    )
+    starts = (block_indices * block_size + layout.key_offsets[:, None, None]).masked_fill_(block_indices < 0, -1)
     key_ends = memoized(layout.memo, "key_ends", lambda: layout.key_offsets + layout.positions + 1)
     return primitives.block(q, k, v, starts, block_size, key_ends, scale)
 
