@@ -332,11 +332,9 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
 
 
 def _query_tile(groups: int, run_length: int | None) -> tuple[int, int]:
-    """(tokens, rows) of an interval-kernel query tile: 64 rows of tokens x group heads (`_tile_rows`), or when
-    decoding, just enough tokens for the run in at least 16 rows (tl.dot's minimum)."""
-    tokens = max(1, 64 // groups)
-    if run_length is not None:
-        tokens = min(tokens, max(1, 16 // groups, triton.next_power_of_2(run_length)))
+    """(tokens, rows) of an interval-kernel query tile: tokens x group heads flattened (`_tile_rows`) and
+    padded to a power of two."""
+    tokens = _tile_tokens(groups, run_length)
     return tokens, _pow2(tokens * groups)
 
 
@@ -351,13 +349,14 @@ def _softmax_delta(do: Tensor, o: Tensor) -> Tensor:
     return delta
 
 
-def _tile_tokens(g_pad: int, run_length: int | None, rows: int = 64) -> int:
-    """Tokens per block-selection tile: `rows` rows (tokens x group heads padded to g_pad, as the kernel sums
-    scores over each group), or when decoding, just enough for the run (tl.dot needs 16 rows)."""
-    tokens = max(1, rows // g_pad)
+def _tile_tokens(width: int, run_length: int | None, rows: int = 64) -> int:
+    """Tokens per query tile of `rows` rows, each token taking `width` rows (its group heads; block selection
+    pads them to a power of two, as it sums scores over each group), or when decoding, just enough for the
+    run (tl.dot needs 16 rows)."""
+    tokens = max(1, rows // width)
     if run_length is None:
         return tokens
-    return min(tokens, max(1, 16 // g_pad, triton.next_power_of_2(run_length)))
+    return min(tokens, max(1, 16 // width, triton.next_power_of_2(run_length)))
 
 
 def _split_runs(run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int | None = None) -> tuple[Tensor, Tensor]:
@@ -812,7 +811,7 @@ _PIECE = 256  # queries of one selected block per program and pass (long lists m
 
 def _block_centric_tile(groups: int) -> dict[str, int]:
     """One block-centric tile: BLOCK_Q queries x the group's heads, flattened into ROWS (64 or more) rows."""
-    block_q = max(1, 64 // groups)
+    block_q = _tile_tokens(groups, None)
     return dict(ROWS=_pow2(block_q * groups, 64), BLOCK_Q=block_q)
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_kernels import _multiprocessors
+from .triton_kernels import _check_offsets, _multiprocessors
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
@@ -113,8 +113,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
     rounded once to `out_dtype` (None: the dtype PyTorch promotes weight and x to); statistics in fp32."""
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"`weight` must have shape {tuple(x.shape[-1:])} (x's last dim), got {tuple(weight.shape)}.")
-    if x.numel() > 2**31:  # int32 offsets, as in the attention kernels
-        raise ValueError(f"the Triton RMSNorm addresses at most 2**31 elements; got {tuple(x.shape)} (split the batch).")
+    _check_offsets(x=x)
     return _RMSNorm.apply(x, weight, eps, out_dtype)
 
 
@@ -276,8 +275,7 @@ def silu_mul(gate_up: Tensor, width: int) -> Tensor:
         raise ValueError(
             f"`gate_up` must hold gate and up ({2 * width} columns, last dim contiguous), got {tuple(gate_up.shape)}."
         )
-    if gate_up.numel() > 2**31:
-        raise ValueError(f"the Triton SwiGLU addresses at most 2**31 elements; got {tuple(gate_up.shape)} (split the batch).")
+    _check_offsets(gate_up=gate_up)
     return _SiluMul.apply(gate_up, width)
 
 
@@ -353,8 +351,7 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
         )
     if not (o_cmp.dtype == o_slc.dtype == o_win.dtype):
         raise ValueError(f"branch outputs must share one dtype, got {o_cmp.dtype}, {o_slc.dtype} and {o_win.dtype}.")
-    if o_cmp.numel() > 2**31:  # int32 offsets, as in the attention kernels
-        raise ValueError(f"the Triton gate mix addresses at most 2**31 elements; got {tuple(o_cmp.shape)} (split the batch).")
+    _check_offsets(o_cmp=o_cmp)
     return _GateBranches.apply(o_cmp, o_slc, o_win, gates)
 
 
