@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from transformers.generation.streamers import BaseStreamer
 
 from nsa_hf import NsaCache, NsaConfig
+from nsa_hf.compat import CACHE_KWARG
 from nsa_hf.data import load_demo_corpus
 from nsa_hf.demo import add_nsa_backend_argument, load_model
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             streamer=streamer,
             **generate_kwargs,
         )
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KWARG)  # `cache` from transformers 5.24, `past_key_values` before
     if not isinstance(cache, NsaCache):
         raise TypeError(f"generate() decoded through a {type(cache).__name__}, not an NsaCache.")
 

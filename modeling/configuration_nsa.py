@@ -13,6 +13,12 @@ from .nsa_ops_layout import SparsePattern
 COMPRESSION_TYPES = ("mlp", "linear", "mean")
 BRANCH_KV_MODES = ("independent", "shared")
 NSA_BACKENDS = ("auto", "reference", "triton")
+CHOICES = {"compression_type": COMPRESSION_TYPES, "branch_kv": BRANCH_KV_MODES, "nsa_backend": NSA_BACKENDS}
+
+
+def _check_choice(name: str, value) -> None:
+    if value not in CHOICES[name]:
+        raise ValueError(f"`{name}` must be one of {CHOICES[name]}, got {value!r}.")
 
 
 @strict
@@ -49,7 +55,7 @@ class NsaConfig(PreTrainedConfig):
     """
 
     model_type = "nsa"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 768
@@ -118,12 +124,17 @@ class NsaConfig(PreTrainedConfig):
             self.compress_block_size, self.compress_stride, self.select_block_size, self.num_selected_blocks,
             self.num_init_blocks, self.num_local_blocks, self.window_size,
         )
-        choices = {"compression_type": COMPRESSION_TYPES, "branch_kv": BRANCH_KV_MODES, "nsa_backend": NSA_BACKENDS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in CHOICES:
+            _check_choice(name, getattr(self, name))
         if self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+
+    def __setattr__(self, name, value):
+        # Choice fields are checked on every assignment, so `from_pretrained(path, nsa_backend=...)` and
+        # `config.nsa_backend = ...` fail at once, naming the field, not at the first forward or at save time.
+        if name in CHOICES:
+            _check_choice(name, value)
+        super().__setattr__(name, value)
 
 
 __all__ = ["NsaConfig"]

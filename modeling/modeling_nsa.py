@@ -27,6 +27,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.utils import logging
 
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
+from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .nsa_ops_backends import PointwiseKernels, resolve_backend, resolve_pointwise
 from .nsa_ops_compression import block_tokens, take_blocks
@@ -303,7 +304,7 @@ class NsaAttention(nn.Module):
         self,
         hidden_states: Tensor,
         plan: NsaForwardPlan,
-        past_key_values: NsaCache | None = None,
+        cache: NsaCache | None = None,
         **kwargs,
     ) -> tuple[Tensor, None]:
         batch, seq_len, _ = hidden_states.shape
@@ -323,8 +324,8 @@ class NsaAttention(nn.Module):
         gates = self.branch_gate.from_projection(gate_projection)
         attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
 
-        if past_key_values is not None:
-            layer: NsaCacheLayer = past_key_values.layers[self.layer_idx]
+        if cache is not None:
+            layer: NsaCacheLayer = cache.layers[self.layer_idx]
             stores = layer.update_nsa(
                 k_slc, v_slc, k_win if self.independent_kv else None, v_win if self.independent_kv else None,
                 k_raw, v_raw, self._compressor(plan), doc_starts=plan.doc_starts,
@@ -361,11 +362,11 @@ class NsaDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: Tensor,
         plan: NsaForwardPlan,
-        past_key_values: NsaCache | None = None,
+        cache: NsaCache | None = None,
         **kwargs,
     ) -> Tensor:
         residual = hidden_states
-        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), plan, past_key_values)
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), plan, cache)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -378,7 +379,7 @@ class NsaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NsaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     # The dense kernels do not compute NSA: attention always goes through the NSA backend of the config.
     _supports_flash_attn = False
     _supports_sdpa = False
@@ -398,14 +399,46 @@ def _rope_dtype(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 def _leading_padding(attention_mask: Tensor) -> Tensor:
     """Per row, the number of leading padding tokens; rejects masks with holes inside the document."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"NSA models take a 2-D `attention_mask` [B, S], got shape {tuple(attention_mask.shape)}.")
     mask = attention_mask.bool()
     starts = (mask.long().cumsum(-1) == 0).sum(-1)
     ends = mask.shape[1] - mask.flip(-1).long().cumsum(-1).eq(0).sum(-1)  # one past the last real token
     if bool((mask.sum(-1) != (ends - starts).clamp(min=0)).any()):
         raise ValueError("`attention_mask` may pad on the left or the right, but not between real tokens.")
     return starts
+
+
+def _check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None, output_attentions: bool) -> None:
+    """Reject what the model cannot run with an error that names the argument, before any work."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(
+            f"`input_ids` must be 2-D [batch, sequence], got shape {tuple(input_ids.shape)}"
+            + (" (add a batch dimension: `input_ids[None]`)." if input_ids.dim() == 1 else ".")
+        )
+    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        raise ValueError(f"`inputs_embeds` must be 3-D [batch, sequence, hidden], got shape {tuple(inputs_embeds.shape)}.")
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"`{name}` is empty (shape {tuple(tokens.shape)}): give at least one token per row.")
+    if output_attentions:
+        raise ValueError(
+            "`output_attentions=True` is not supported: NSA computes no attention matrix (its selected blocks and window "
+            "are read sparsely, and a dense [T, T] map is exactly what it avoids). Use output_hidden_states instead."
+        )
+
+
+def _check_attention_mask(attention_mask: Tensor, input_shape: torch.Size, past: int) -> None:
+    """A 2-D mask covers the cached tokens and the new ones: [B, past + T] (shape only, no host sync)."""
+    batch, seq_len = input_shape
+    if attention_mask.dim() != 2:
+        raise ValueError(f"NSA models take a 2-D `attention_mask` [B, S], got shape {tuple(attention_mask.shape)}.")
+    if tuple(attention_mask.shape) != (batch, past + seq_len):
+        cached = f" (the cache holds {past} tokens, plus {seq_len} new)" if past else ""
+        raise ValueError(
+            f"`attention_mask` must have shape {(batch, past + seq_len)}{cached}, got {tuple(attention_mask.shape)}."
+        )
 
 
 # Index building (here and in `NsaModel._plan`) syncs with the host and has data-dependent shapes: under
@@ -486,44 +519,50 @@ class NsaModel(NsaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: NsaCache | None = None,
+        cache: NsaCache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seq_lens_q: Tensor | None = None,
         seq_idx: Tensor | None = None,
+        past_key_values: NsaCache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """Args as in `LlamaModel.forward`. `position_ids` only signal packed documents (restarts at 0);
-        RoPE positions always come from the document layout. `cu_seq_lens_q` (from
-        `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) or `seq_idx` (`return_seq_idx=True`)
-        packs documents in one row."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        """Args as in `LlamaModel.forward`. The cache comes as `cache` (transformers >= 5.24) or `past_key_values`
+        (the name before); the output holds it under the installed release's name. `position_ids` only signal
+        packed documents (restarts at 0); RoPE positions always come from the document layout. `cu_seq_lens_q`
+        (from `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) or `seq_idx` (`return_seq_idx=True`)
+        packs documents in one row. `output_attentions=True` is refused: NSA computes no attention matrix."""
+        cache = cache_argument(cache, past_key_values)
+        _check_inputs(input_ids, inputs_embeds, output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if past_key_values is not None and not isinstance(past_key_values, NsaCache):
-            raise TypeError(f"NSA models need an `NsaCache`, got {type(past_key_values).__name__}.")
-        if cu_seq_lens_q is None and attention_mask is None and past_key_values is None:
+        if cache is not None and not isinstance(cache, NsaCache):
+            raise TypeError(f"NSA models need an `NsaCache`, got {type(cache).__name__}.")
+        if cu_seq_lens_q is None and attention_mask is None and cache is None:
             cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0], seq_idx)
         packed = cu_seq_lens_q is not None
-        if packed and (use_cache or past_key_values is not None):
+        if packed and (use_cache or cache is not None):
             raise ValueError("packed sequences (`cu_seq_lens_q` or restarting `position_ids`) cannot use a cache.")
         if use_cache is None:  # a cache only pays off when decoding: not in training, not for packed rows
             use_cache = self.config.use_cache and not self.training and not packed
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
-        if self.gradient_checkpointing and self.training and past_key_values is not None and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and cache is not None and torch.is_grad_enabled():
             raise ValueError(
-                "activation checkpointing recomputes every layer in the backward pass, which would write "
-                "`past_key_values` a second time: train without a cache (use_cache=False) or without checkpointing."
+                "activation checkpointing recomputes every layer in the backward pass, which would write the cache "
+                "(`cache` / `past_key_values`) a second time: train without a cache (use_cache=False) or without "
+                "checkpointing."
             )
-        if use_cache and past_key_values is None:
-            past_key_values = NsaCache(self.config)
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = NsaCache(self.config)
+        cache = cache if use_cache or cache is not None else None
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, inputs_embeds.shape[:2], cache.get_seq_length() if cache is not None else 0)
 
         hidden_states = inputs_embeds
         plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q)
@@ -536,7 +575,7 @@ class NsaModel(NsaPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache if use_cache else None, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_KWARG: cache if use_cache else None}
         )
         return output if return_dict else output.to_tuple()
 
@@ -583,14 +622,15 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """generate() decodes through an `NsaCache`; a DynamicCache would drop the NSA state."""
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        """generate() decodes through an `NsaCache`, put in `model_kwargs` under the key the installed transformers
+        reads (`cache` from 5.24, `past_key_values` before); a DynamicCache would drop the NSA state."""
+        if model_kwargs.get(CACHE_KWARG) is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise ValueError(
                     f"NSA models decode with their own `NsaCache`; cache_implementation="
                     f"{generation_config.cache_implementation!r} is not supported."
                 )
-            model_kwargs["past_key_values"] = NsaCache(self.config)
+            model_kwargs[CACHE_KWARG] = NsaCache(self.config)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -599,24 +639,28 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: NsaCache | None = None,
+        cache: NsaCache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        past_key_values: NsaCache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
+        """Args as in `LlamaForCausalLM.forward`; the cache as `cache` or `past_key_values` (see `NsaModel.forward`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
             cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
             seq_idx=kwargs.get("seq_idx"),
@@ -632,6 +676,6 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
                 loss_function = functools.partial(fused_causal_lm_loss, fused.cross_entropy)
             loss = loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)}
         )
         return output if return_dict else output.to_tuple()
