@@ -1,16 +1,16 @@
 """Pretrain an NSA model with `Trainer` on one GPU or several (accelerate: DDP or FSDP2), on the bundled corpus.
 
-Runs with the same global batch (processes x --per-device-batch) see the same data in the same order,
+Runs with the same global batch (processes x --batch-size) see the same data in the same order,
 so their loss curves can be compared step by step; each run writes them to --output-dir/losses.json.
 
     # one GPU, global batch 8
-    accelerate launch --num_processes 1 examples/distributed_pretrain.py --per-device-batch 8 --output-dir runs/single
+    accelerate launch --num_processes 1 examples/distributed_pretrain.py --batch-size 8 --output-dir runs/single
     # two GPUs, DistributedDataParallel, global batch 8
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/distributed_pretrain.py \\
-        --per-device-batch 4 --output-dir runs/ddp
+        --batch-size 4 --output-dir runs/ddp
     # two GPUs, FSDP2 (one shard group per decoder layer), global batch 8
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/distributed_pretrain.py \\
-        --per-device-batch 4 --output-dir runs/fsdp2
+        --batch-size 4 --output-dir runs/fsdp2
     # compare them
     python examples/distributed_pretrain.py --compare runs/single runs/ddp runs/fsdp2
 
@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from nsa_hf import NsaConfig, NsaForCausalLM
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import build_tokenizer
+from nsa_hf.demo import add_nsa_backend_argument, add_threads_argument, build_tokenizer, set_threads
 
 
 class LossAndTimeLog(TrainerCallback):
@@ -64,14 +64,15 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     config = NsaConfig(
         vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden_size // args.heads, max_position_embeddings=args.seq_len, window_size=args.window_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+        head_dim=args.hidden_size // args.num_heads, max_position_embeddings=args.seq_len, window_size=args.window_size,
         compress_block_size=args.compress_block_size, compress_stride=args.compress_stride,
         select_block_size=args.select_block_size, num_selected_blocks=args.num_selected_blocks,
+        nsa_backend=args.nsa_backend,
     )
     model = NsaForCausalLM(config)
     training_args = TrainingArguments(
-        output_dir=str(args.output_dir), per_device_train_batch_size=args.per_device_batch, max_steps=args.steps,
+        output_dir=str(args.output_dir), per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=1, seed=args.seed,
         data_seed=args.seed, bf16=torch.cuda.is_available(), save_strategy="no", report_to=[],
         dataloader_drop_last=True, disable_tqdm=False,
@@ -82,10 +83,10 @@ def train(args: argparse.Namespace) -> None:
     if trainer.is_world_process_zero():
         state = trainer.accelerator.state
         steady = [b - a for a, b in zip(log.step_ends[3:], log.step_ends[4:])]  # steps 1-3 include kernel compiles
-        global_batch = args.per_device_batch * state.num_processes
+        global_batch = args.batch_size * state.num_processes
         record = {
             "processes": state.num_processes, "distributed_type": str(state.distributed_type),
-            "per_device_batch": args.per_device_batch, "global_batch": global_batch, "seq_len": args.seq_len,
+            "per_device_batch": args.batch_size, "global_batch": global_batch, "seq_len": args.seq_len,
             "losses": log.losses, "median_step_s": statistics.median(steady) if steady else None,
             "tokens_per_s": global_batch * args.seq_len / statistics.median(steady) if steady else None,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -117,35 +118,55 @@ def compare(run_dirs: list[Path]) -> dict:
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# Earlier spellings of some flags, still accepted; --help shows the names the example scripts share.
+FLAG_ALIASES = {
+    "--steps": "max_steps", "--per-device-batch": "batch_size", "--layers": "num_layers", "--heads": "num_heads",
+    "--kv-heads": "num_kv_heads",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (`parse_args` checks the values)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/distributed"))
     parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR",
                         help="compare the losses.json of finished runs (the first is the baseline) and exit")
-    parser.add_argument("--per-device-batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="sequences per device per step; global batch = processes x this (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary trained on the corpus")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--intermediate-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--num-heads", type=int, default=4, help="query heads (default: %(default)s)")
+    parser.add_argument("--num-kv-heads", type=int, default=2, help="key/value heads (default: %(default)s)")
     parser.add_argument("--window-size", type=int, default=128)
     parser.add_argument("--compress-block-size", type=int, default=32)
     parser.add_argument("--compress-stride", type=int, default=16)
     parser.add_argument("--select-block-size", type=int, default=64)
     parser.add_argument("--num-selected-blocks", type=int, default=4)
+    add_nsa_backend_argument(parser)
+    add_threads_argument(parser)
+    for alias, dest in FLAG_ALIASES.items():
+        parser.add_argument(alias, dest=dest, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.hidden_size % args.heads:
-        parser.error(f"--hidden-size ({args.hidden_size}) must be a multiple of --heads ({args.heads})")
+    if args.hidden_size % args.num_heads:
+        parser.error(f"--hidden-size ({args.hidden_size}) must be a multiple of --num-heads ({args.num_heads})")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    set_threads(args.threads)
     if args.compare:
         compare(args.compare)
     else:

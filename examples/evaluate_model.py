@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import add_nsa_backend_argument, evaluate_loss, load_model
+from nsa_hf.demo import add_nsa_backend_argument, add_threads_argument, evaluate_loss, load_model, set_threads
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "passkey_retrieval"
 PREFIX = (
@@ -49,8 +49,8 @@ examples:
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (`parse_args` checks the values)."""
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="load the weights in bf16")
     add_nsa_backend_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    add_threads_argument(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     for name in ("ppl_max_chunks", "samples", "passkey_digits", "batch_size"):
@@ -215,6 +222,7 @@ def plot_heatmap(result: dict, context_lengths: list[int], depths: list[float], 
 def main(argv: list[str] | None = None) -> dict:
     """Run both evaluations; returns what is written to results.json."""
     args = parse_args(argv)
+    set_threads(args.threads)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from transformers import (
 
 import nsa_hf  # noqa: F401  (registers the "nsa" model type with the Auto classes)
 from nsa_hf.data import demo_corpus_path, load_demo_corpus
-from nsa_hf.demo import add_nsa_backend_argument, build_model, build_tokenizer
+from nsa_hf.demo import add_nsa_backend_argument, add_threads_argument, build_model, build_tokenizer, set_threads
 
 # The attention projections of every branch (independent K/V); the MLP and phi stay frozen.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -57,8 +57,8 @@ examples:
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (`parse_args` checks the values)."""
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     add_nsa_backend_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    add_threads_argument(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     for name in ("lora_r", "lora_alpha", "max_train_samples", "max_steps", "batch_size"):
@@ -134,6 +141,7 @@ def load_documents(train_file: str | None, max_samples: int) -> Dataset:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train, save and merge the adapter; returns the training loss and the merge check's max difference."""
     args = parse_args(argv)
+    set_threads(args.threads)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     base_dir = args.model_dir

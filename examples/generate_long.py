@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 from nsa_hf import NsaCache, NsaConfig
 from nsa_hf.compat import CACHE_KWARG
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import add_nsa_backend_argument, load_model
+from nsa_hf.demo import add_nsa_backend_argument, add_threads_argument, load_model, set_threads
 
 EPILOG = """\
 examples:
@@ -37,8 +37,8 @@ examples:
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (`parse_args` checks the values)."""
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output-json", help="also write the report to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    add_threads_argument(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     for name in ("context_length", "max_new_tokens"):
@@ -120,6 +127,7 @@ def keys_read(config: NsaConfig, position: int) -> int:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Generate from a long prompt; returns the report (times in seconds, memory in bytes)."""
     args = parse_args(argv)
+    set_threads(args.threads)
     set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, args.nsa_backend, args.bf16)
     text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else load_demo_corpus()

@@ -29,7 +29,7 @@ from transformers import (
 
 from nsa_hf import NsaConfig, NsaForCausalLM
 from nsa_hf.data import load_demo_corpus
-from nsa_hf.demo import add_nsa_backend_argument, build_tokenizer
+from nsa_hf.demo import add_nsa_backend_argument, add_threads_argument, build_tokenizer, set_threads
 
 EPILOG = """\
 examples:
@@ -48,8 +48,8 @@ examples:
 NOVEL_SEPARATOR = "\n\n\n\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (`parse_args` checks the values)."""
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -132,6 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (long sequences)"
     )
     train.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    add_threads_argument(train)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values exit with a usage error that names the flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     positive = ("vocab_size", "tokenizer_chars", "max_steps", "batch_size", "gradient_accumulation_steps")
@@ -223,6 +230,7 @@ def tokenize_and_pack(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, seq_
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the pretraining; returns the final evaluation metrics (empty without validation data)."""
     args = parse_args(argv)
+    set_threads(args.threads)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     train_files, validation_files = args.train_files, args.validation_files

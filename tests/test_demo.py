@@ -62,8 +62,17 @@ def test_cli_demo_help_exits_zero(capsys):
         main(["demo", "--help"])
     assert excinfo.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--steps", "--output-dir", "--seq-len", "--seed", "--prompt"):
+    for option in ("--max-steps", "--output-dir", "--seq-len", "--seed", "--prompt", "--threads"):
         assert option in out
+
+
+def test_cli_demo_flags_match_the_examples_and_keep_steps():
+    from nsa_hf.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--steps", "7"]).max_steps == 7  # the earlier spelling still works
+    args = parser.parse_args(["demo", "--max-steps", "7", "--threads", "1"])
+    assert (args.max_steps, args.threads) == (7, 1)
 
 
 def test_cli_version(capsys):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import shlex
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +21,7 @@ from nsa_hf.data import load_demo_corpus
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ("pretrain", "finetune_lora", "generate_long", "evaluate_model")
+ALL_SCRIPTS = (*SCRIPTS, "distributed_pretrain")
 
 
 def load_example(name: str) -> ModuleType:
@@ -36,6 +39,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def thread_calls(monkeypatch) -> list[int]:
+    """The values passed to torch.set_num_threads while the test runs (the call still goes through)."""
+    calls: list[int] = []
+    set_num_threads = torch.set_num_threads
+
+    def record(threads: int) -> None:
+        calls.append(threads)
+        set_num_threads(threads)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    return calls
+
+
+def example_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script name, its arguments) of each `python examples/X.py ...` or `accelerate launch ... examples/X.py ...`
+    command line of `text`, continuation lines joined and `$NAME` replaced by an earlier `NAME="..."`."""
+    variables: dict[str, list[str]] = {}
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        if not re.match(r"(python|accelerate|[A-Z_]+=)", line.strip()):  # prose, comments
+            continue
+        words = shlex.split(line, comments=True)
+        if len(words) == 1 and "=" in words[0]:  # NAME="..."
+            name, value = words[0].split("=", 1)
+            variables[name] = shlex.split(value)
+            continue
+        scripts = [i for i, word in enumerate(words) if re.fullmatch(r"examples/\w+\.py", word)]
+        if scripts:
+            argv = []
+            for word in words[scripts[0] + 1 :]:
+                argv += variables[word[1:]] if word.startswith("$") else [word]
+            commands.append((Path(words[scripts[0]]).stem, argv))
+    return commands
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +110,57 @@ def test_help_exits_zero(name: str, capsys):
     assert excinfo.value.code == 0
     out = capsys.readouterr().out
     assert f"python examples/{name}.py" in out  # the epilog's example commands
-    assert "--bf16" in out and "--nsa-backend" in out
+    assert "--bf16" in out and "--nsa-backend" in out and "--threads" in out
+
+
+def test_example_commands_reads_continuations_and_variables():
+    text = 'x\nARGS="--num-layers 2 --seq-len 64"\npython examples/pretrain.py $ARGS \\\n    --bf16  # GPU\n'
+    text += "  accelerate launch --config_file a.yaml examples/distributed_pretrain.py --batch-size 4\n"
+    assert example_commands(text) == [
+        ("pretrain", ["--num-layers", "2", "--seq-len", "64", "--bf16"]),
+        ("distributed_pretrain", ["--batch-size", "4"]),
+    ]
+
+
+def test_documented_commands_use_the_scripts_flags():
+    """Every example command in examples/README.md and in the scripts' --help parses with the script's flags,
+    spelled with the names the scripts share."""
+    readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    texts = {"examples/README.md": "\n".join(re.findall(r"```bash\n(.*?)```", readme, re.DOTALL))}
+    for name in ALL_SCRIPTS:
+        module = load_example(name)
+        texts[f"{name}.py --help"] = module.build_parser().format_help() + (module.__doc__ or "")
+    for source, text in texts.items():
+        commands = example_commands(text)
+        assert commands, f"{source} shows no example command"
+        for name, argv in commands:
+            module = load_example(name)
+            try:
+                module.build_parser().parse_args(argv)
+            except SystemExit:
+                pytest.fail(f"{source}: `{name}.py {' '.join(argv)}` does not parse")
+            old_spellings = sorted(set(argv) & set(getattr(module, "FLAG_ALIASES", {})))
+            assert not old_spellings, f"{source}: `{name}.py` documented with {old_spellings}, not the shared names"
+    documented = {name for text in texts.values() for name, _ in example_commands(text)}
+    assert documented == set(ALL_SCRIPTS)
+
+
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_every_script_takes_threads(name: str, capsys):
+    parser = load_example(name).build_parser()
+    assert parser.parse_args(["--threads", "1"]).threads == 1
+    assert parser.parse_args([]).threads is None  # torch's own choice
+    with pytest.raises(SystemExit) as excinfo:
+        parser.parse_args(["--threads", "0"])
+    assert excinfo.value.code == 2 and "argument --threads: must be >= 1" in capsys.readouterr().err
+
+
+def test_distributed_pretrain_accepts_the_earlier_flag_spellings():
+    parser = load_example("distributed_pretrain").build_parser()
+    old = ["--steps", "3", "--per-device-batch", "5", "--layers", "4", "--heads", "8", "--kv-heads", "2"]
+    new = ["--max-steps", "3", "--batch-size", "5", "--num-layers", "4", "--num-heads", "8", "--num-kv-heads", "2"]
+    assert parser.parse_args(old) == parser.parse_args(new)
+    assert "--layers" not in parser.format_help() and "--num-layers" in parser.format_help()
 
 
 @pytest.mark.parametrize(
@@ -105,13 +194,14 @@ def test_pretrain_saves_a_loadable_model(pretrained):
     assert isinstance(AutoModelForCausalLM.from_pretrained(output_dir), NsaForCausalLM)
 
 
-def test_pretrain_concat_packing(tmp_path, text_files):
+def test_pretrain_concat_packing(tmp_path, text_files, thread_calls):
     train, _ = text_files
     metrics = load_example("pretrain").main(
         ["--train-files", *train, "--output-dir", str(tmp_path), "--packing", "concat", "--max-steps", "1"]
         + ["--vocab-size", "384", "--tokenizer-chars", "40000", "--seq-len", "128", "--batch-size", "2"]
-        + ["--num-layers", "1"]
+        + ["--num-layers", "1", "--threads", "1"]
     )
+    assert thread_calls[:1] == [1]
     assert metrics == {}  # no validation files
     assert (tmp_path / "model.safetensors").is_file()
 
@@ -122,12 +212,13 @@ def test_bundled_corpus_is_written_as_one_file_per_novel(tmp_path):
     assert Path(validation[0]).read_text(encoding="utf-8").startswith("Persuasion")
 
 
-def test_finetune_lora_saves_adapter_and_merged_model(tmp_path, pretrained):
+def test_finetune_lora_saves_adapter_and_merged_model(tmp_path, pretrained, thread_calls):
     model_dir, _ = pretrained
     result = load_example("finetune_lora").main(
         ["--model-dir", str(model_dir), "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "2"]
-        + ["--seq-len", "64", "--max-train-samples", "8"]
+        + ["--seq-len", "64", "--max-train-samples", "8", "--threads", "1"]
     )
+    assert thread_calls[:1] == [1]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
@@ -137,11 +228,13 @@ def test_finetune_lora_saves_adapter_and_merged_model(tmp_path, pretrained):
     assert result["merge_max_abs_diff"] < 1e-4
 
 
-def test_generate_long_reports_times_and_cache_memory(tmp_path):
+def test_generate_long_reports_times_and_cache_memory(tmp_path, thread_calls):
     report_path = tmp_path / "report.json"
     report = load_example("generate_long").main(
         ["--context-length", "200", "--max-new-tokens", "3", "--no-warmup", "--output-json", str(report_path)]
+        + ["--threads", "1"]
     )
+    assert thread_calls[:1] == [1]
     assert json.loads(report_path.read_text()) == report
     assert report["new_tokens"] == 3
     assert report["prefill_seconds"] > 0 and report["decode_seconds_per_token_mean"] > 0
@@ -149,12 +242,14 @@ def test_generate_long_reports_times_and_cache_memory(tmp_path):
     assert 0 < report["nsa_keys_per_query"] <= report["dense_keys_per_query"] == 202
 
 
-def test_evaluate_model_writes_results_and_heatmap(tmp_path, pretrained):
+def test_evaluate_model_writes_results_and_heatmap(tmp_path, pretrained, thread_calls):
     model_dir, _ = pretrained
     results = load_example("evaluate_model").main(
         ["--model-dir", str(model_dir), "--output-dir", str(tmp_path), "--ppl-seq-len", "64"]
         + ["--ppl-max-chunks", "2", "--context-lengths", "160", "200", "--depths", "0", "1", "--samples", "1"]
+        + ["--threads", "1"]
     )
+    assert thread_calls[:1] == [1]
     assert json.loads((tmp_path / "results.json").read_text())["model"] == str(model_dir)
     assert (tmp_path / "passkey_retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert math.isfinite(results["perplexity"]["loss"]) and results["perplexity"]["perplexity"] > 1.0
@@ -190,13 +285,15 @@ def test_passkey_metric_scores_the_first_number():
     }
 
 
-def test_distributed_pretrain_runs_agree_and_compare_reports_them(tmp_path):
+def test_distributed_pretrain_runs_agree_and_compare_reports_them(tmp_path, thread_calls):
     """Two runs with the same global batch log the same losses; --compare reports their difference and speedup."""
     script = load_example("distributed_pretrain")
-    tiny = ["--steps", "2", "--seq-len", "64", "--hidden-size", "32", "--intermediate-size", "64", "--layers", "1",
-            "--heads", "2", "--kv-heads", "1", "--window-size", "32", "--num-selected-blocks", "3", "--vocab-size", "300"]
+    tiny = ["--max-steps", "2", "--seq-len", "64", "--hidden-size", "32", "--intermediate-size", "64"]
+    tiny += ["--num-layers", "1", "--num-heads", "2", "--num-kv-heads", "1", "--window-size", "32"]
+    tiny += ["--num-selected-blocks", "3", "--vocab-size", "300", "--threads", "1"]
     for name in ("a", "b"):
         script.main([*tiny, "--output-dir", str(tmp_path / name)])
+    assert thread_calls[:1] == [1]
     record = json.loads((tmp_path / "a" / "losses.json").read_text())
     assert record["global_batch"] == 2 and len(record["losses"]) == 2 and all(math.isfinite(x) for x in record["losses"])
     report = script.compare([tmp_path / "a", tmp_path / "b"])

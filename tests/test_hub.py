@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import configparser
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -15,6 +18,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
+from packaging.requirements import InvalidRequirement, Requirement
 from safetensors.torch import load as load_safetensors
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
@@ -151,8 +155,8 @@ def test_model_card_states_the_config_and_training():
         "| `num_selected_blocks` | n | 3 |", "| `num_init_blocks` | - | 1 |", "| `num_local_blocks` | - | 1 |",
         "| `window_size` | w | 12 |", "| `compression_type` | phi | mlp |", "| `branch_kv` | - | independent |",
         "| dataset | Jane Austen novels |", "| tokens seen | 245,760 |", "| optimizer steps | 120 |",
-        "| final training loss | 3.2100 |", "# tiny-nsa", "pip install nsa-hf",
-        'from_pretrained("user/tiny-nsa", trust_remote_code=True)',
+        "| final training loss | 3.2100 |", "# tiny-nsa", 'pip install "torch>=2.11" "transformers>=5.17"',
+        'from_pretrained("user/tiny-nsa", trust_remote_code=True)', "`pip install -e .`",
     ):
         assert row in text, row
     assert "No training details" in render_model_card(config)
@@ -179,6 +183,55 @@ def test_model_card_template_copy_matches_the_package():
         "model_cards/TEMPLATE.md differs from the template the package reads: edit "
         "src/nsa_hf/model_card_template.md, then `cp src/nsa_hf/model_card_template.md model_cards/TEMPLATE.md`"
     )
+
+
+def index_installs_of_nsa_hf(text: str) -> list[str]:
+    """The `pip install` commands in `text` that ask the package index for nsa-hf, which it does not have
+    (an editable install, a path or a `nsa-hf @ URL` direct reference is fine), stripped."""
+    found = []
+    for command in re.findall(r"pip install ([^`\n;&|]*)", text):  # up to the end of the command
+        try:
+            args = shlex.split(command)
+        except ValueError:  # an unbalanced quote in prose
+            args = command.split()
+        args = [re.sub(r"^['\"(]+|['\").,:]+$", "", arg) for arg in args]  # prose and quotes around the command
+        for index, arg in enumerate(args):
+            if arg.startswith("-") or args[index - 1] in ("-e", "--editable") or args[index + 1 : index + 2] == ["@"]:
+                continue
+            try:
+                requirement = Requirement(arg)
+            except InvalidRequirement:  # ".", ".[triton]", a URL
+                continue
+            if requirement.url is None and requirement.name.lower().replace("_", "-") == "nsa-hf":
+                found.append(f"pip install {command}".strip())
+    return found
+
+
+def test_index_installs_of_nsa_hf_finds_registry_installs_only():
+    assert index_installs_of_nsa_hf("run `pip install nsa-hf` or\npip install -U 'nsa_hf[triton]>=0.1'") == [
+        "pip install nsa-hf",
+        "pip install -U 'nsa_hf[triton]>=0.1'",
+    ]
+    prose = "needs triton (pip install 'nsa-hf[triton]')."
+    assert index_installs_of_nsa_hf(prose) == ["pip install 'nsa-hf[triton]')."]
+    fine = 'pip install -e . && pip install -e ".[triton]" torch\npip install "nsa-hf @ git+https://x/nsa-hf"'
+    assert index_installs_of_nsa_hf(fine) == []
+
+
+def test_model_card_and_docs_install_nothing_the_package_index_lacks():
+    """nsa-hf is not on the package index: the card's install line is torch + transformers (remote code)."""
+    card = render_model_card(tiny_config(), repo_id="user/tiny-nsa")
+    assert index_installs_of_nsa_hf(card) == []
+    docs = [REPO_ROOT / "README.md", REPO_ROOT / "examples" / "README.md", *(REPO_ROOT / "modeling").glob("*.py")]
+    docs += [*(REPO_ROOT / "src" / "nsa_hf").rglob("*.py"), *(REPO_ROOT / "src" / "nsa_hf").rglob("*.md")]
+    for path in docs:
+        assert index_installs_of_nsa_hf(path.read_text(encoding="utf-8")) == [], path
+    # The card's lower bounds are the package's own requirements.
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg", encoding="utf-8")
+    requires = [Requirement(line) for line in setup["options"]["install_requires"].split()]
+    bounds = {requirement.name: str(requirement.specifier) for requirement in requires}
+    assert 'pip install "torch{torch}" "transformers{transformers}"'.format(**bounds) in card
 
 
 def test_model_card_cli(tmp_path, capsys):

@@ -10,13 +10,13 @@ from . import __version__
 
 __all__ = ["build_parser", "main"]
 
-DEMO_DEFAULTS = {"steps": 120, "seq_len": 512, "seed": 0, "output_dir": "nsa-demo"}
+DEMO_DEFAULTS = {"max_steps": 120, "seq_len": 512, "seed": 0, "output_dir": "nsa-demo"}
 REMOTE_CODE_DIR = "modeling"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nsa-hf`` argument parser with its subcommands."""
-    from .demo import DEFAULT_PROMPT
+    from .demo import DEFAULT_PROMPT, add_threads_argument
 
     parser = argparse.ArgumentParser(
         prog="nsa-hf",
@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument(
-        "--steps", type=int, default=DEMO_DEFAULTS["steps"], help="training steps (batches of 4 sequences)"
+        "--max-steps", type=int, default=DEMO_DEFAULTS["max_steps"], help="training steps (batches of 4 sequences)"
     )
+    # The flag's earlier spelling, still accepted; --help shows the name the example scripts share.
+    demo.add_argument("--steps", dest="max_steps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.add_argument(
         "--output-dir", default=DEMO_DEFAULTS["output_dir"], help="where the model and tokenizer are saved"
     )
@@ -52,12 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=DEMO_DEFAULTS["seed"], help="seed for initialization, data order, sampling"
     )
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue after training")
-    demo.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice, one per core); use 1 if other programs keep the cores busy",
-    )
+    add_threads_argument(demo)
 
     export = commands.add_parser(
         "export-remote-code",
@@ -98,15 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
+        if args.max_steps < 1:
+            parser.error("--max-steps must be >= 1")
         if args.seq_len < 2:
             parser.error("--seq-len must be >= 2")
-        if args.threads is not None and args.threads < 1:
-            parser.error("--threads must be >= 1")
         run_demo(
             args.output_dir,
-            steps=args.steps,
+            steps=args.max_steps,
             seq_len=args.seq_len,
             seed=args.seed,
             prompt=args.prompt,

@@ -32,7 +32,18 @@ from .data import load_demo_corpus
 from .modeling_nsa import NsaForCausalLM
 from .ops.backends import BACKENDS
 
-__all__ = ["DemoResult", "build_model", "build_tokenizer", "evaluate_loss", "format_report", "load_model", "run_demo"]
+__all__ = [
+    "DemoResult",
+    "add_nsa_backend_argument",
+    "add_threads_argument",
+    "build_model",
+    "build_tokenizer",
+    "evaluate_loss",
+    "format_report",
+    "load_model",
+    "run_demo",
+    "set_threads",
+]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -161,6 +172,33 @@ def add_nsa_backend_argument(parser: argparse.ArgumentParser | argparse._Argumen
     )
 
 
+def _thread_count(value: str) -> int:
+    try:
+        threads = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {threads}")
+    return threads
+
+
+def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The `--threads` flag of ``nsa-hf demo`` and the examples: torch's CPU threads (see `set_threads`)."""
+    parser.add_argument(
+        "--threads",
+        type=_thread_count,
+        default=None,
+        help="torch CPU threads (torch.set_num_threads); unset, torch uses one per core. Use 1 when other programs "
+        "keep the cores busy: OpenMP threads waiting for a busy core make each step many times slower",
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    """`torch.set_num_threads(threads)`; `None` keeps torch's current setting."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def load_model(model_dir: str | None, nsa_backend: str = "auto", bf16: bool = False):
     """The saved model and tokenizer in `model_dir` (on CUDA when available, in eval mode), or, without a
@@ -259,8 +297,7 @@ def run_demo(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+    set_threads(num_threads)
     say = print if verbose else (lambda *args, **kwargs: None)
 
     try:

@@ -57,7 +57,10 @@ def _choose(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"`nsa_backend` must be one of {BACKENDS}, got {name!r}.")
     if name == "triton" and not triton_available():
-        raise ValueError("`nsa_backend='triton'` needs the `triton` package (pip install 'nsa-hf[triton]').")
+        raise ValueError(
+            "`nsa_backend='triton'` needs the `triton` package (`pip install triton`; in an nsa-hf checkout, "
+            "`pip install -e '.[triton]'`)."
+        )
     if name != "auto":
         return name
     chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
