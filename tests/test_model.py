@@ -246,6 +246,6 @@ def test_bad_inputs_raise_clear_errors():
         model(ids, use_cache=False, cu_seq_lens_q=torch.tensor([0, 20, 30]))
     with pytest.raises(ValueError, match="nsa_backend"):
         tiny_config(nsa_backend="cuda-magic")
-    model.config.nsa_backend = "cuda-magic"  # e.g. from_pretrained(..., nsa_backend=...) skips config checks
-    with pytest.raises(ValueError, match="nsa_backend"):
-        model(ids)
+    with pytest.raises(ValueError, match="nsa_backend"):  # assignment is checked too (from_pretrained's kwargs)
+        model.config.nsa_backend = "cuda-magic"
+    assert model.config.nsa_backend == "auto"
