@@ -394,16 +394,20 @@ def run_demo(
 
         say(f"[5/5] generate() {max_new_tokens} tokens (top-k 40, temperature 0.8, seed {seed})")
         inputs = reloaded_tokenizer(prompt, return_tensors="pt").to(reloaded.device)
+        sampling = dict(
+            max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+            pad_token_id=reloaded_tokenizer.pad_token_id,
+        )
         set_seed(seed)
         with torch.no_grad():
-            generated = reloaded.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                top_k=40,
-                temperature=0.8,
-                pad_token_id=reloaded_tokenizer.pad_token_id,
-            )
+            generated = reloaded.generate(**inputs, **sampling)
+            # The same draws without a cache recompute every step from the whole text: decoding through NsaCache
+            # must give the same tokens, or the cache lost history (as with a transformers it cannot read).
+            set_seed(seed)
+            recomputed = reloaded.generate(**inputs, **sampling, use_cache=False)
+        if not torch.equal(generated, recomputed):
+            raise RuntimeError("generate() through NsaCache differs from cache-free recomputation of the same draws.")
+        say("      decoding through NsaCache equals cache-free recomputation of the same draws")
         new_tokens = generated[0, inputs["input_ids"].shape[1] :]
         generated_text = reloaded_tokenizer.decode(new_tokens, skip_special_tokens=True)
     finally:
