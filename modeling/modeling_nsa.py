@@ -459,6 +459,9 @@ def _packed_boundaries(position_ids: Tensor | None, batch: int, seq_idx: Tensor 
 
 class NsaModel(NsaPreTrainedModel):
     def __init__(self, config: NsaConfig):
+        # Again here: `from_pretrained(..., field=value)` and attribute assignment set fields after the
+        # config's own check, and an unknown `branch_kv` would otherwise build a shared-K/V model silently.
+        config.validate_architecture()
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
