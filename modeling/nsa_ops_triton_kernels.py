@@ -18,6 +18,13 @@ compute exactly its functions:
   per block (only pieces of long query lists meet in fp32 atomics) and stores dq per slot. Decoding
   (few queries) runs query-centric: one program per token x key head, its n blocks split over programs.
 
+Tensors may pass 2**31 elements (a decoding batch's key store, a long batch's queries): each program
+addresses them from scalar int64 bases (its first query, its tile's first key, each selected block's
+start), the offsets added to a base staying int32. The block-centric kernels gather queries by index, so
+block attention runs queries past `_LAUNCH_ELEMENTS` gathered elements in chunks; the row-wise kernels
+run in chunks of rows (`_row_chunks`). What stays int32 is the span of one tile's keys, one document's
+at most (2**31 elements of keys: tens of millions of tokens).
+
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package
 imports without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
 """
@@ -44,14 +51,31 @@ def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(x))
 
 
-def _check_offsets(**tensors: Tensor) -> None:
-    """The kernels address their tensors with int32 offsets (int64 row offsets miscompile in Triton 3.6)."""
-    for name, tensor in tensors.items():
-        if tensor.numel() > 2**31:  # offsets reach numel - 1
-            raise ValueError(
-                f"the Triton backend addresses at most 2**31 elements per tensor; `{name}` has {tensor.numel()} "
-                "(split the batch)."
-            )
+# The most elements one launch of a row-wise kernel addresses. Kernel offsets are int32 (vectors of int64
+# offsets miscompiled in Triton 3.6), so a wrapper cuts a larger tensor into launches over row ranges, each
+# through a view whose data pointer the host advanced: one launch whenever the tensors are smaller.
+_LAUNCH_ELEMENTS = 2**31
+
+
+def _row_chunks(num_rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) that each span at most `_LAUNCH_ELEMENTS` elements, a row spanning
+    `row_elements` (the largest row stride among the tensors one launch addresses); one row at least."""
+    per_chunk = max(1, _LAUNCH_ELEMENTS // max(1, row_elements))
+    return [(start, min(start + per_chunk, num_rows)) for start in range(0, num_rows, per_chunk)]
+
+
+@triton.jit
+def _at_row(X, row, stride):
+    """X advanced by `row` rows of `stride` elements, in int64: the attention kernels address tensors past 2**31
+    elements from one such scalar base per program (or per key block), the offsets added to it staying int32
+    (vectors of int64 offsets miscompiled in Triton 3.6)."""
+    return X + tl.cast(row, tl.int64) * stride
+
+
+@triton.jit
+def _key_bases(K, V, first, kv_head, stride_kt, stride_kh, stride_vt, stride_vh):
+    """K and V at key `first` of key head `kv_head`."""
+    return _at_row(K, first, stride_kt) + kv_head * stride_kh, _at_row(V, first, stride_vt) + kv_head * stride_vh
 
 
 @triton.jit
@@ -99,7 +123,8 @@ def _tile_rows(first, length, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.c
 @triton.jit
 def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
                    RUN_LENGTH: tl.constexpr):
-    """Rows (token x group head) of this program's query tile, their key intervals, and the tile's key range."""
+    """The first token of this program's query tile, its rows (token x group head), their key intervals, and the
+    tile's key range."""
     first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
     token, group, row_ok = _tile_rows(first, length, G, ROWS, BLOCK_T)
     lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
@@ -110,26 +135,28 @@ def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, ROWS:
     # A tile without keys gets the range [0, 0), not [2**31 - 1, 0): the compiled key loops step past
     # their start, and from 2**31 - 1 that step wraps around int32 to a negative key.
     empty = key_hi <= key_lo
-    return token, kv_head * G + group, row_ok, lo, hi, tl.where(empty, 0, key_lo), tl.where(empty, 0, key_hi)
+    return first, token, kv_head * G + group, row_ok, lo, hi, tl.where(empty, 0, key_lo), tl.where(empty, 0, key_hi)
 
 
 @triton.jit
-def _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+def _kv_tile(K, V, keys, key_ok, stride_kt, stride_vt,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """K [N, BLOCK_D] and V [N, BLOCK_DV] rows `keys` of one key head; masked rows and columns read 0."""
+    """K [N, BLOCK_D] and V [N, BLOCK_DV]: rows `keys` counted from the bases K and V (`_key_bases`); masked rows
+    and columns read 0."""
     dk_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + keys[:, None] * stride_kt + kv_head * stride_kh + dk_idx[None, :],
-                mask=key_ok[:, None] & (dk_idx < D)[None, :], other=0.0)
-    v = tl.load(V + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :],
-                mask=key_ok[:, None] & (dv_idx < DV)[None, :], other=0.0)
+    k = tl.load(K + keys[:, None] * stride_kt + dk_idx[None, :], mask=key_ok[:, None] & (dk_idx < D)[None, :],
+                other=0.0)
+    v = tl.load(V + keys[:, None] * stride_vt + dv_idx[None, :], mask=key_ok[:, None] & (dv_idx < DV)[None, :],
+                other=0.0)
     return k, v
 
 
 @triton.jit
 def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, stride_dot, stride_doh, heads_q,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """What the backward pass reads per query row: q, dO, lse (-inf as 0: such rows have p = 0) and delta."""
+    """What the backward pass reads per query row: q, dO, lse (-inf as 0: such rows have p = 0) and delta; `token`
+    counted from the bases Q, DO, LSE and DELTA (`_query_bases`)."""
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
@@ -139,6 +166,13 @@ def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, st
     lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
     return q, do, tl.where(lse == float("-inf"), 0.0, lse), delta
+
+
+@triton.jit
+def _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q):
+    """Q, DO, LSE and DELTA at query `first`."""
+    return (_at_row(Q, first, stride_qt), _at_row(DO, first, stride_dot), _at_row(LSE, first, heads_q),
+            _at_row(DELTA, first, heads_q))
 
 
 @triton.jit
@@ -162,54 +196,63 @@ def _interval_fwd_kernel(
     """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
     range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
     kv_head = tl.program_id(1)
-    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS, BLOCK_T, RUN_LENGTH)
+    heads_q = G * tl.num_programs(1)
+    first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS,
+                                                                         BLOCK_T, RUN_LENGTH)
     span = tl.maximum(key_hi - key_lo, 0)
     share = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     begin = tl.minimum(tl.program_id(2) * share, span)
     end = tl.minimum(begin + share, span)
+    # int64 bases at the tile's first query and key; rows past them are counted in int32.
+    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    split = tl.program_id(2)
+    O = _at_row(_at_row(O, split, stride_os), first, stride_ot)
+    LSE = _at_row(_at_row(LSE, split, stride_ls), first, heads_q)
+    token -= first
 
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+        _at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
         mask=row_ok[:, None] & (dq < D)[None, :], other=0.0,
     )
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    for start in range(key_lo + begin, key_lo + end, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_lo + end
-        k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+    for start in range(begin, end, BLOCK_N):
+        offsets = start + tl.arange(0, BLOCK_N)
+        k, v = _kv_tile(K, V, offsets, offsets < end, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
         s = tl.dot(q, tl.trans(k)) * scale
+        keys = key_lo + offsets
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
-    split = tl.program_id(2)
-    tl.store(O + split * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+    tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + split * stride_ls + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+    tl.store(LSE + token * heads_q + head, lse, mask=row_ok)
 
 
 @triton.jit
-def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Merge the partial (o, lse) of every split of BLOCK_R (query, head) rows, softmax-weighted by their lse."""
+def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, stride_ps, stride_ls, DV: tl.constexpr,
+                           BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """Merge the partial (o, lse) of every split of BLOCK_R (query, head) rows, softmax-weighted by their lse.
+    A split's partials lie `stride_ps` (o) and `stride_ls` (lse) elements after the previous split's."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     splits = tl.arange(0, SPLITS_PAD)
     dv = tl.arange(0, BLOCK_DV)
-    lse = tl.load(LSE_PART + splits[:, None] * num_rows + rows[None, :],
+    lse = tl.load(LSE_PART + splits[:, None] * stride_ls + rows[None, :],
                   mask=(splits < NUM_SPLITS)[:, None] & row_ok[None, :], other=float("-inf"))
     top = tl.max(lse, axis=0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     total = tl.sum(tl.exp(lse - top_safe[None, :]), axis=0)  # splits that saw no key weigh 0
     out = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     for split in range(NUM_SPLITS):
-        lse_split = tl.load(LSE_PART + split * num_rows + rows, mask=row_ok, other=float("-inf"))
+        lse_split = tl.load(LSE_PART + split * stride_ls + rows, mask=row_ok, other=float("-inf"))
         # Such a split may not have written its o (block-centric slots without a block): never read it.
-        part = tl.load(O_PART + (split * num_rows + rows)[:, None] * DV + dv[None, :],
+        part = tl.load(_at_row(O_PART, split, stride_ps) + rows[:, None] * DV + dv[None, :],
                        mask=(lse_split > float("-inf"))[:, None] & (dv < DV)[None, :], other=0.0)
         out += part * tl.exp(lse_split - top_safe)[:, None]
     out = out / tl.where(total > 0, total, 1.0)[:, None]
@@ -239,15 +282,20 @@ def _interval_bwd_dq_kernel(
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS, BLOCK_T, RUN_LENGTH)
+    first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS,
+                                                                         BLOCK_T, RUN_LENGTH)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q)
+    DQ = _at_row(DQ, first, stride_qt)
+    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    token -= first
     dq_idx = tl.arange(0, BLOCK_D)
     q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                     stride_dot, stride_doh, heads_q, D, DV, BLOCK_D, BLOCK_DV)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for start in range(key_lo, key_hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < key_hi
-        k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+    for start in range(0, key_hi - key_lo, BLOCK_N):
+        offsets = start + tl.arange(0, BLOCK_N)
+        k, v = _kv_tile(K, V, offsets, offsets < key_hi - key_lo, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
+        keys = key_lo + offsets
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
         p = tl.where(valid, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -278,7 +326,13 @@ def _interval_bwd_dkv_kernel(
         return
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
-    k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+    # int64 bases at the first key and query; rows past them are counted in int32 (dk, dv are laid out as k, v).
+    key0 = tl.program_id(0) * BLOCK_N
+    K, V = _key_bases(K, V, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    DK, DV = _key_bases(DK, DV, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, q_lo, stride_qt, stride_dot, heads_q)
+    offsets = tl.arange(0, BLOCK_N)
+    k, v = _kv_tile(K, V, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(q_lo, q_hi, BLOCK_T):
@@ -286,13 +340,13 @@ def _interval_bwd_dkv_kernel(
         head = kv_head * G + group
         lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
         hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
-        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
+        q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token - q_lo, head, row_ok, stride_qt, stride_qh,
                                         stride_dot, stride_doh, heads_q, D, DV_DIM, BLOCK_D, BLOCK_DV)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & key_ok[None, :]
         dk, dv, _ = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
-    tl.atomic_add(DK + keys[:, None] * stride_kt + kv_head * stride_kh + dq_idx[None, :], dk * scale,
+    tl.atomic_add(DK + offsets[:, None] * stride_kt + dq_idx[None, :], dk * scale,
                   mask=key_ok[:, None] & (dq_idx < D)[None, :])
-    tl.atomic_add(DV + keys[:, None] * stride_vt + kv_head * stride_vh + dv_idx[None, :], dv,
+    tl.atomic_add(DV + offsets[:, None] * stride_vt + dv_idx[None, :], dv,
                   mask=key_ok[:, None] & (dv_idx < DV_DIM)[None, :])
 
 
@@ -327,10 +381,12 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
         return o[0].to(dtype), lse[0]
     out = torch.empty(num_q, heads_q, dim_v, device=o.device, dtype=dtype)
     out_lse = torch.empty(num_q, heads_q, device=o.device, dtype=torch.float32)
-    if num_q:
-        _combine_splits_kernel[(triton.cdiv(num_q * heads_q, 32),)](
-            o, lse, out, out_lse, num_q * heads_q, DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits,
-            SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
+    # Chunks of whole queries: the split offsets come from the kernel's int64 bases, the row offsets stay int32.
+    for start, end in _row_chunks(num_q, heads_q * dim_v):
+        rows = (end - start) * heads_q
+        _combine_splits_kernel[(triton.cdiv(rows, 32),)](
+            o[:, start:end], lse[:, start:end], out[start:end], out_lse[start:end], rows, o.stride(0), lse.stride(0),
+            DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
         )
     return out, out_lse
 
@@ -346,10 +402,13 @@ def _softmax_delta(do: Tensor, o: Tensor) -> Tensor:
     """FlashAttention's delta, sum(dO * O) over the value dim in fp32 ([Nq, HQ]), read once from the
     low-precision tensors (the PyTorch expression writes two fp32 copies and their product first)."""
     do, o = do.contiguous(), o.contiguous()
-    num_rows, dim_v = do.shape[0] * do.shape[1], do.shape[2]
+    num_q, heads_q, dim_v = do.shape
     delta = torch.empty(do.shape[:2], device=do.device, dtype=torch.float32)
-    if num_rows:
-        _row_dot_kernel[(triton.cdiv(num_rows, 64),)](do, o, delta, num_rows, D=dim_v, BLOCK_D=_pow2(dim_v), BLOCK_R=64)
+    for start, end in _row_chunks(num_q, heads_q * dim_v):
+        rows = (end - start) * heads_q
+        _row_dot_kernel[(triton.cdiv(rows, 64),)](
+            do[start:end], o[start:end], delta[start:end], rows, D=dim_v, BLOCK_D=_pow2(dim_v), BLOCK_R=64,
+        )
     return delta
 
 
@@ -414,7 +473,6 @@ class _IntervalAttention(torch.autograd.Function):
         groups = heads_q // heads_kv
         block_t, rows = _query_tile(groups, run_length)
         q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
-        _check_offsets(q=q, k=k, v=v)
         ctx.no_keys = k.shape[0] == 0
         if ctx.no_keys:
             # An empty store (every document shorter than a compressed block): no query sees a key. The kernels
@@ -545,38 +603,39 @@ def _block_fwd_kernel(
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     hi = tl.load(HI + token).to(tl.int32)
-    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq[None, :],
+    q = tl.load(_at_row(Q, token, stride_qt) + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     offsets = tl.arange(0, BLOCK_S)
+    starts = _at_row(STARTS, token, stride_st) + kv_head * stride_sh
     for i in range(SLOTS_PER_SPLIT):
         slot = split * SLOTS_PER_SPLIT + i
-        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
+        start = tl.load(starts + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
         if start >= 0:
-            keys = start + offsets
-            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
-            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+            key_ok = (offsets < BLOCK_SIZE) & (start + offsets < hi)
+            k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+            k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
-    tl.store(O + split * stride_os + token * stride_ot + head[:, None] * stride_oh + dv[None, :],
+    tl.store(_at_row(_at_row(O, split, stride_os), token, stride_ot) + head[:, None] * stride_oh + dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + split * stride_ls + token * (G * tl.num_programs(1)) + head, lse, mask=row_ok)
+    tl.store(_at_row(_at_row(LSE, split, stride_ls), token, G * tl.num_programs(1)) + head, lse, mask=row_ok)
 
 
 @triton.jit
 def _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Entries, key head and keys of one piece of a selected block's query list (`_queries_per_block`)."""
+    """Entries, key head, block start and keys of one piece of a selected block's query list (`_queries_per_block`)."""
     first = tl.load(PIECE_FIRST + piece)
     length = tl.load(PIECE_LEN + piece)
     block_key = tl.load(SORTED_KEY + first)
-    offsets = tl.arange(0, BLOCK_S)
-    keys = block_key % num_k + offsets
-    in_block = (offsets < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
-    return first, length, block_key // num_k, keys, in_block
+    start = block_key % num_k
+    keys = start + tl.arange(0, BLOCK_S)
+    in_block = (tl.arange(0, BLOCK_S) < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
+    return first, length, block_key // num_k, start, keys, in_block
 
 
 @triton.jit
@@ -614,9 +673,10 @@ def _block_fwd_by_block_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):  # persistent: no host sync
-        first, length, kv_head, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
-                                                        BLOCK_SIZE, BLOCK_S)
-        k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV, BLOCK_D, BLOCK_DV)
+        first, length, kv_head, start, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
+                                                               BLOCK_SIZE, BLOCK_S)
+        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+        k, v = _kv_tile(k_block, v_block, keys - start, in_block, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
         for e0 in range(0, length, BLOCK_Q):
             token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
                                                         G, ROWS, BLOCK_Q)
@@ -651,26 +711,28 @@ def _block_bwd_dq_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     hi = tl.load(HI + token).to(tl.int32)
-    q = tl.load(Q + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
-                mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
-    do = tl.load(DO + token * stride_dot + head[:, None] * stride_doh + dv_idx[None, :],
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, token, stride_qt, stride_dot, heads_q)
+    q = tl.load(Q + head[:, None] * stride_qh + dq_idx[None, :], mask=row_ok[:, None] & (dq_idx < D)[None, :],
+                other=0.0)
+    do = tl.load(DO + head[:, None] * stride_doh + dv_idx[None, :],
                  mask=row_ok[:, None] & (dv_idx < DV_DIM)[None, :], other=0.0)
-    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + head, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + token * heads_q + head, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head, mask=row_ok, other=0.0)
     dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     offsets = tl.arange(0, BLOCK_S)
+    starts = _at_row(STARTS, token, stride_st) + kv_head * stride_sh
     for slot in range(NUM_SLOTS):
-        start = tl.load(STARTS + token * stride_st + kv_head * stride_sh + slot).to(tl.int32)
+        start = tl.load(starts + slot).to(tl.int32)
         if start >= 0:
-            keys = start + offsets
-            key_ok = (offsets < BLOCK_SIZE) & (keys < hi)
-            k, v = _kv_tile(K, V, keys, key_ok, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+            key_ok = (offsets < BLOCK_SIZE) & (start + offsets < hi)
+            k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+            k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + token * stride_qt + head[:, None] * stride_qh + dq_idx[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (dq_idx < D)[None, :])
+    tl.store(_at_row(DQ, token, stride_qt) + head[:, None] * stride_qh + dq_idx[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dq_idx < D)[None, :])
 
 
 # 3 stages: 2.5% faster than the best of 1-2 at the seed shape, 32k (H200); the gathers pipeline deeper here.
@@ -691,9 +753,10 @@ def _block_bwd_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):
-        first, length, kv_head, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
-                                                        BLOCK_SIZE, BLOCK_S)
-        k, v = _kv_tile(K, V, keys, in_block, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, D, DV_DIM, BLOCK_D, BLOCK_DV)
+        first, length, kv_head, start, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
+                                                               BLOCK_SIZE, BLOCK_S)
+        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+        k, v = _kv_tile(k_block, v_block, keys - start, in_block, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
         dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
         for e0 in range(0, length, BLOCK_Q):
@@ -706,9 +769,10 @@ def _block_bwd_kernel(
             if DQ_PARTIALS:
                 tl.store(DQ + slot[:, None] * stride_dqs + token[:, None] * stride_dqt + head[:, None] * stride_dqh
                          + dq_idx[None, :], tl.dot(ds.to(k.dtype), k) * scale, mask=row_ok[:, None] & (dq_idx < D)[None, :])
-        tl.atomic_add(DK + keys[:, None] * stride_dkt + kv_head * stride_dkh + dq_idx[None, :], dk * scale,
+        dk_block, dv_block = _key_bases(DK, DV, start, kv_head, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
+        tl.atomic_add(dk_block + (keys - start)[:, None] * stride_dkt + dq_idx[None, :], dk * scale,
                       mask=in_block[:, None] & (dq_idx < D)[None, :])
-        tl.atomic_add(DV + keys[:, None] * stride_dvt + kv_head * stride_dvh + dv_idx[None, :], dv,
+        tl.atomic_add(dv_block + (keys - start)[:, None] * stride_dvt + dv_idx[None, :], dv,
                       mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
 
 
@@ -782,6 +846,11 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple
     num_entries = block_starts.numel()
     device = block_starts.device
     none = heads_kv * num_keys  # sorts after every real block
+    if none >= 2**31:  # past ~2**31 * head dim elements of keys: more than any GPU holds
+        raise ValueError(
+            f"block attention sorts its (key head, key) pairs as int32: the store may hold at most 2**31 - 1 of "
+            f"them, got {heads_kv} key heads x {num_keys} keys."
+        )
     keys = torch.empty(num_entries, device=device, dtype=torch.int32)
     count = torch.zeros(1, device=device, dtype=torch.int32)
     piece_first = torch.empty(num_entries, device=device, dtype=torch.int32)
@@ -807,6 +876,7 @@ def _persistent_programs(device: torch.device, work: int) -> int:
 # The block-centric passes keep a partial o (forward) and a dq part (backward) per (query, slot), in the
 # input dtype: they are merged in fp32, and their traffic is what these passes spend most time on. Above
 # this many bytes of partials (G >= 16 at long T) the query-centric kernels, which need none, run instead.
+# It also keeps the partials below 2**31 elements, which the kernels gather with int32 offsets.
 _PARTIALS_BUDGET = 2 << 30
 
 
@@ -833,26 +903,22 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
-        num_splits: int | None, block_centric: bool | None,
+        num_splits: int | None, block_centric: bool,
     ):
         num_q, heads_q, dim = q.shape
         num_k, heads_kv, dim_v = v.shape
         groups = heads_q // heads_kv
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
-        _check_offsets(q=q, k=k, v=v)
         slots = starts.shape[-1]
         meta = dict(
             G=groups, BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size), D=dim, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
         )
-        if block_centric is None:
-            block_centric = _use_block_centric(num_q, heads_q, slots, dim_v, q.dtype, num_splits)
         pieces = None
         if block_centric and num_q:
             pieces = _queries_per_block(starts, num_k, piece=_PIECE)
             o = torch.empty(slots, num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
             lse = torch.full((slots, num_q, heads_q), float("-inf"), device=q.device, dtype=torch.float32)
-            _check_offsets(partial_outputs=o)
             _block_fwd_by_block_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
                 q, k, v, hi, *pieces, o, lse,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -925,8 +991,29 @@ def block_attention(
     full passes (many queries) whose partials fit `_PARTIALS_BUDGET`. The backward is always block-centric.
     `num_splits`: for the query-centric forward, programs that share each query's selected blocks
     (None: enough to fill the GPU when there are few queries, as when decoding); it implies query-centric.
+    Queries past `_LAUNCH_ELEMENTS` of gathered elements (`_gathered_per_query`) run in chunks, each its own
+    pass: the block-centric kernels gather queries with int32 offsets.
     """
-    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
+    num_q, heads_q, dim = q.shape
+    heads_kv, dim_v = v.shape[1:]
+    slots = block_starts.shape[-1]
+    if block_centric is None:
+        block_centric = _use_block_centric(num_q, heads_q, slots, dim_v, q.dtype, num_splits)
+    chunks = _row_chunks(num_q, _gathered_per_query(heads_q, heads_kv, dim, dim_v, slots, block_centric))
+    if len(chunks) <= 1:
+        return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
+    # Queries are independent given their blocks: the chunks' outputs concatenate, their k and v gradients add up.
+    return torch.cat([
+        _BlockAttention.apply(q[a:b], k, v, block_starts[a:b], block_size, hi[a:b], scale, num_splits, block_centric)
+        for a, b in chunks
+    ])
+
+
+def _gathered_per_query(heads_q: int, heads_kv: int, dim: int, dim_v: int, slots: int, block_centric: bool) -> int:
+    """Elements per query of the largest tensor that the block-centric kernels index by query, in int32: q, o and
+    dO, the entries of the inverted selection, and with a block-centric forward its per-slot partial outputs (the
+    backward's dq parts are bounded by `_PARTIALS_BUDGET`; the key store is addressed from int64 block bases)."""
+    return max(heads_q * max(dim, dim_v) * (slots if block_centric else 1), heads_kv * slots)
 
 
 @triton.autotune(configs=_tuning_configs(stages=(1, 2, 3)), key=["G_PAD", "BLOCK_T", "BLOCK_D", "BLOCK_J", "NUM_SPLITS"])
@@ -969,10 +1056,13 @@ def _select_blocks_kernel(
     t_ok = tl.arange(0, BLOCK_T) < length
     tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1).to(tl.int32)
     current = tile_pos // SEL  # the block holding each token
+    # int64 bases at the tile's first token and its document's first compressed key; offsets past them are int32.
+    KC = _at_row(KC, offset, stride_kt) + kv_head * stride_kh
+    token -= first
     dq = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+    q = tl.load(_at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
-    lse = tl.load(LSE + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.load(_at_row(LSE, first, heads_q) + token * heads_q + head, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     local_i = tl.arange(0, BLOCK_J * M)
     local_j = tl.arange(0, BLOCK_J)
@@ -995,7 +1085,7 @@ def _select_blocks_kernel(
         j = j0 + local_j
         # Main part: compressed blocks i in [j0*M, (j0 + BLOCK_J)*M).
         i = j0 * M + local_i
-        k = tl.load(KC + (offset + i)[:, None] * stride_kt + kv_head * stride_kh + dq[None, :],
+        k = tl.load(KC + i[:, None] * stride_kt + dq[None, :],
                     mask=(i < tl.max(count, axis=0))[:, None] & (dq < D)[None, :], other=0.0)
         p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
         p = tl.where(row_ok[:, None] & (i[None, :] < count[:, None]), p, 0.0)
@@ -1029,10 +1119,11 @@ def _select_blocks_kernel(
         best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
     if NUM_SPLITS == 1:
         chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-        tl.store(OUT + tile_tokens[:, None] * stride_ot + kv_head * stride_oh + local_j[None, :], chosen,
-                 mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
+        out = _at_row(OUT, first, stride_ot) + kv_head * stride_oh + tl.arange(0, BLOCK_T)[:, None] * stride_ot
+        tl.store(out + local_j[None, :], chosen, mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
     else:  # RANKED [NUM_SPLITS, Nq, H, BLOCK_J]
-        ranked = RANKED + tl.program_id(2) * stride_rs + (tile_tokens[:, None] * tl.num_programs(1) + kv_head) * BLOCK_J
+        ranked = _at_row(_at_row(RANKED, tl.program_id(2), stride_rs), first, tl.num_programs(1) * BLOCK_J)
+        ranked += (tl.arange(0, BLOCK_T)[:, None] * tl.num_programs(1) + kv_head) * BLOCK_J
         tl.store(ranked + local_j[None, :], best, mask=t_ok[:, None])
 
 
@@ -1070,7 +1161,6 @@ def select_blocks(
     heads_kv = k_cmp.shape[1]
     groups = heads_q // heads_kv
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    _check_offsets(q=q, k_cmp=k_cmp)
     if k_cmp.shape[0] == 0:  # no compressed block yet: every score is 0; a one-row store keeps the pointer valid
         k_cmp = k_cmp.new_zeros(1, *k_cmp.shape[1:])
     n = pattern.num_selected_blocks

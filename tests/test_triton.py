@@ -483,10 +483,100 @@ def test_layers_sharing_a_layout_build_its_index_work_once(monkeypatch):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_tensors_past_int32_offsets_are_refused_by_name():
-    huge = torch.empty(1).expand(2**31 + 1)  # no memory behind it
-    with pytest.raises(ValueError, match="`k_cmp` has 2147483649"):
-        triton_kernels._check_offsets(q=torch.empty(1), k_cmp=huge)
+def _chunking_case(name: str):
+    """(inputs, the Triton function, its PyTorch reference, a launch limit that cuts it into several launches) of
+    one op; inputs that require grad are the ones whose gradients are compared."""
+    dtype = DTYPES[0]
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(grad)
+
+    if name == "rms_norm":  # rows strided wider than the norm (as a slice of a stacked tensor)
+        return ([rand(2, 9, 32, grad=False)[..., :24].requires_grad_(), (1 + rand(24, grad=False) / 4).requires_grad_()],
+                lambda x, w: triton_pointwise.rms_norm(x, w, 1e-6),
+                lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)), 100)
+    if name == "rotary":  # q and two key tensors sliced from one stacked projection
+        angles = torch.randn(2, 9, 4, device=DEVICE).repeat(1, 1, 2)
+        bounds = list(itertools.pairwise([8, 56, 72, 80]))
+
+        def rotate(impl, stacked, cos, sin):
+            xs = tuple(stacked[..., a:b].unflatten(-1, (-1, 8)) for a, b in bounds)
+            outs = impl(xs, cos, sin) if impl is triton_pointwise.apply_rotary else [impl(x, cos, sin) for x in xs]
+            return torch.cat([out.flatten() for out in outs])
+
+        return ([rand(2, 9, 88), angles.cos().to(dtype), angles.sin().to(dtype)],
+                lambda *x: rotate(triton_pointwise.apply_rotary, *x), lambda *x: rotate(apply_rotary, *x), 200)
+    if name == "silu_mul":  # with padding columns past gate and up
+        return ([rand(2, 7, 52)], lambda x: triton_pointwise.silu_mul(x, 24),
+                lambda x: torch.nn.functional.silu(x[..., :24]) * x[..., 24:48], 120)
+    if name == "gate":
+        gates = torch.rand(13, 3, 3, device=DEVICE, dtype=dtype).requires_grad_()
+        inputs = [rand(13, 3, 8) for _ in range(3)] + [gates]
+        return inputs, triton_pointwise.gate_branches, reference.gate_branches, 60
+    if name == "interval":  # split over programs: the splits' merge and the backward's delta run in chunks
+        layout, _ = pack_layout([30, 22], 32, 16)
+        lo = layout.key_offsets + (layout.positions - 15).clamp(min=0)
+        hi = layout.key_offsets + layout.positions + 1
+        return ([rand(52, 4, 16), rand(52, 2, 16), rand(52, 2, 16)],
+                lambda *x: triton_kernels.interval_attention(*x, lo, hi, 0.25, num_splits=3)[0],
+                lambda *x: reference.interval_attention(*x, lo, hi, 0.25)[0], 1000)
+    # Block attention: queries in chunks, each a pass of its own; both forward strategies.
+    hi = torch.arange(1, 41, device=DEVICE)
+    blocks = torch.rand(40, 2, 3, device=DEVICE).argsort(-1)
+    starts = torch.where(blocks <= ((hi - 1) // 16)[:, None, None], blocks * 16, -1)
+    block_centric = name == "block-centric"
+    return ([rand(40, 4, 16), rand(40, 2, 16), rand(40, 2, 16)],
+            lambda *x: triton_kernels.block_attention(*x, starts, 16, hi, 0.25, block_centric=block_centric),
+            lambda *x: reference.block_attention(*x, starts, 16, hi, 0.25), 1000)
+
+
+def _count_chunks(monkeypatch) -> list[int]:
+    """Spies on `_row_chunks` (in both kernel modules): how many launches each call cut."""
+    counts, original = [], triton_kernels._row_chunks
+
+    def counting(*args):
+        chunks = original(*args)
+        counts.append(len(chunks))
+        return chunks
+
+    for module in (triton_kernels, triton_pointwise):
+        monkeypatch.setattr(module, "_row_chunks", counting)
+    return counts
+
+
+def _output_and_grads(fn, inputs, grad_out=None):
+    out = fn(*inputs)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    return out, torch.autograd.grad(out, [x for x in inputs if x.requires_grad], grad_out), grad_out
+
+
+CHUNKED_OPS = ["rms_norm", "rotary", "silu_mul", "gate", "interval", "block-centric", "query-centric"]
+
+
+@pytest.mark.parametrize("name", CHUNKED_OPS)
+def test_launches_cut_below_the_int32_limit_equal_one_launch(name, monkeypatch):
+    """Tensors past `_LAUNCH_ELEMENTS` (2**31: int32 offsets) run in launches over row or query chunks: with the
+    limit made small, the chunked forward and gradients equal one launch's and the PyTorch reference's."""
+    torch.manual_seed(0)
+    dtype = DTYPES[0]
+    inputs, fn, ref, limit = _chunking_case(name)
+    out, grads, grad_out = _output_and_grads(fn, inputs)
+    chunk_counts = _count_chunks(monkeypatch)
+    monkeypatch.setattr(triton_kernels, "_LAUNCH_ELEMENTS", limit)
+    out_chunked, grads_chunked, _ = _output_and_grads(fn, inputs, grad_out)
+    assert max(chunk_counts) > 1
+    upcast = [x.detach().float().requires_grad_(x.requires_grad) for x in inputs]
+    out_ref, grads_ref, _ = _output_and_grads(ref, upcast, grad_out.float())
+    results = zip((out_chunked, *grads_chunked), (out, *grads), (out_ref, *grads_ref))
+    for i, (chunked, single, expected) in enumerate(results):
+        torch.testing.assert_close(chunked, single, msg=lambda m: f"{name} output/grad {i}: {m}")
+        assert_close_rel(chunked, expected, dtype, f"{name} output/grad {i}")
+
+
+def test_a_store_past_int32_sort_keys_is_refused_by_name():
+    """Block attention sorts (key head, key) pairs as int32, a limit past any GPU's memory: named, not wrapped."""
+    with pytest.raises(ValueError, match="got 2 key heads x 1073741824 keys"):
+        triton_kernels._queries_per_block(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEVICE), 2**30, 7)
 
 
 def test_documents_shorter_than_a_compressed_block_have_an_empty_store():

@@ -4,6 +4,10 @@ silu(gate) * up, the gated mix of NSA's three branches and the language-model cr
 In eager PyTorch each is several elementwise kernels, each a full pass over memory, and here on strided
 slices of a stacked projection (slower kernels); each kernel below reads its inputs once and writes once,
 computing in fp32. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself.
+
+Offsets inside a launch are int32, so each wrapper runs tensors past 2**31 elements (SwiGLU's gate/up of
+a long batch) in launches over chunks of rows (`triton_kernels._row_chunks`); the cross entropy, whose
+single rows are long, addresses each row from an int64 base instead.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_kernels import _check_offsets, _multiprocessors
+from .triton_kernels import _multiprocessors, _row_chunks
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
@@ -70,9 +74,10 @@ class _RMSNorm(torch.autograd.Function):
         out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
         rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
         block, block_r = triton.next_power_of_2(width), _norm_rows(width)
-        if num_rows:
-            _rms_norm_fwd_kernel[(triton.cdiv(num_rows, block_r),)](
-                rows, weight, out, rstd, num_rows, width, rows.stride(0), out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
+        for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
+            _rms_norm_fwd_kernel[(triton.cdiv(end - start, block_r),)](
+                rows[start:end], weight, out[start:end], rstd[start:end], end - start, width, rows.stride(0),
+                out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
             )
         ctx.save_for_backward(rows, weight, rstd)
         ctx.shape = x.shape
@@ -88,19 +93,28 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty(rows.shape, device=rows.device, dtype=rows.dtype)
         if num_rows == 0:
             return dx.view(ctx.shape), torch.zeros_like(weight), None, None
-        block, block_r = triton.next_power_of_2(width), _norm_rows(width)
-        # A few programs per multiprocessor, each over a contiguous range of rows: dw has one partial per
-        # program (off CUDA, the interpreter, still a few: tests then cover the partials' sum).
-        limit = 4 * _multiprocessors(rows.device) if rows.device.type == "cuda" else 3
-        programs = min(triton.cdiv(num_rows, block_r), limit)
-        per_program = triton.cdiv(triton.cdiv(num_rows, programs), block_r) * block_r
-        programs = triton.cdiv(num_rows, per_program)
-        dw_part = torch.empty(programs, width, device=rows.device, dtype=torch.float32)
-        _rms_norm_bwd_kernel[(programs,)](
-            rows, weight, rstd, grad, dx, dw_part, num_rows, width, rows.stride(0), grad.stride(0), dx.stride(0),
-            per_program, BLOCK=block, BLOCK_R=block_r,
-        )
+        chunks = _row_chunks(num_rows, max(rows.stride(0), grad.stride(0), width))
+        dw_parts = [_rms_norm_bwd_launch(rows[a:b], weight, rstd[a:b], grad[a:b], dx[a:b]) for a, b in chunks]
+        dw_part = dw_parts[0] if len(dw_parts) == 1 else torch.cat(dw_parts)
         return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
+
+
+def _rms_norm_bwd_launch(rows: Tensor, weight: Tensor, rstd: Tensor, grad: Tensor, dx: Tensor) -> Tensor:
+    """dx of `rows` into `dx`; returns their fp32 partials of dw, one row per program."""
+    num_rows, width = rows.shape
+    block, block_r = triton.next_power_of_2(width), _norm_rows(width)
+    # A few programs per multiprocessor, each over a contiguous range of rows: dw has one partial per
+    # program (off CUDA, the interpreter, still a few: tests then cover the partials' sum).
+    limit = 4 * _multiprocessors(rows.device) if rows.device.type == "cuda" else 3
+    programs = min(triton.cdiv(num_rows, block_r), limit)
+    per_program = triton.cdiv(triton.cdiv(num_rows, programs), block_r) * block_r
+    programs = triton.cdiv(num_rows, per_program)
+    dw_part = torch.empty(programs, width, device=rows.device, dtype=torch.float32)
+    _rms_norm_bwd_kernel[(programs,)](
+        rows, weight, rstd, grad, dx, dw_part, num_rows, width, rows.stride(0), grad.stride(0), dx.stride(0),
+        per_program, BLOCK=block, BLOCK_R=block_r,
+    )
+    return dw_part
 
 
 def _norm_rows(width: int) -> int:
@@ -113,7 +127,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
     rounded once to `out_dtype` (None: the dtype PyTorch promotes weight and x to); statistics in fp32."""
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"`weight` must have shape {tuple(x.shape[-1:])} (x's last dim), got {tuple(weight.shape)}.")
-    _check_offsets(x=x)
     return _RMSNorm.apply(x, weight, eps, out_dtype)
 
 
@@ -170,13 +183,19 @@ def _rotate(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor, inverse: bool) -> 
     for x in xs:
         x_rows = x.reshape(-1, x.shape[-2], dim)  # a view for slices of the stacked projection
         rows.append(x_rows if x_rows.stride(-1) == 1 else x_rows.contiguous())
-        if x_rows.shape[0] * rows[-1].stride(0) > 2**31:  # int32 offsets, as in the attention kernels
-            raise ValueError(f"the Triton RoPE addresses at most 2**31 elements; got {tuple(x.shape)} (split the batch).")
     cos, sin = cos.reshape(-1, dim), sin.reshape(-1, dim)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     outs = [torch.empty(r.shape, device=r.device, dtype=r.dtype) for r in rows]
-    num_tokens, block_r = cos.shape[0], 64
+    token_elements = max(t.stride(0) for t in (*rows, *outs, cos, sin))
+    for a, b in _row_chunks(cos.shape[0], token_elements):
+        _rotary_launch([r[a:b] for r in rows], [out[a:b] for out in outs], cos[a:b], sin[a:b], inverse)
+    return tuple(out.view(x.shape) for out, x in zip(outs, xs))
+
+
+def _rotary_launch(rows: list[Tensor], outs: list[Tensor], cos: Tensor, sin: Tensor, inverse: bool) -> None:
+    """One launch over the tokens of `rows` [N, H_x, D] (one to three), into `outs`."""
+    num_tokens, dim, block_r = cos.shape[0], cos.shape[1], 64
     pad = 3 - len(rows)  # unused parts repeat the first: their programs never run
     padded_rows, padded_outs = rows + rows[:1] * pad, outs + outs[:1] * pad
     heads = [r.shape[1] for r in padded_rows]
@@ -186,7 +205,6 @@ def _rotate(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor, inverse: bool) -> 
         H0=heads[0], H1=heads[1], H2=heads[2], HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2),
         BLOCK_R=block_r, INVERSE=inverse,
     )
-    return tuple(out.view(x.shape) for out, x in zip(outs, xs))
 
 
 class _Rotary(torch.autograd.Function):
@@ -241,12 +259,13 @@ def _silu_mul_kernel(GATE_UP, GRAD, OUT, width, stride_row, stride_grad, stride_
 
 def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: int) -> None:
     block = min(1024, triton.next_power_of_2(width))
-    rows = out.shape[0]
     grad_or_input = grad if grad is not None else gate_up  # the forward never reads GRAD
-    _silu_mul_kernel[(rows, triton.cdiv(width, block))](
-        gate_up, grad_or_input, out, width, gate_up.stride(0), grad_or_input.stride(0), out.stride(0), BLOCK=block,
-        BACKWARD=grad is not None,
-    )
+    row_elements = max(gate_up.stride(0), grad_or_input.stride(0), out.stride(0))
+    for a, b in _row_chunks(out.shape[0], row_elements):
+        _silu_mul_kernel[(b - a, triton.cdiv(width, block))](
+            gate_up[a:b], grad_or_input[a:b], out[a:b], width, gate_up.stride(0), grad_or_input.stride(0),
+            out.stride(0), BLOCK=block, BACKWARD=grad is not None,
+        )
 
 
 class _SiluMul(torch.autograd.Function):
@@ -275,7 +294,6 @@ def silu_mul(gate_up: Tensor, width: int) -> Tensor:
         raise ValueError(
             f"`gate_up` must hold gate and up ({2 * width} columns, last dim contiguous), got {tuple(gate_up.shape)}."
         )
-    _check_offsets(gate_up=gate_up)
     return _SiluMul.apply(gate_up, width)
 
 
@@ -312,13 +330,16 @@ def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Te
                  d_outputs: tuple[Tensor, Tensor, Tensor] | None = None, d_gates: Tensor | None = None,
                  out: Tensor | None = None) -> None:
     """The forward (`out`) or, with `grad`, the backward (`d_outputs`, `d_gates`); unused pointers repeat an input."""
-    num_rows, dim = gates.shape[0] * gates.shape[1], outputs[0].shape[-1]
+    num_q, heads, dim = outputs[0].shape
     block_r = 32
-    targets = d_outputs if d_outputs is not None else (out, out, out)
-    _gate_kernel[(triton.cdiv(num_rows, block_r),)](
-        *outputs, gates, grad if grad is not None else outputs[0], *targets, d_gates if d_gates is not None else gates,
-        num_rows, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r, BACKWARD=grad is not None,
-    )
+    tensors = (*outputs, gates, grad if grad is not None else outputs[0],
+               *(d_outputs if d_outputs is not None else (out, out, out)), d_gates if d_gates is not None else gates)
+    for a, b in _row_chunks(num_q, heads * max(dim, 3)):
+        num_rows = (b - a) * heads
+        _gate_kernel[(triton.cdiv(num_rows, block_r),)](
+            *(t[a:b] for t in tensors), num_rows, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r,
+            BACKWARD=grad is not None,
+        )
 
 
 class _GateBranches(torch.autograd.Function):
@@ -351,7 +372,6 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
         )
     if not (o_cmp.dtype == o_slc.dtype == o_win.dtype):
         raise ValueError(f"branch outputs must share one dtype, got {o_cmp.dtype}, {o_slc.dtype} and {o_win.dtype}.")
-    _check_offsets(o_cmp=o_cmp)
     return _GateBranches.apply(o_cmp, o_slc, o_win, gates)
 
 
