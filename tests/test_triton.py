@@ -568,8 +568,18 @@ def test_launches_cut_below_the_int32_limit_equal_one_launch(name, monkeypatch):
     upcast = [x.detach().float().requires_grad_(x.requires_grad) for x in inputs]
     out_ref, grads_ref, _ = _output_and_grads(ref, upcast, grad_out.float())
     results = zip((out_chunked, *grads_chunked), (out, *grads), (out_ref, *grads_ref))
+    # Block attention's k and v gradients are sums over query chunks, rounded to k's dtype once per chunk: equal
+    # to one launch up to that rounding, so they are held to FlashAttention's bound against the fp32 reference
+    # (at most twice one launch's error, plus the dtype's rounding), every other tensor to one launch exactly.
+    summed_over_chunks = {2, 3} if name in ("block-centric", "query-centric") else set()
     for i, (chunked, single, expected) in enumerate(results):
-        torch.testing.assert_close(chunked, single, msg=lambda m: f"{name} output/grad {i}: {m}")
+        if i in summed_over_chunks:
+            single_error = (single.float() - expected).abs().max()
+            chunked_error = (chunked.float() - expected).abs().max()
+            bound = 2 * single_error + tolerance(dtype)["atol"] * expected.abs().max().clamp(min=1.0)
+            assert chunked_error <= bound, f"{name} grad {i}: error {chunked_error:.2e} > {bound:.2e}"
+        else:
+            torch.testing.assert_close(chunked, single, msg=lambda m: f"{name} output/grad {i}: {m}")
         assert_close_rel(chunked, expected, dtype, f"{name} output/grad {i}")
 
 
