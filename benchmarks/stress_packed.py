@@ -28,12 +28,12 @@ def main() -> None:
         cu = torch.tensor([0] + lengths).cumsum(0).cuda()
         position_ids = torch.cat([torch.arange(n) for n in lengths]).cuda()[None]
         ids = torch.randint(0, 512, (1, sum(lengths)), device="cuda")
-        config.nsa_backend = "triton"
+        config.nsa_backend, config.fused_kernels = "triton", "triton"
         out = model(ids, labels=ids, position_ids=position_ids, cu_seq_lens_q=cu, use_cache=False)
         out.loss.backward()
         torch.cuda.synchronize()
         with torch.no_grad():
-            config.nsa_backend = "reference"
+            config.nsa_backend, config.fused_kernels = "reference", "none"
             ref = model(ids, labels=ids, position_ids=position_ids, cu_seq_lens_q=cu, use_cache=False).loss
         print(step, lengths, f"{out.loss.item():.4f} {ref.item():.4f}", flush=True)
         model.zero_grad(set_to_none=True)

@@ -8,17 +8,24 @@ import os
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .nsa_ops_backends import FUSED_KERNEL_CHOICES, backend_names
 from .nsa_ops_layout import SparsePattern
 
 COMPRESSION_TYPES = ("mlp", "linear", "mean")
 BRANCH_KV_MODES = ("independent", "shared")
-NSA_BACKENDS = ("auto", "reference", "triton")
-CHOICES = {"compression_type": COMPRESSION_TYPES, "branch_kv": BRANCH_KV_MODES, "nsa_backend": NSA_BACKENDS}
+# The allowed values of each choice field; the attention backends are those registered when the value is set.
+CHOICES = {
+    "compression_type": lambda: COMPRESSION_TYPES,
+    "branch_kv": lambda: BRANCH_KV_MODES,
+    "nsa_backend": backend_names,
+    "fused_kernels": lambda: FUSED_KERNEL_CHOICES,
+}
 
 
 def _check_choice(name: str, value) -> None:
-    if value not in CHOICES[name]:
-        raise ValueError(f"`{name}` must be one of {CHOICES[name]}, got {value!r}.")
+    allowed = CHOICES[name]()
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
 
 @strict
@@ -43,8 +50,12 @@ class NsaConfig(PreTrainedConfig):
             section 3.3.3) or one `"shared"` K/V for all branches (conversions from dense checkpoints).
         gate_intermediate_size (`int`, *optional*): hidden width of the gate MLP; `None` uses one linear
             layer from the hidden state to the 3 * num_attention_heads gate logits.
-        nsa_backend (`str`, defaults to `"auto"`): `"reference"` (pure PyTorch, any device), `"triton"`
-            (GPU kernels) or `"auto"` (Triton on CUDA when available, else the reference).
+        nsa_backend (`str`, defaults to `"auto"`): the attention backend: `"reference"` (pure PyTorch, any device),
+            `"triton"` (GPU kernels), `"auto"` (Triton on CUDA when available, else the reference), or the name of
+            a backend added with `nsa_hf.ops.backends.register_backend`.
+        fused_kernels (`str`, defaults to `"auto"`): the fused Triton kernels for RMSNorm, RoPE, SwiGLU, the gate
+            mix and the cross-entropy loss: `"triton"`, `"none"` (PyTorch ops) or `"auto"` (Triton on CUDA when
+            available). Under torch.compile the PyTorch ops always run (inductor fuses them).
 
     Example:
     ```python
@@ -89,6 +100,7 @@ class NsaConfig(PreTrainedConfig):
     branch_kv: str = "independent"
     gate_intermediate_size: int | None = None
     nsa_backend: str = "auto"
+    fused_kernels: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
-from .nsa_ops_backends import PointwiseKernels, resolve_backend, resolve_pointwise
+from .nsa_ops_backends import NsaBackend, PointwiseKernels, resolve_backend, resolve_pointwise
 from .nsa_ops_compression import block_tokens, take_blocks
 from .nsa_ops_layout import (
     QueryLayout,
@@ -47,16 +47,15 @@ __all__ = ["NsaForCausalLM", "NsaModel", "NsaPreTrainedModel"]
 class NsaRMSNorm(nn.Module):
     def __init__(self, config: NsaConfig):
         super().__init__()
-        self.config = config  # read at each call: `nsa_backend` may change after construction
         self.weight = nn.Parameter(torch.ones(config.hidden_size))
         self.variance_epsilon = config.rms_norm_eps
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, fused: PointwiseKernels | None = None) -> Tensor:
+        """`fused`: the fused kernels the model resolved for this pass (`NsaConfig.fused_kernels`), or PyTorch ops."""
         # Under autocast the output is in the autocast dtype: its consumers (projections, lm_head) would cast it
         # anyway, and the fused kernel then writes it once instead of an fp32 copy that a cast reads again.
         device_type = hidden_states.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
         if fused is not None:
             return fused.rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype)
         input_dtype = hidden_states.dtype
@@ -181,8 +180,9 @@ class NsaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: Tensor) -> Tensor:
-        fused = resolve_pointwise(self.config.nsa_backend, x.device) if self.config.hidden_act in ("silu", "swish") else None
+    def forward(self, x: Tensor, fused: PointwiseKernels | None = None) -> Tensor:
+        """`fused`: the fused kernels the model resolved for this pass (`NsaConfig.fused_kernels`), or PyTorch ops."""
+        fused = fused if self.config.hidden_act in ("silu", "swish") else None
         if fused is not None and (gate_up := stacked_projection(x, (self.gate_proj, self.up_proj))) is not None:
             return self.down_proj(fused.silu_mul(gate_up, self.gate_proj.out_features))
         gate, up = project(x, (self.gate_proj, self.up_proj))
@@ -250,6 +250,8 @@ class NsaForwardPlan:
     cos: Tensor  # [B, T, D] at each token's position in its document
     sin: Tensor
     rotary_emb: NsaRotaryEmbedding
+    attention: NsaBackend  # the attention backend of `NsaConfig.nsa_backend` on this device, resolved once per pass
+    pointwise: PointwiseKernels | None  # the fused kernels of `NsaConfig.fused_kernels`, or None for PyTorch ops
     layout: QueryLayout | None = None  # full pass (no cache): flat layout over B * T tokens
     block_tokens: Tensor | None = None  # full pass: flat index of every compressed block's tokens [N_cmp, l]
     block_cos: Tensor | None = None  # full pass: RoPE at every compressed block's position [N_cmp, D]
@@ -311,7 +313,7 @@ class NsaAttention(nn.Module):
         cos, sin = plan.cos, plan.sin
         *heads, gate_projection = project(hidden_states, self._input_projections())
         q, k_proj, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
-        fused = resolve_pointwise(self.config.nsa_backend, hidden_states.device)
+        fused = plan.pointwise
         # Values are slices of the stacked projection: one copy each here, not one in every kernel wrapper.
         v_slc = v_slc.contiguous()
         if self.independent_kv:
@@ -322,7 +324,6 @@ class NsaAttention(nn.Module):
             q, k_slc = rotate_all((q, k_proj), cos, sin, fused)
             k_raw, v_raw, k_win, v_win = k_proj, v_slc, k_slc, v_slc
         gates = self.branch_gate.from_projection(gate_projection)
-        attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
 
         if cache is not None:
             layer: NsaCacheLayer = cache.layers[self.layer_idx]
@@ -345,7 +346,7 @@ class NsaAttention(nn.Module):
             # need it); projections and RoPE already give it, so this only catches what does not.
             dtype = torch.get_autocast_dtype(q.device.type)
             inputs = tuple(t.to(dtype) for t in inputs)
-        out = attention(*inputs, layout, self.pattern, self.scaling)
+        out = plan.attention(*inputs, layout, self.pattern, self.scaling)
         return self.o_proj(out.reshape(batch, seq_len, -1)), None
 
 
@@ -366,10 +367,10 @@ class NsaDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> Tensor:
         residual = hidden_states
-        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), plan, cache)
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states, plan.pointwise), plan, cache)
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states, plan.pointwise), plan.pointwise)
         return residual + hidden_states
 
 
@@ -485,9 +486,12 @@ class NsaModel(NsaPreTrainedModel):
         attention_mask: Tensor | None,
         cache: NsaCache | None,
         cu_seqlens: Tensor | None,
+        attention: NsaBackend,
+        pointwise: PointwiseKernels | None,
     ) -> NsaForwardPlan:
         batch, seq_len = hidden_states.shape[:2]
         device = hidden_states.device
+        kernels = dict(attention=attention, pointwise=pointwise)
         if cache is not None:
             past = cache.get_seq_length()
             if past == 0:
@@ -500,7 +504,7 @@ class NsaModel(NsaPreTrainedModel):
                 doc_starts = cache.layers[0].doc_starts
             positions = (past + torch.arange(seq_len, device=device))[None, :] - doc_starts[:, None]
             cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions.clamp(min=0)))
-            return NsaForwardPlan(cos, sin, self.rotary_emb, doc_starts=doc_starts)
+            return NsaForwardPlan(cos, sin, self.rotary_emb, **kernels, doc_starts=doc_starts)
 
         # Packed boundaries cover the flattened batch; from_cu_seqlens checks they end at its B * T tokens.
         if cu_seqlens is None and attention_mask is not None:
@@ -514,7 +518,8 @@ class NsaModel(NsaPreTrainedModel):
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
         tokens = block_tokens(blocks.token_starts, self.config.compress_block_size, batch * seq_len)
         return NsaForwardPlan(
-            cos, sin, self.rotary_emb, layout=layout, block_tokens=tokens, block_cos=block_cos[0], block_sin=block_sin[0]
+            cos, sin, self.rotary_emb, **kernels, layout=layout, block_tokens=tokens, block_cos=block_cos[0],
+            block_sin=block_sin[0],
         )
 
     def forward(
@@ -568,13 +573,16 @@ class NsaModel(NsaPreTrainedModel):
             _check_attention_mask(attention_mask, inputs_embeds.shape[:2], cache.get_seq_length() if cache is not None else 0)
 
         hidden_states = inputs_embeds
-        plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q)
+        # The kernels of this pass, looked up once for every layer (resolved once per setting and device type).
+        attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
+        pointwise = resolve_pointwise(self.config.fused_kernels, hidden_states.device)
+        plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q, attention, pointwise)
         all_hidden_states = () if output_hidden_states else None
         for decoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = decoder_layer(hidden_states, plan, cache)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states, pointwise)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         output = BaseModelOutputWithPast(
@@ -674,7 +682,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss_function = self.loss_function
-            fused = resolve_pointwise(self.config.nsa_backend, logits.device)
+            fused = resolve_pointwise(self.config.fused_kernels, logits.device)
             if fused is not None and loss_function is ForCausalLMLoss:  # a user's own loss function stays
                 loss_function = functools.partial(fused_causal_lm_loss, fused.cross_entropy)
             loss = loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

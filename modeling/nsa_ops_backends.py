@@ -1,10 +1,16 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
-"""Choosing the NSA attention backend named by `NsaConfig.nsa_backend`.
+"""The NSA attention backends and the fused pointwise kernels: a small registry, resolved once per setting.
 
-Every backend computes `reference.nsa_attention_varlen`'s function with its signature:
-(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. A backend only
-swaps the primitives (interval attention, block attention, block scoring); index building, the top-n
+An attention backend is a set of `Primitives` (interval attention, block attention, block scoring, the gate
+mix); `reference.nsa_attention_varlen` composes them into NSA's function with this signature:
+(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. Index building, the top-n
 rule and the gates are shared code, so no backend can drift from the reference's math there.
+
+Two backends ship: "reference" (pure PyTorch, any device) and "triton" (the GPU kernels). Others can be added
+with `register_backend`, in the spirit of transformers' `AttentionInterface`; `NsaConfig(nsa_backend=name)`
+then selects them. "auto" picks Triton on CUDA when it is installed, else the reference, and logs its choice
+once. The fused pointwise kernels (RMSNorm, RoPE, SwiGLU, gate mix, cross entropy) have their own setting,
+`NsaConfig.fused_kernels`. Each (setting, device type) is resolved once; later calls are one dict lookup.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ from .nsa_ops_reference import REFERENCE, Primitives, nsa_attention_varlen
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "triton")
+__all__ = [
+    "FUSED_KERNEL_CHOICES",
+    "NsaBackend",
+    "PointwiseKernels",
+    "backend_names",
+    "register_backend",
+    "resolve_backend",
+    "resolve_pointwise",
+]
+
+FUSED_KERNEL_CHOICES = ("auto", "triton", "none")
 
 
 class NsaBackend(Protocol):
@@ -33,14 +49,19 @@ class NsaBackend(Protocol):
     ) -> Tensor: ...
 
 
+class PointwiseKernels(NamedTuple):
+    rotary: Callable[[tuple[Tensor, ...], Tensor, Tensor], tuple[Tensor, ...]]  # (xs [..., H_x, D], cos, sin) -> RoPE(xs)
+    silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
+    rms_norm: Callable[..., Tensor]  # (x [..., W], weight [W], eps, out_dtype=None) -> RMSNorm(x)
+    cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
+
+
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _primitives(name: str) -> Primitives:
-    if name == "reference":
-        return REFERENCE
+def _triton_primitives() -> Primitives:
     from .nsa_ops_triton_kernels import (
         block_attention as triton_kernels_block_attention,
         interval_attention as triton_kernels_interval_attention,
@@ -60,63 +81,85 @@ def _primitives(name: str) -> Primitives:
     )
 
 
-@functools.cache
-def _announce(requested: str, chosen: str, device_type: str) -> None:
-    logger.info("nsa_backend=%r runs the %r backend on %s.", requested, chosen, device_type)
-
-
-def _choose(name: str, device: torch.device) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"`nsa_backend` must be one of {BACKENDS}, got {name!r}.")
-    if name == "triton" and not triton_available():
-        raise ValueError(
-            "`nsa_backend='triton'` needs the `triton` package (`pip install triton`; in an nsa-hf checkout, "
-            "`pip install -e '.[triton]'`)."
-        )
-    if name != "auto":
-        return name
-    chosen = "triton" if device.type == "cuda" and triton_available() else "reference"
-    if not torch.compiler.is_compiling():  # dynamo cannot trace logging inside functools.cache
-        _announce(name, chosen, device.type)
-    return chosen
-
-
-def resolve_backend(name: str, device: torch.device) -> NsaBackend:
-    """The backend for `name` on `device`. "auto" picks Triton on CUDA (when installed), else the reference."""
-    return _compiled_around(_choose(name, device))
-
-
-class PointwiseKernels(NamedTuple):
-    rotary: Callable[[tuple[Tensor, ...], Tensor, Tensor], tuple[Tensor, ...]]  # (xs [..., H_x, D], cos, sin) -> RoPE(xs)
-    silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
-    rms_norm: Callable[..., Tensor]  # (x [..., W], weight [W], eps, out_dtype=None) -> RMSNorm(x)
-    cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
-
-
-def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:
-    """The fused RMSNorm, RoPE, SwiGLU and cross-entropy kernels when `name` picks the Triton backend on `device`, or None for the
-    model's PyTorch ops: with the reference backend, and under torch.compile (inductor fuses those ops)."""
-    if torch.compiler.is_compiling() or _choose(name, device) != "triton":
-        return None
+def _triton_pointwise() -> PointwiseKernels:
     from .nsa_ops_triton_pointwise import (
         apply_rotary as triton_pointwise_apply_rotary,
         cross_entropy as triton_pointwise_cross_entropy,
         gate_branches as triton_pointwise_gate_branches,
         rms_norm as triton_pointwise_rms_norm,
         silu_mul as triton_pointwise_silu_mul,
-    )  # lazy, like the attention kernels
+    )
 
     return PointwiseKernels(
         triton_pointwise_apply_rotary, triton_pointwise_silu_mul, triton_pointwise_rms_norm, triton_pointwise_cross_entropy
     )
 
 
-_BUILT: dict[str, NsaBackend] = {}  # a plain dict, not functools.cache: dynamo reads it without tracing a cache
+def _require_triton(setting: str) -> None:
+    if not triton_available():
+        raise ValueError(f"`{setting}='triton'` needs the `triton` package (`pip install triton`).")
 
 
-def _compiled_around(name: str) -> NsaBackend:
-    """The backend as one opaque call to torch.compile: its index building is data dependent and its
-    Triton kernels launch from custom autograd Functions, so dynamo compiles the model around it."""
-    if name not in _BUILT:
-        _BUILT[name] = torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=_primitives(name)))
-    return _BUILT[name]
+# name -> a factory of the backend's primitives (called once, on first use) and a check that it can run.
+_BACKENDS: dict[str, tuple[Callable[[], Primitives], Callable[[str], None]]] = {
+    "reference": (lambda: REFERENCE, lambda setting: None),
+    "triton": (_triton_primitives, _require_triton),
+}
+
+
+def register_backend(name: str, primitives: Callable[[], Primitives]) -> None:
+    """Make `NsaConfig(nsa_backend=name)` run NSA on `primitives()` (called once, on first use).
+
+    The primitives must compute `reference.REFERENCE`'s functions; the tests of `tests/test_triton.py` show how
+    a backend is held to the reference. "auto" never picks a registered backend: name it.
+    """
+    if name == "auto" or name in _BACKENDS:
+        raise ValueError(f"an NSA backend named {name!r} exists already.")
+    _BACKENDS[name] = (primitives, lambda setting: None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """The values `NsaConfig.nsa_backend` accepts: "auto" and every registered backend."""
+    return ("auto", *_BACKENDS)
+
+
+def _auto(device_type: str) -> str:
+    return "triton" if device_type == "cuda" and triton_available() else "reference"
+
+
+# Plain dicts, not functools.cache: dynamo reads them without tracing a cache.
+_RESOLVED_ATTENTION: dict[tuple[str, str], NsaBackend] = {}
+_RESOLVED_POINTWISE: dict[tuple[str, str], PointwiseKernels | None] = {}
+
+
+def resolve_backend(name: str, device: torch.device) -> NsaBackend:
+    """The attention backend for `name` on `device`, as one opaque call to torch.compile (its index building is
+    data dependent and its Triton kernels launch from custom autograd Functions)."""
+    key = (name, device.type)
+    if key not in _RESOLVED_ATTENTION:
+        if name not in backend_names():
+            raise ValueError(f"`nsa_backend` must be one of {backend_names()}, got {name!r}.")
+        chosen = _auto(device.type) if name == "auto" else name
+        factory, check = _BACKENDS[chosen]
+        check("nsa_backend")
+        if name == "auto":
+            logger.info("nsa_backend='auto' runs the %r backend on %s.", chosen, device.type)
+        _RESOLVED_ATTENTION[key] = torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=factory()))
+    return _RESOLVED_ATTENTION[key]
+
+
+def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:
+    """The fused RMSNorm, RoPE, SwiGLU and cross-entropy kernels for `NsaConfig.fused_kernels` on `device`, or None
+    for the model's PyTorch ops: with "none", with "auto" off CUDA, and under torch.compile (inductor fuses those
+    ops itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    key = (name, device.type)
+    if key not in _RESOLVED_POINTWISE:
+        if name not in FUSED_KERNEL_CHOICES:
+            raise ValueError(f"`fused_kernels` must be one of {FUSED_KERNEL_CHOICES}, got {name!r}.")
+        use_triton = name == "triton" or (name == "auto" and _auto(device.type) == "triton")
+        if use_triton:
+            _require_triton("fused_kernels")
+        _RESOLVED_POINTWISE[key] = _triton_pointwise() if use_triton else None
+    return _RESOLVED_POINTWISE[key]

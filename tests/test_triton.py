@@ -341,13 +341,13 @@ def test_gate_kernel_matches_reference_mix(dtype):
 
 def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding():
     dtype = torch.bfloat16 if CUDA else torch.float32
-    config = tiny_config(nsa_backend="reference")
+    config = tiny_config(nsa_backend="reference", fused_kernels="none")
     model = make_model(config).to(DEVICE, dtype)
     length, prefill = (300, 200) if CUDA else (36, 32)
     input_ids = torch.randint(0, config.vocab_size, (2 if CUDA else 1, length), device=DEVICE)
     loss_ref = model(input_ids, labels=input_ids, use_cache=False).loss
     grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
-    model.config.nsa_backend = "triton"
+    model.config.nsa_backend, model.config.fused_kernels = "triton", "triton"
     out = model(input_ids, labels=input_ids, use_cache=False)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     assert abs(out.loss.item() - loss_ref.item()) <= tolerance(dtype)["atol"] * 3
@@ -361,7 +361,7 @@ def test_model_with_triton_backend_matches_reference_logits_grads_and_decoding()
         steps.append(model(input_ids[:, prefill : prefill + 3], past_key_values=cache, use_cache=True).logits)
         steps += [model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill + 3, length)]
         truth = copy.deepcopy(model).float()
-        truth.config.nsa_backend = "reference"
+        truth.config.nsa_backend, truth.config.fused_kernels = "reference", "none"
         truth = truth(input_ids, use_cache=False).logits
     # FlashAttention-style: decoding (whose kernels split and merge differently) may round differently from
     # the full pass, but must be no further from the fp32 reference than twice the full pass's own error.
@@ -376,7 +376,7 @@ def test_a_training_step_never_waits_for_the_gpu(packed):
     """Full-pass index work reads the host copy of the document boundaries: once the kernels are compiled, a
     forward and backward pass queues all its GPU work without a host sync, for plain rows and for packed
     documents whose boundaries are given on the host (given on the GPU, reading them is the one sync)."""
-    model = make_model(tiny_config(nsa_backend="triton")).to(DEVICE, torch.bfloat16).train()
+    model = make_model(tiny_config(nsa_backend="triton", fused_kernels="triton")).to(DEVICE, torch.bfloat16).train()
     input_ids = torch.randint(0, model.config.vocab_size, (2, 300), device=DEVICE)
     kwargs = {}
     if packed:

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from .configuration_nsa import NsaConfig
 from .data import load_demo_corpus
 from .modeling_nsa import NsaForCausalLM
-from .ops.backends import BACKENDS
+from .ops.backends import backend_names
 
 __all__ = [
     "DemoResult",
@@ -166,7 +166,7 @@ def add_nsa_backend_argument(parser: argparse.ArgumentParser | argparse._Argumen
     """The examples' `--nsa-backend` flag, with `NsaConfig.nsa_backend`'s choices."""
     parser.add_argument(
         "--nsa-backend",
-        choices=BACKENDS,
+        choices=backend_names(),
         default="auto",
         help="attention backend; auto = Triton on CUDA, else the PyTorch reference (default: %(default)s)",
     )
