@@ -1,16 +1,21 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
 """`NsaCache`: the decoding state of Native Sparse Attention, as a transformers `Cache`.
 
-Per layer it holds exactly what NSA_SPEC's "Decoding" lists, so token-by-token decoding computes what
-one full forward computes:
+The cache stores; the attention computes. Per layer it holds exactly what NSA_SPEC's "Decoding" lists, so
+token-by-token decoding computes what one full forward computes:
 - the raw K/V of the selection branch for the whole history (`keys`, `values`);
 - the K/V of the window branch for the last w tokens (only with independent branch K/V; with shared
   K/V the window reads the selection history);
-- the compressed K/V, one entry per completed block, and the raw compression-branch K/V of the last l
-  tokens that the next blocks still need;
-- the number of tokens seen, and where each row's document starts (left padding).
-The rolling buffers keep `max_rollback` extra tokens so that `crop` (assisted decoding) can undo that
-many tokens exactly.
+- the compressed K/V, one slot per completed block (slot = block index in the row's document), and the raw,
+  un-rotated compression-branch K/V of the last l tokens that the next blocks still need;
+- the number of tokens seen.
+Where each row's document starts (left padding) is kept once, on `NsaCache.doc_starts`.
+
+A step: the model plans it once for every layer (`NsaCache.step_geometry`: the stores' sizes after the step,
+the blocks the new tokens complete); each attention layer `append`s its new K/V, compresses the completed
+blocks it reads from `compression_buffer()` (phi and RoPE are the attention's), `write_compressed`, and reads
+its stores with `stores()`. The rolling buffers keep `max_rollback` extra tokens so that `crop` (assisted
+decoding) can undo that many tokens exactly.
 """
 
 from __future__ import annotations
@@ -23,13 +28,9 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_nsa import NsaConfig
-from .nsa_ops_compression import gather_blocks
-from .nsa_ops_layout import QueryLayout, SparsePattern, num_compressed_blocks
+from .nsa_ops_layout import SparsePattern, num_compressed_blocks
 
-__all__ = ["NsaCache", "NsaCacheLayer", "NsaStores", "sparse_pattern"]
-
-# (k_blocks, v_blocks [..., l, H, D], block_positions [...]) -> (k_cmp, v_cmp [..., H, D])
-Compressor = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+__all__ = ["NsaCache", "NsaCacheLayer", "NsaStores", "StepGeometry", "sparse_pattern"]
 
 
 def sparse_pattern(config: NsaConfig) -> SparsePattern:
@@ -46,7 +47,7 @@ def sparse_pattern(config: NsaConfig) -> SparsePattern:
 
 @dataclass
 class NsaStores:
-    """Flat key/value stores one attention step reads, and where each query sits in them."""
+    """Flat key/value stores one attention step reads ([B * S, H, D] each)."""
 
     k_cmp: Tensor
     v_cmp: Tensor
@@ -54,12 +55,27 @@ class NsaStores:
     v_slc: Tensor
     k_win: Tensor
     v_win: Tensor
-    layout: QueryLayout
 
 
-def _keep_last(x: Tensor, count: int) -> Tensor:
-    """The last `count` tokens of [B, S, ...], copied so the full-length storage can be freed."""
-    return x[:, -count:].clone() if x.shape[1] > count else x
+@dataclass(frozen=True)
+class StepGeometry:
+    """The sizes of every layer's stores once a step's tokens are appended (all layers hold the same history)."""
+
+    seq_len: int  # tokens seen, the new ones included (= the selection store's length per row)
+    window_len: int  # window store length per row (= seq_len when the window reads the selection store)
+    buffer_len: int  # raw compression buffer length per row
+    capacity: int  # compressed slots per row
+    num_new_blocks: int  # upper bound on the blocks the new tokens complete in any row (host-side, no sync)
+
+
+def _last(x: Tensor, count: int) -> Tensor:
+    """The last `count` tokens of [B, S, ...] (all of them when S <= count; none when count is 0)."""
+    return x[:, x.shape[1] - min(count, x.shape[1]) :]
+
+
+def _grown_capacity(capacity: int, needed: int) -> int:
+    """Compressed slots after a step that needs `needed`: grown with slack, so most steps copy nothing."""
+    return capacity if needed <= capacity else needed + max(64, needed // 8)
 
 
 class NsaCacheLayer(CacheLayerMixin):
@@ -75,10 +91,9 @@ class NsaCacheLayer(CacheLayerMixin):
         self.separate_window = separate_window
         self.max_rollback = max_rollback
         self.seq_len = 0
-        self.doc_starts: Tensor | None = None  # [B] first token of each row's document
-        self.window_keys: Tensor | None = None  # [B, <= w - 1 + max_rollback, H, D], the last tokens
+        self.window_keys: Tensor | None = None  # [B, <= w - 1 + max_rollback + T, H, D], the last tokens
         self.window_values: Tensor | None = None
-        self.raw_cmp_keys: Tensor | None = None  # [B, <= l - 1 + max_rollback, H, D], un-rotated
+        self.raw_cmp_keys: Tensor | None = None  # [B, <= l - 1 + max_rollback + T, H, D], un-rotated
         self.raw_cmp_values: Tensor | None = None
         self.cmp_keys: Tensor | None = None  # [B, capacity, H, D]; row b's valid entries derive from its length
         self.cmp_values: Tensor | None = None
@@ -97,7 +112,7 @@ class NsaCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError("NSA layers update their cache through `NsaCacheLayer.update_nsa`.")
+        raise NotImplementedError("NSA layers store a step with `NsaCacheLayer.append` and `write_compressed`.")
 
     def get_seq_length(self) -> int:
         return self.seq_len
@@ -117,7 +132,7 @@ class NsaCacheLayer(CacheLayerMixin):
         return self.keys.shape[0] if self.is_initialized else -1
 
     def _tensors(self) -> dict[str, Tensor]:
-        names = ("keys", "values", "doc_starts", "window_keys", "window_values", "raw_cmp_keys", "raw_cmp_values", "cmp_keys", "cmp_values")
+        names = ("keys", "values", "window_keys", "window_values", "raw_cmp_keys", "raw_cmp_values", "cmp_keys", "cmp_values")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -126,7 +141,6 @@ class NsaCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.seq_len = 0
-        self.doc_starts = None
         if self.is_initialized:
             self._map(lambda t: t[:, :0])
 
@@ -159,7 +173,9 @@ class NsaCacheLayer(CacheLayerMixin):
             return
         for name, needed in (("window_keys", self.pattern.window_size - 1), ("raw_cmp_keys", self.pattern.compress_block_size - 1)):
             buffer = getattr(self, name)
-            if buffer is not None and buffer.shape[1] - removed < min(needed, target):
+            # Counted as the next `append` keeps them (needed + max_rollback), so the budget does not depend on the
+            # size of the last step.
+            if buffer is not None and min(buffer.shape[1], needed + self.max_rollback) - removed < min(needed, target):
                 raise ValueError(
                     f"cannot crop {removed} tokens: the cache keeps {self.max_rollback} tokens of rollback "
                     "(`NsaCache(max_rollback=...)`)."
@@ -172,113 +188,78 @@ class NsaCacheLayer(CacheLayerMixin):
                 setattr(self, value_name, getattr(self, value_name)[:, :keep])
         self.seq_len = target  # compressed entries past each row's new block count are now unused slots
 
-    # -- NSA state update ------------------------------------------------------------------------
+    # -- storage operations of one step -----------------------------------------------------------
 
-    def update_nsa(
-        self,
-        k_slc: Tensor,
-        v_slc: Tensor,
-        k_win: Tensor | None,
-        v_win: Tensor | None,
-        k_raw: Tensor,
-        v_raw: Tensor,
-        compress: Compressor,
-        doc_starts: Tensor | None = None,
-    ) -> NsaStores:
-        """Append T new tokens ([B, T, H, D] each) and return the stores and layout their queries read.
+    def _window_keep(self) -> int:
+        return self.pattern.window_size - 1 + self.max_rollback
 
-        `k_raw`/`v_raw` are the compression branch's un-rotated K/V; `compress` turns the blocks that
-        complete in this step into compressed entries. `doc_starts` [B] (left padding) is read on the
-        first update only.
-        """
+    def _buffer_keep(self) -> int:
+        return self.pattern.compress_block_size - 1 + self.max_rollback
+
+    def geometry_after(self, num_new: int) -> StepGeometry:
+        """The sizes of this layer's stores once `num_new` tokens are appended (host ints, no device sync)."""
+        l, d = self.pattern.compress_block_size, self.pattern.compress_stride
+        seq_len = self.seq_len + num_new
+        window_len = seq_len
+        if self.separate_window:
+            window_len = (min(self.window_keys.shape[1], self._window_keep()) if self.is_initialized else 0) + num_new
+        buffer_len = (min(self.raw_cmp_keys.shape[1], self._buffer_keep()) if self.is_initialized else 0) + num_new
+        # T new tokens complete at most ceil(T / d) blocks in any row, and no row (its document starts at >= 0)
+        # has more blocks than the whole row.
+        num_new_blocks = min(num_compressed_blocks(seq_len, l, d), -(-num_new // d))
+        capacity = self.cmp_keys.shape[1] if self.is_initialized else 0
+        if num_new_blocks:
+            capacity = _grown_capacity(capacity, num_compressed_blocks(self.seq_len, l, d) + num_new_blocks)
+        return StepGeometry(seq_len, window_len, buffer_len, capacity, num_new_blocks)
+
+    def append(self, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None, v_win: Tensor | None, k_raw: Tensor, v_raw: Tensor) -> None:
+        """Store a step's new tokens ([B, T, H, D] each): the selection history grows; the window and the raw
+        compression buffer first drop what no later step (nor a rollback of `max_rollback` tokens) reads."""
         if not self.is_initialized:
             self.lazy_initialization(k_slc, v_slc)
-        batch, num_new = k_slc.shape[:2]
-        if self.seq_len == 0:
-            self.doc_starts = (
-                doc_starts.to(k_slc.device, torch.long) if doc_starts is not None else k_slc.new_zeros(batch, dtype=torch.long)
-            )
-        elif batch != self.keys.shape[0]:
-            raise ValueError(f"the cache holds {self.keys.shape[0]} rows but {batch} were given.")
-        pattern = self.pattern
-        prev_len, seq_len = self.seq_len, self.seq_len + num_new
-        starts = self.doc_starts
-
+        if k_slc.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"the cache holds {self.keys.shape[0]} rows but {k_slc.shape[0]} were given.")
         self.keys = torch.cat([self.keys, k_slc], dim=1)
         self.values = torch.cat([self.values, v_slc], dim=1)
-        raw_keys = torch.cat([self.raw_cmp_keys, k_raw], dim=1)
-        raw_values = torch.cat([self.raw_cmp_values, v_raw], dim=1)
-        self._append_compressed(raw_keys, raw_values, prev_len, seq_len, compress)
-
-        rows = torch.arange(batch, device=starts.device)
-        positions = (prev_len + torch.arange(num_new, device=starts.device))[None, :] - starts[:, None]
-        key_offsets = rows * seq_len + starts
-        capacity = self.cmp_keys.shape[1]
+        keep = self._buffer_keep()
+        self.raw_cmp_keys = torch.cat([_last(self.raw_cmp_keys, keep), k_raw], dim=1)
+        self.raw_cmp_values = torch.cat([_last(self.raw_cmp_values, keep), v_raw], dim=1)
         if self.separate_window:
-            window_keys = torch.cat([self.window_keys, k_win], dim=1)
-            window_values = torch.cat([self.window_values, v_win], dim=1)
-            window_len = window_keys.shape[1]
-            window_offsets = rows * window_len + starts - (seq_len - window_len)
-        else:
-            window_keys, window_values, window_offsets = self.keys, self.values, key_offsets
-        layout = QueryLayout(
-            positions=positions.flatten(),
-            key_offsets=key_offsets.repeat_interleave(num_new),
-            cmp_offsets=(rows * capacity).repeat_interleave(num_new),
-            window_offsets=window_offsets.repeat_interleave(num_new),
-            run_length=num_new,
-        )
-        stores = NsaStores(
+            keep = self._window_keep()
+            self.window_keys = torch.cat([_last(self.window_keys, keep), k_win], dim=1)
+            self.window_values = torch.cat([_last(self.window_values, keep), v_win], dim=1)
+        self.seq_len += k_slc.shape[1]
+
+    def compression_buffer(self) -> tuple[Tensor, Tensor]:
+        """The raw, un-rotated compression-branch keys and values of the last tokens, flat [B * L, H, D]."""
+        return self.raw_cmp_keys.flatten(0, 1), self.raw_cmp_values.flatten(0, 1)
+
+    def write_compressed(self, slots: Tensor, k_new: Tensor, v_new: Tensor, capacity: int) -> None:
+        """Write compressed entries [B, m, H, D] into each row's `slots` [B, m], growing the store to `capacity`."""
+        batch, grow = self.cmp_keys.shape[0], capacity - self.cmp_keys.shape[1]
+        if grow > 0:
+            self.cmp_keys = torch.cat([self.cmp_keys, self.cmp_keys.new_zeros(batch, grow, *self.cmp_keys.shape[2:])], 1)
+            self.cmp_values = torch.cat([self.cmp_values, self.cmp_values.new_zeros(batch, grow, *self.cmp_values.shape[2:])], 1)
+        index = slots[..., None, None]
+        self.cmp_keys = self.cmp_keys.scatter(1, index.expand(-1, -1, *k_new.shape[2:]), k_new.to(self.cmp_keys.dtype))
+        self.cmp_values = self.cmp_values.scatter(1, index.expand(-1, -1, *v_new.shape[2:]), v_new.to(self.cmp_values.dtype))
+
+    def stores(self) -> NsaStores:
+        """Flat views of every store a step's attention reads."""
+        window_keys, window_values = (self.window_keys, self.window_values) if self.separate_window else (self.keys, self.values)
+        return NsaStores(
             k_cmp=self.cmp_keys.flatten(0, 1),
             v_cmp=self.cmp_values.flatten(0, 1),
             k_slc=self.keys.flatten(0, 1),
             v_slc=self.values.flatten(0, 1),
             k_win=window_keys.flatten(0, 1),
             v_win=window_values.flatten(0, 1),
-            layout=layout,
         )
-
-        # Keep only what later steps (and a rollback of max_rollback tokens) can read.
-        self.raw_cmp_keys = _keep_last(raw_keys, pattern.compress_block_size - 1 + self.max_rollback)
-        self.raw_cmp_values = _keep_last(raw_values, pattern.compress_block_size - 1 + self.max_rollback)
-        if self.separate_window:
-            self.window_keys = _keep_last(window_keys, pattern.window_size - 1 + self.max_rollback)
-            self.window_values = _keep_last(window_values, pattern.window_size - 1 + self.max_rollback)
-        self.seq_len = seq_len
-        return stores
-
-    def _append_compressed(self, raw_keys: Tensor, raw_values: Tensor, prev_len: int, seq_len: int, compress: Compressor) -> None:
-        """Compress the blocks that complete among the new tokens and write them into each row's next slots."""
-        l, d = self.pattern.compress_block_size, self.pattern.compress_stride
-        # Host-side bounds (no device sync per decoding step): T new tokens complete at most ceil(T / d)
-        # blocks in any row, and no row (its document starts at >= 0) has more blocks than the whole row.
-        num_new = min(num_compressed_blocks(seq_len, l, d), -(-(seq_len - prev_len) // d))
-        if num_new == 0:
-            return
-        done_before = num_compressed_blocks(prev_len - self.doc_starts, l, d)  # [B]
-        batch = raw_keys.shape[0]
-        block = done_before[:, None] + torch.arange(num_new, device=raw_keys.device)  # [B, m] slot = block index
-        # Flat index of every block's first token in the raw buffer [B, L], whose last token is seq_len - 1.
-        buffer_len = raw_keys.shape[1]
-        first = torch.arange(batch, device=raw_keys.device)[:, None] * buffer_len
-        offset = self.doc_starts[:, None] + block * d - (seq_len - buffer_len)
-        first = first + offset.clamp(0, max(buffer_len - l, 0))
-        # Slots past a row's completed count get a meaningless block: masked, and overwritten later.
-        k_blocks = gather_blocks(raw_keys.flatten(0, 1), first, l)
-        v_blocks = gather_blocks(raw_values.flatten(0, 1), first, l)
-        k_new, v_new = compress(k_blocks, v_blocks, block * d + l - 1)
-        needed = num_compressed_blocks(prev_len, l, d) + num_new  # >= every row's last slot + 1
-        if needed > self.cmp_keys.shape[1]:
-            grow = needed + max(64, needed // 8) - self.cmp_keys.shape[1]
-            self.cmp_keys = torch.cat([self.cmp_keys, self.cmp_keys.new_zeros(batch, grow, *self.cmp_keys.shape[2:])], 1)
-            self.cmp_values = torch.cat([self.cmp_values, self.cmp_values.new_zeros(batch, grow, *self.cmp_values.shape[2:])], 1)
-        index = block[..., None, None]
-        self.cmp_keys = self.cmp_keys.scatter(1, index.expand(-1, -1, *k_new.shape[2:]), k_new.to(self.cmp_keys.dtype))
-        self.cmp_values = self.cmp_values.scatter(1, index.expand(-1, -1, *v_new.shape[2:]), v_new.to(self.cmp_values.dtype))
 
 
 class NsaCache(Cache):
-    """The cache `generate()` uses for NSA models: one `NsaCacheLayer` per decoder layer.
+    """The cache `generate()` uses for NSA models: one `NsaCacheLayer` per decoder layer, and where each row's
+    document starts (`doc_starts` [B], set by the first step: left padding).
 
     Args:
         config: the model's `NsaConfig`.
@@ -292,7 +273,33 @@ class NsaCache(Cache):
         separate_window = config.branch_kv == "independent"
         layers = [NsaCacheLayer(pattern, separate_window, max_rollback) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
+        self.doc_starts: Tensor | None = None
+
+    def step_geometry(self, num_new: int) -> StepGeometry:
+        """The stores' sizes after a step of `num_new` tokens, the same in every layer."""
+        return self.layers[0].geometry_after(num_new)
+
+    def reset(self) -> None:
+        super().reset()
+        self.doc_starts = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.doc_starts is not None:
+            self.doc_starts = self.doc_starts.index_select(0, beam_idx.to(self.doc_starts.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.doc_starts is not None:
+            self.doc_starts = self.doc_starts.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.doc_starts is not None:
+            self.doc_starts = self.doc_starts[indices]
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of the cache."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer._tensors().values())
+        tensors = [t for layer in self.layers for t in layer._tensors().values()]
+        tensors += [self.doc_starts] if self.doc_starts is not None else []
+        return sum(t.numel() * t.element_size() for t in tensors)

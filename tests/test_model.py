@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from nsa_hf import NsaCache, NsaConfig, NsaForCausalLM, NsaModel
+from nsa_hf.ops.layout import num_compressed_blocks
 
 from .factories import make_model, tiny_config
 
@@ -218,10 +219,14 @@ def test_cache_memory_at_32k_is_close_to_a_dense_kv_cache():
     cache = NsaCache(config)
     heads, dim, length = config.num_key_value_heads, config.head_dim, 32768
     kv = [torch.randn(1, length, heads, dim, dtype=torch.bfloat16) for _ in range(6)]
-    mean = lambda k, v, positions: (k.mean(-3), v.mean(-3))
-    cache.layers[0].update_nsa(*kv, compress=mean)
-    for _ in range(3):
-        cache.layers[0].update_nsa(*(t[:, :1] for t in kv), compress=mean)
+    layer = cache.layers[0]
+    for step in (kv, *[[t[:, :1] for t in kv]] * 3):  # a prefill, then three decoding steps, as generate() stores them
+        geometry = cache.step_geometry(step[0].shape[1])
+        layer.append(*step)
+        if geometry.num_new_blocks:  # one entry per completed block (its values do not matter here)
+            slots = torch.arange(num_compressed_blocks(layer.seq_len, 32, 16))[None, -geometry.num_new_blocks :]
+            entries = torch.zeros(1, slots.shape[1], heads, dim, dtype=torch.bfloat16)
+            layer.write_compressed(slots, entries, entries, geometry.capacity)
     dense = DynamicCache(config=config)
     dense.update(*(t.transpose(1, 2) for t in kv[:2]), layer_idx=0)
     dense_bytes = sum(t.numel() * t.element_size() for t in (dense.layers[0].keys, dense.layers[0].values))

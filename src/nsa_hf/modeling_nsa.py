@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.utils import logging
 
-from .cache_nsa import NsaCache, NsaCacheLayer, sparse_pattern
+from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .ops.backends import NsaBackend, PointwiseKernels, resolve_backend, resolve_pointwise
@@ -36,6 +36,7 @@ from .ops.layout import (
     cu_seqlens_from_left_padding,
     cu_seqlens_from_position_ids,
     cu_seqlens_from_seq_idx,
+    num_compressed_blocks,
 )
 
 logger = logging.get_logger(__name__)
@@ -244,18 +245,20 @@ class NsaBranchGate(nn.Module):
 
 @dataclass
 class NsaForwardPlan:
-    """What every layer of one forward pass shares: token RoPE, and either a full-pass layout or the cache's doc starts."""
+    """What every layer of one forward pass shares, built once by `NsaModel._plan`: token RoPE, where each query
+    reads, and the compressed blocks to form (for a full pass, every block of the sequence; for a cached step,
+    the blocks its new tokens complete, gathered from each layer's compression buffer)."""
 
     cos: Tensor  # [B, T, D] at each token's position in its document
     sin: Tensor
-    rotary_emb: NsaRotaryEmbedding
     attention: NsaBackend  # the attention backend of `NsaConfig.nsa_backend` on this device, resolved once per pass
     pointwise: PointwiseKernels | None  # the fused kernels of `NsaConfig.fused_kernels`, or None for PyTorch ops
-    layout: QueryLayout | None = None  # full pass (no cache): flat layout over B * T tokens
-    block_tokens: Tensor | None = None  # full pass: flat index of every compressed block's tokens [N_cmp, l]
-    block_cos: Tensor | None = None  # full pass: RoPE at every compressed block's position [N_cmp, D]
-    block_sin: Tensor | None = None
-    doc_starts: Tensor | None = None  # cached pass: [B] first token of each row's document
+    layout: QueryLayout  # full pass: over the B * T tokens; cached step: its queries over the cache's stores
+    block_tokens: Tensor | None  # flat index of each block's tokens [..., l] in the sequence / compression buffer
+    block_cos: Tensor | None  # RoPE at each block's last token [..., D]
+    block_sin: Tensor | None
+    block_slots: Tensor | None = None  # cached step: [B, m] compressed slot (block index) of each new block
+    geometry: StepGeometry | None = None  # cached step: every layer's store sizes after it
 
 
 class NsaAttention(nn.Module):
@@ -292,14 +295,12 @@ class NsaAttention(nn.Module):
         branch_kv = (self.window_k_proj, self.window_v_proj, self.compress_k_proj, self.compress_v_proj) if self.independent_kv else ()
         return (self.q_proj, self.k_proj, self.v_proj, *branch_kv, self.branch_gate.input_projection)
 
-    def _compressor(self, plan: NsaForwardPlan) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """phi_k, phi_v, then RoPE on the compressed key at its block's last-token position."""
-
-        def compress(k_blocks: Tensor, v_blocks: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-            cos, sin = plan.rotary_emb(k_blocks, positions)
-            return apply_rotary(self.compress_key(k_blocks), cos, sin), self.compress_value(v_blocks)
-
-        return compress
+    def _compress(self, k_raw: Tensor, v_raw: Tensor, plan: NsaForwardPlan) -> tuple[Tensor, Tensor]:
+        """The compressed keys and values of the plan's blocks, read from flat un-rotated stores [N, H, D]: phi,
+        then RoPE on the compressed key at its block's last token. One rule for full passes and cached steps."""
+        k_blocks, v_blocks = take_blocks(k_raw, plan.block_tokens), take_blocks(v_raw, plan.block_tokens)
+        (k_cmp,) = rotate_all((self.compress_key(k_blocks),), plan.block_cos, plan.block_sin, plan.pointwise)
+        return k_cmp, self.compress_value(v_blocks)
 
     def forward(
         self,
@@ -324,20 +325,19 @@ class NsaAttention(nn.Module):
             k_raw, v_raw, k_win, v_win = k_proj, v_slc, k_slc, v_slc
         gates = self.branch_gate.from_projection(gate_projection)
 
-        if cache is not None:
+        if cache is not None:  # store the step, compress the blocks it completes, read the stores
             layer: NsaCacheLayer = cache.layers[self.layer_idx]
-            stores = layer.update_nsa(
-                k_slc, v_slc, k_win if self.independent_kv else None, v_win if self.independent_kv else None,
-                k_raw, v_raw, self._compressor(plan), doc_starts=plan.doc_starts,
-            )
-            k_cmp, v_cmp, layout = stores.k_cmp, stores.v_cmp, stores.layout
+            separate = self.independent_kv
+            layer.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
+            if plan.block_slots is not None:
+                k_new, v_new = self._compress(*layer.compression_buffer(), plan)
+                layer.write_compressed(plan.block_slots, k_new, v_new, plan.geometry.capacity)
+            stores = layer.stores()
+            k_cmp, v_cmp = stores.k_cmp, stores.v_cmp
             k_slc, v_slc, k_win, v_win = stores.k_slc, stores.v_slc, stores.k_win, stores.v_win
         else:
             k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
-            k_blocks = take_blocks(k_raw.flatten(0, 1), plan.block_tokens)
-            (k_cmp,) = rotate_all((self.compress_key(k_blocks),), plan.block_cos, plan.block_sin, fused)
-            v_cmp = self.compress_value(take_blocks(v_raw.flatten(0, 1), plan.block_tokens))
-            layout = plan.layout
+            k_cmp, v_cmp = self._compress(k_raw.flatten(0, 1), v_raw.flatten(0, 1), plan)
 
         inputs = (q.flatten(0, 1), k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates.flatten(0, 1))
         if torch.is_autocast_enabled(q.device.type):
@@ -345,7 +345,7 @@ class NsaAttention(nn.Module):
             # need it); projections and RoPE already give it, so this only catches what does not.
             dtype = torch.get_autocast_dtype(q.device.type)
             inputs = tuple(t.to(dtype) for t in inputs)
-        out = plan.attention(*inputs, layout, self.pattern, self.scaling)
+        out = plan.attention(*inputs, plan.layout, self.pattern, self.scaling)
         return self.o_proj(out.reshape(batch, seq_len, -1)), None
 
 
@@ -544,18 +544,7 @@ class NsaModel(NsaPreTrainedModel):
         device = hidden_states.device
         kernels = dict(attention=attention, pointwise=pointwise)
         if cache is not None:
-            past = cache.get_seq_length()
-            if past == 0:
-                doc_starts = (
-                    _leading_padding(attention_mask).to(device)
-                    if attention_mask is not None
-                    else torch.zeros(batch, dtype=torch.long, device=device)
-                )
-            else:
-                doc_starts = cache.layers[0].doc_starts
-            positions = (past + torch.arange(seq_len, device=device))[None, :] - doc_starts[:, None]
-            cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions.clamp(min=0)))
-            return NsaForwardPlan(cos, sin, self.rotary_emb, **kernels, doc_starts=doc_starts)
+            return self._step_plan(hidden_states, attention_mask, cache, kernels)
 
         # Packed boundaries cover the flattened batch; from_cu_seqlens checks they end at its B * T tokens.
         if cu_seqlens is None and attention_mask is not None:
@@ -568,10 +557,50 @@ class NsaModel(NsaPreTrainedModel):
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
         tokens = block_tokens(blocks.token_starts, self.config.compress_block_size, batch * seq_len)
-        return NsaForwardPlan(
-            cos, sin, self.rotary_emb, **kernels, layout=layout, block_tokens=tokens, block_cos=block_cos[0],
-            block_sin=block_sin[0],
+        return NsaForwardPlan(cos, sin, **kernels, layout=layout, block_tokens=tokens, block_cos=block_cos[0], block_sin=block_sin[0])
+
+    def _step_plan(self, hidden_states: Tensor, attention_mask: Tensor | None, cache: NsaCache, kernels: dict) -> NsaForwardPlan:
+        """A cached step's plan, once for every layer: where its queries read in the stores after the step, and the
+        compressed blocks its tokens complete (slots, tokens in the compression buffer, RoPE at their last token)."""
+        batch, num_new = hidden_states.shape[:2]
+        device = hidden_states.device
+        l, d = self.config.compress_block_size, self.config.compress_stride
+        past = cache.get_seq_length()
+        if past == 0 or cache.doc_starts is None:  # the first step: documents start after the left padding
+            cache.doc_starts = (
+                _leading_padding(attention_mask).to(device)
+                if attention_mask is not None
+                else torch.zeros(batch, dtype=torch.long, device=device)
+            )
+        starts = cache.doc_starts
+        geometry = cache.step_geometry(num_new)
+        positions = (past + torch.arange(num_new, device=device))[None, :] - starts[:, None]
+        cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions.clamp(min=0)))
+
+        rows = torch.arange(batch, device=device)
+        key_offsets = rows * geometry.seq_len + starts
+        window_offsets = rows * geometry.window_len + starts - (geometry.seq_len - geometry.window_len)
+        layout = QueryLayout(
+            positions=positions.flatten(),
+            key_offsets=key_offsets.repeat_interleave(num_new),
+            cmp_offsets=(rows * geometry.capacity).repeat_interleave(num_new),
+            window_offsets=window_offsets.repeat_interleave(num_new),
+            run_length=num_new,
         )
+        plan = NsaForwardPlan(cos, sin, **kernels, layout=layout, block_tokens=None, block_cos=None, block_sin=None, geometry=geometry)
+        if geometry.num_new_blocks:
+            # Slot = block index in the row's document; slots past a row's completed count get a meaningless
+            # block, masked by the layout and overwritten when that block completes.
+            done_before = num_compressed_blocks(past - starts, l, d)  # [B]
+            slots = done_before[:, None] + torch.arange(geometry.num_new_blocks, device=device)
+            # Each block's first token in the flat compression buffer [B * L], whose last token is seq_len - 1.
+            buffer_len = geometry.buffer_len
+            offset = starts[:, None] + slots * d - (geometry.seq_len - buffer_len)
+            first = rows[:, None] * buffer_len + offset.clamp(0, max(buffer_len - l, 0))
+            block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, slots * d + l - 1))
+            plan.block_tokens = block_tokens(first, l, batch * buffer_len)
+            plan.block_cos, plan.block_sin, plan.block_slots = block_cos, block_sin, slots
+        return plan
 
     def forward(
         self,
