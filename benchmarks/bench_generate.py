@@ -1,0 +1,104 @@
+"""generate() end to end, as a user calls it: NsaForCausalLM against LlamaForCausalLM of the same shape, on a GPU.
+
+    python benchmarks/bench_generate.py --out benchmarks/results [--shapes seed 1b] [--contexts 4096 32768]
+        [--batches 1 8] [--new-tokens 32] [--llama]
+
+As ../shared/BENCHMARKS.md describes: random weights, bf16, greedy, `eos_token_id=None`, `min_new_tokens =
+max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask. Prefill = generate(max_new_tokens=1);
+decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up. NSA runs its
+default generate() (NsaCache, eager); `--llama` adds Llama's default (DynamicCache, eager) and its fast path
+(`cache_implementation="static"`, which generate() compiles with CUDA graphs). Writes generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nsa_hf import NsaConfig, NsaForCausalLM
+
+SHAPES = {
+    "seed": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2, head_dim=64),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, head_dim=128),
+}
+
+
+def build(kind: str, shape: str, max_positions: int) -> torch.nn.Module:
+    fields = dict(SHAPES[shape], vocab_size=32000, pad_token_id=0, eos_token_id=None, max_position_embeddings=max_positions)
+    torch.manual_seed(0)
+    if kind == "nsa":
+        model = NsaForCausalLM(NsaConfig(**fields))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
+    return model.to("cuda", torch.bfloat16).eval()
+
+
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, **kwargs,
+        )
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, batch: int, context: int, new_tokens: int, repeats: int, **kwargs) -> dict:
+    prompt = torch.randint(1, 32000, (batch, context), device="cuda")
+    timed_generate(model, prompt, 1 + new_tokens, **kwargs)  # warm-up, compilation included
+    torch.cuda.reset_peak_memory_stats()
+    prefill = min(timed_generate(model, prompt, 1, **kwargs) for _ in range(repeats))
+    full = min(timed_generate(model, prompt, 1 + new_tokens, **kwargs) for _ in range(repeats))
+    return dict(
+        prefill_s=prefill, ms_per_token=1e3 * (full - prefill) / new_tokens,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--shapes", nargs="+", default=["seed", "1b"], choices=sorted(SHAPES))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--llama", action="store_true", help="also Llama's default and static-cache generate()")
+    parser.add_argument("--label", default="", help="a name for this tree in the results (e.g. old/new commit)")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    runs = [("nsa", {})] + ([("llama", {}), ("llama-static", {"cache_implementation": "static"})] if args.llama else [])
+    rows = []
+    for shape in args.shapes:
+        for kind, kwargs in runs:
+            model = build(kind.split("-")[0], shape, max(args.contexts) + args.new_tokens + 8)
+            for context in args.contexts:
+                for batch in args.batches:
+                    try:
+                        row = measure(model, batch, context, args.new_tokens, args.repeats, **kwargs)
+                    except torch.OutOfMemoryError as error:
+                        row = dict(error=str(error).splitlines()[0])
+                    rows.append(dict(model=kind, shape=shape, context=context, batch=batch, label=args.label, **row))
+                    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}
+                    print(json.dumps(shown), flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    record = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit, rows=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"generate{'_' + args.label if args.label else ''}.json"
+    (args.out / name).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
