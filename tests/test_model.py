@@ -254,3 +254,17 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="nsa_backend"):  # assignment is checked too (from_pretrained's kwargs)
         model.config.nsa_backend = "cuda-magic"
     assert model.config.nsa_backend == "auto"
+
+
+def test_a_prefill_leaves_each_layer_only_the_window_and_compression_tail():
+    """Each layer drops the prefill's window and compression buffers once it has read them (memory: not every
+    layer of a long prefill holds them at once), keeping the last w - 1 and l - 1 tokens plus the rollback."""
+    config = tiny_config()
+    model = make_model(config)
+    cache = NsaCache(config, max_rollback=2)
+    with torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (2, 90)), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        assert layer.keys.shape[1] == 90  # selection reads the whole history
+        assert layer.window_keys.shape[1] == layer.window_values.shape[1] == config.window_size - 1 + 2
+        assert layer.raw_cmp_keys.shape[1] == layer.raw_cmp_values.shape[1] == config.compress_block_size - 1 + 2
