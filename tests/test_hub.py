@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import graphlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 from nsa_hf import NsaForCausalLM
 from nsa_hf.cli import main
 from nsa_hf.model_card import model_card_template, render_model_card
-from nsa_hf.remote_code import AUTO_MAP, HEADER, REQUIRED_PACKAGES, remote_code_files, write_remote_code
+from nsa_hf.remote_code import AUTO_MAP, HEADER, REQUIRED_PACKAGES, _rewrite, remote_code_files, write_remote_code
 
 from .factories import make_model, tiny_config
 
@@ -76,6 +77,58 @@ def test_write_remote_code_replaces_only_generated_files(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.py")) == sorted([*remote_code_files(), "handwritten.py"])
     with pytest.raises(ValueError, match="`directory`"):
         write_remote_code(tmp_path / "handwritten.py")
+
+
+def test_remote_code_leaves_out_the_methods_that_import_the_hub_plumbing():
+    files = remote_code_files()
+    assert "def save_pretrained" not in files["configuration_nsa.py"]
+    assert "def push_to_hub" not in files["modeling_nsa.py"]
+    method = "class A:\n    x = 1\n\n    # Package only.\n    def push(self):\n        from .hub import push_to_hub\n"
+    text, dependencies = _rewrite(method, "nsa_hf.modeling_nsa")
+    assert text == HEADER + "class A:\n    x = 1\n" and dependencies == []
+    with pytest.raises(ValueError, match="only inside methods"):
+        _rewrite("from .hub import push_to_hub\n", "nsa_hf.modeling_nsa")
+
+
+def package_modules(root: Path) -> dict[str, Path]:
+    """{dotted module name: source file} of the package at `root`; a package's name maps to its __init__.py."""
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules that `name` imports, at module level or inside functions, as Python resolves them:
+    `from pkg import x` imports the module `pkg.x` when there is one, else `pkg`."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            anchor = package.rsplit(".", node.level - 1)[0] if node.level else ""  # `..` is the parent package
+            base = ".".join(part for part in (anchor, node.module) if part)
+            targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+    # Importing `nsa_hf.ops.layout` also runs `nsa_hf/ops/__init__.py`, unless the importer is inside `nsa_hf.ops`.
+    ancestors = {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 1)}
+    targets |= {a for a in ancestors if not (name == a or name.startswith(f"{a}."))}
+    return targets & set(modules) - {name}
+
+
+def test_package_imports_have_no_cycle_even_lazy_ones():
+    modules = package_modules(REPO_ROOT / "src" / "nsa_hf")
+    graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
+    # The Hub plumbing sits below the classes that delegate to it, and the card renderer below it.
+    assert {"nsa_hf.hub"} <= graph["nsa_hf.modeling_nsa"] & graph["nsa_hf.configuration_nsa"]
+    assert graph["nsa_hf.hub"] == {"nsa_hf.model_card", "nsa_hf.remote_code"}
+    assert graph["nsa_hf.model_card"] == set() and graph["nsa_hf.remote_code"] == set()
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        # The cycle comes as each module followed by one that imports it; reversed, each imports the next.
+        pytest.fail(f"import cycle: {' -> '.join(reversed(error.args[1]))}")
 
 
 LOAD_WITHOUT_NSA_HF = textwrap.dedent(

@@ -150,17 +150,15 @@ class NsaConfig(PreTrainedConfig):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """
         [`~PreTrainedConfig.save_pretrained`], plus what loading without nsa-hf needs: `auto_map` in config.json
-        and the remote-code files next to it (`nsa_hf.remote_code.write_remote_code`). `model.save_pretrained`
+        and the remote-code files next to it (`nsa_hf.hub.save_config`). `model.save_pretrained`
         and `push_to_hub` save the config through here, so every saved NSA folder loads both ways: with
         `import nsa_hf` (the package's classes take precedence over `auto_map`), or with
         `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` where nsa-hf is not installed.
         """
-        # Package only (the Hub copy of this file leaves this method out; transformers saves remote code itself).
-        from .remote_code import AUTO_MAP, write_remote_code
+        # Package only: the Hub copy of this file leaves out the methods that import `hub` (see remote_code).
+        from .hub import save_config
 
-        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
-        super().save_pretrained(save_directory, **kwargs)
-        write_remote_code(save_directory)
+        save_config(self, save_directory, super().save_pretrained, **kwargs)
 
 
 __all__ = ["NsaConfig"]

@@ -2,6 +2,11 @@
 
 The template is package data, `nsa_hf/model_card_template.md` (`string.Template` placeholders);
 `model_cards/TEMPLATE.md` at the repository root is a copy of it for readers of the repository.
+
+This module imports no other module of the package: `NsaConfig.save_pretrained` and `push_to_hub` import
+`hub`, which imports this one, so an import of the config or model classes here would close a cycle. It names
+the model type as a string and reaches the model class through transformers' Auto registry, which
+`import nsa_hf` fills before any of its modules runs.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ import string
 from importlib.resources import files
 
 import torch
-
-from .configuration_nsa import NsaConfig
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PreTrainedConfig
 
 __all__ = ["TEMPLATE_NAME", "TRAINING_FIELDS", "model_card_template", "render_model_card"]
 
+MODEL_TYPE = "nsa"  # NsaConfig.model_type, the configs the template describes
 TEMPLATE_NAME = "model_card_template.md"
 # Training metadata a card can state: field -> (label, accepted types, format).
 TRAINING_FIELDS = {
@@ -31,11 +36,11 @@ def model_card_template() -> str:
     return files(__package__).joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
 
 
-def _count_parameters(config: NsaConfig) -> int:
-    from .modeling_nsa import NsaForCausalLM
-
+def _count_parameters(config: PreTrainedConfig) -> int:
+    """Parameters of the causal LM registered for the config's class (`NsaForCausalLM`), tied weights once."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
-        model = NsaForCausalLM(copy.deepcopy(config))
+        model = model_class(copy.deepcopy(config))
     return model.num_parameters()
 
 
@@ -65,7 +70,7 @@ def _training_table(training: dict | None) -> str:
 
 
 def render_model_card(
-    config: NsaConfig, training: dict | None = None, repo_id: str | None = None, *, license: str = "apache-2.0"
+    config: PreTrainedConfig, training: dict | None = None, repo_id: str | None = None, *, license: str = "apache-2.0"
 ) -> str:
     """
     The model card (Markdown with YAML front matter) of an NSA causal LM with this config.
@@ -78,7 +83,7 @@ def render_model_card(
         repo_id (`str`, *optional*): the Hub repo, used as the title and in the loading examples.
         license (`str`, defaults to `"apache-2.0"`): the license identifier of the weights, for the Hub.
     """
-    if getattr(config, "model_type", None) != NsaConfig.model_type:
+    if getattr(config, "model_type", None) != MODEL_TYPE:
         raise ValueError(f"`config` must be an NSA config (model_type 'nsa'), got {type(config).__name__}.")
     # The architecture and NSA placeholders are config fields, by name.
     return string.Template(model_card_template()).substitute(

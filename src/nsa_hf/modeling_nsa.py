@@ -400,44 +400,31 @@ class NsaPreTrainedModel(PreTrainedModel):
         create_pr: bool = False,
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | str | None = None,
-    ):
+    ) -> str:
         """
         [`~PreTrainedModel.push_to_hub`] with the NSA model card: a repo without a README.md gets
         `nsa_hf.model_card.render_model_card(config, training, repo_id)` (architecture, NSA settings, how to load,
         the optional `training` metadata: dataset, tokens, steps, loss) instead of transformers' generic card; a
         repo's existing card is kept, as transformers does. The commit holds what `save_pretrained` writes:
-        config.json with `auto_map`, the weights, generation_config.json and the remote-code files.
+        config.json with `auto_map`, the weights, generation_config.json and the remote-code files. The work is
+        done by `nsa_hf.hub.push_to_hub`.
         """
-        # Package only (the Hub copy of this file leaves this method out; transformers pushes remote code itself).
-        import os
-        import tempfile
+        # Package only: the Hub copy of this file leaves out the methods that import `hub` (see remote_code).
+        from .hub import push_to_hub
 
-        from huggingface_hub import ModelCard
-        from huggingface_hub.errors import EntryNotFoundError
-        from transformers.utils.hub import hf_api
-
-        from .model_card import render_model_card
-
-        tags = [*(self.model_tags or []), *([tags] if isinstance(tags, str) else tags or [])]
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        try:
-            card = ModelCard.load(repo_id, token=token)
-        except EntryNotFoundError:
-            card = ModelCard(render_model_card(self.config, training=training, repo_id=repo_id))
-        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
-            card.save(os.path.join(tmp_dir, "README.md"))
-            return self._upload_modified_files(
-                tmp_dir,
-                repo_id,
-                files_timestamps={},
-                commit_message=commit_message,
-                token=token,
-                create_pr=create_pr,
-                revision=revision,
-                commit_description=commit_description,
-            )
+        return push_to_hub(
+            self,
+            repo_id,
+            training=training,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
+        )
 
 
 def _rope_dtype(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

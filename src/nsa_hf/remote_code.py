@@ -11,8 +11,8 @@ in a try block. So the files are generated from the package, deterministically:
   (`module.name` -> `module_name`), which transformers can follow;
 - optional third-party imports (triton) are wrapped in try blocks that re-raise, so nothing
   changes at run time but transformers' `check_imports` does not demand them;
-- the methods that write remote code and model cards from the package are left out: transformers saves
-  and pushes remote-code classes itself (copying their own files, writing `auto_map`).
+- the methods that import `hub` (the package's Hub plumbing: remote code, model cards, uploads) are left
+  out: transformers saves and pushes remote-code classes itself (copying their own files, writing `auto_map`).
 
 `modeling/` at the repository root holds these files; regenerate it with `nsa-hf export-remote-code`.
 """
@@ -37,11 +37,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_nsa.NsaModel",
     "AutoModelForCausalLM": "modeling_nsa.NsaForCausalLM",
 }
-# Package-only methods, {module: {class: methods}}: they import this module or the model-card renderer.
-PACKAGE_ONLY_METHODS = {
-    f"{PACKAGE}.configuration_nsa": {"NsaConfig": ("save_pretrained",)},
-    f"{PACKAGE}.modeling_nsa": {"NsaPreTrainedModel": ("push_to_hub",)},
-}
+# The Hub plumbing: the methods that import it are package only, and the remote code never imports it.
+HUB_MODULE = f"{PACKAGE}.hub"
 # Installed wherever transformers runs; any other third-party import is optional.
 REQUIRED_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub"})
 OPTIONAL_IMPORT_COMMENT = "optional package: in a try block, transformers' check_imports does not require it"
@@ -79,23 +76,24 @@ def _apply(source: str, edits: list[tuple[int, int, str]]) -> str:
     return data.decode("utf-8")
 
 
+def _imports_hub(module: str, function: ast.FunctionDef) -> bool:
+    """Whether `function` (in `module`) imports the Hub plumbing anywhere in its body."""
+    return any(
+        isinstance(node, ast.ImportFrom) and _resolve(module, node) == HUB_MODULE for node in ast.walk(function)
+    )
+
+
 def _drop_methods(source: str, module: str) -> str:
-    """Removes the package-only methods of `module`, with the blank lines and comments above them."""
-    classes = PACKAGE_ONLY_METHODS.get(module, {})
-    if not classes:
-        return source
+    """Removes the package-only methods of `module` (those importing `hub`), with the lines above them."""
     tree = ast.parse(source)
     lines = source.encode("utf-8").splitlines(keepends=True)  # ast's line breaks, unlike str.splitlines
     spans = []
-    for class_name, methods in classes.items():
-        body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), [])
-        for method in methods:
-            index = next((i for i, n in enumerate(body) if isinstance(n, ast.FunctionDef) and n.name == method), None)
-            if index is None:
-                raise LookupError(f"{module}.{class_name}.{method} is in PACKAGE_ONLY_METHODS but not in the source.")
-            node = body[index]
-            first = body[index - 1].end_lineno + 1 if index else min(d.lineno for d in [node, *node.decorator_list])
-            spans.append((first, node.end_lineno))
+    for body in (node.body for node in tree.body if isinstance(node, ast.ClassDef)):
+        for index, node in enumerate(body):
+            if isinstance(node, ast.FunctionDef) and _imports_hub(module, node):
+                # From the end of the previous statement: the blank lines and comments above go too.
+                first = body[index - 1].end_lineno + 1 if index else min(d.lineno for d in [node, *node.decorator_list])
+                spans.append((first, node.end_lineno))
     for first, last in sorted(spans, reverse=True):
         del lines[first - 1 : last]
     return b"".join(lines).decode("utf-8")
@@ -199,6 +197,8 @@ def _rewrite(source: str, module: str) -> tuple[str, list[str]]:
         else:
             dependencies.extend(f"{target}.{alias.name}" for alias in node.names)
             edits.extend(_flatten_module_import(tree, node, target, offsets, data))
+    if HUB_MODULE in dependencies:  # it would drag the Hub plumbing (model cards, uploads) into the remote code
+        raise ValueError(f"{module}: import {HUB_MODULE} only inside methods, which the remote code leaves out.")
     for run in _optional_import_runs(tree):
         indent = " " * run[0].col_offset
         start, end = offsets[run[0].lineno], offsets[run[-1].end_lineno + 1]
