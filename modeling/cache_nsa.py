@@ -91,9 +91,9 @@ class NsaCacheLayer(CacheLayerMixin):
         self.separate_window = separate_window
         self.max_rollback = max_rollback
         self.seq_len = 0
-        self.window_keys: Tensor | None = None  # [B, <= w - 1 + max_rollback + T, H, D], the last tokens
+        self.window_keys: Tensor | None = None  # [B, <= 2 * (w - 1 + max_rollback) + T, H, D], the last tokens
         self.window_values: Tensor | None = None
-        self.raw_cmp_keys: Tensor | None = None  # [B, <= l - 1 + max_rollback + T, H, D], un-rotated
+        self.raw_cmp_keys: Tensor | None = None  # [B, <= 2 * (l - 1 + max_rollback) + T, H, D], un-rotated
         self.raw_cmp_values: Tensor | None = None
         self.cmp_keys: Tensor | None = None  # [B, capacity, H, D]; row b's valid entries derive from its length
         self.cmp_values: Tensor | None = None
@@ -245,9 +245,11 @@ class NsaCacheLayer(CacheLayerMixin):
         self.cmp_values = self.cmp_values.scatter(1, index.expand(-1, -1, *v_new.shape[2:]), v_new.to(self.cmp_values.dtype))
 
     def stores(self) -> NsaStores:
-        """Flat views of every store a step's attention reads."""
+        """Flat views of every store a step's attention reads. Afterwards the layer keeps of a long step (a prefill)
+        only what later steps and a rollback read, so the layers of one prefill do not all hold its whole window
+        and compression buffers at once; the views stay valid for this step."""
         window_keys, window_values = (self.window_keys, self.window_values) if self.separate_window else (self.keys, self.values)
-        return NsaStores(
+        stores = NsaStores(
             k_cmp=self.cmp_keys.flatten(0, 1),
             v_cmp=self.cmp_values.flatten(0, 1),
             k_slc=self.keys.flatten(0, 1),
@@ -255,6 +257,14 @@ class NsaCacheLayer(CacheLayerMixin):
             k_win=window_keys.flatten(0, 1),
             v_win=window_values.flatten(0, 1),
         )
+        # A copy only when the buffer is over twice what is kept: never for single-token steps.
+        keep = self._buffer_keep()
+        if self.raw_cmp_keys.shape[1] > 2 * keep:
+            self.raw_cmp_keys, self.raw_cmp_values = _last(self.raw_cmp_keys, keep).clone(), _last(self.raw_cmp_values, keep).clone()
+        keep = self._window_keep()
+        if self.separate_window and self.window_keys.shape[1] > 2 * keep:
+            self.window_keys, self.window_values = _last(self.window_keys, keep).clone(), _last(self.window_values, keep).clone()
+        return stores
 
 
 class NsaCache(Cache):
