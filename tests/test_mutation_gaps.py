@@ -1,0 +1,141 @@
+"""Tests added by a mutation check: each pins a behaviour that a planted one-line bug changed while every
+other test still passed. Expectations come from NSA_SPEC.md, the Llama block structure the model documents,
+or transformers' own cache classes, never from numbers produced by the code under test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from nsa_hf import NsaCache
+
+from .factories import make_model, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_decoder_blocks_are_pre_norm_residual_attention_then_mlp():
+    """Llama-style blocks (modeling_nsa's docstring): h = x + attn(norm_1(x)), then
+    y = h + down(silu(gate(norm_2(h))) * up(norm_2(h))); after the last block the final norm and lm_head. The norms
+    get distinct weights, so using the wrong one shows; the attention output itself is taken from the layer
+    (test_spec.py checks it against the spec)."""
+    config = tiny_config()
+    model = make_model(config)
+    eps = config.rms_norm_eps
+    with torch.no_grad():
+        norms = [model.model.norm]
+        norms += [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in norms:
+            norm.weight.copy_(torch.rand(config.hidden_size) + 0.5)
+    captured: dict[str, list] = {"layer": [], "attn": []}
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_hook(lambda m, args, out: captured["layer"].append((args[0], out))))
+        handles.append(
+            layer.self_attn.register_forward_hook(lambda m, args, out: captured["attn"].append((args[0], out[0])))
+        )
+    torch.manual_seed(8)
+    input_ids = torch.randint(0, config.vocab_size, (2, 40))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(captured["layer"]) == len(captured["attn"]) == config.num_hidden_layers
+
+    x = model.model.embed_tokens.weight[input_ids]
+    for layer, (layer_in, layer_out), (attn_in, attn_out) in zip(
+        model.model.layers, captured["layer"], captured["attn"]
+    ):
+        torch.testing.assert_close(layer_in, x)
+        torch.testing.assert_close(attn_in, rms_norm(x, layer.input_layernorm.weight, eps))
+        h = x + attn_out
+        n2 = rms_norm(h, layer.post_attention_layernorm.weight, eps)
+        mlp = layer.mlp
+        gate, up = F.linear(n2, mlp.gate_proj.weight), F.linear(n2, mlp.up_proj.weight)
+        expected = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight)
+        torch.testing.assert_close(layer_out, expected, rtol=1e-5, atol=1e-5)
+        x = expected
+    expected_logits = F.linear(rms_norm(x, model.model.norm.weight, eps), model.lm_head.weight)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("branch_kv", ["independent", "shared"])
+def test_crop_of_a_cache_shorter_than_window_and_block_then_redecode_equals_full_forward(branch_kv):
+    """NSA_SPEC "Decoding": rollback (crop) must be exact. With 6 cached tokens (fewer than w - 1 = 11 and
+    l - 1 = 7) every buffer still holds the whole history, so rolling back 2 tokens is always possible."""
+    config = tiny_config(branch_kv=branch_kv)
+    model = make_model(config)
+    torch.manual_seed(9)
+    prompt = torch.randint(0, config.vocab_size, (2, 6))
+    rest = torch.randint(0, config.vocab_size, (2, 9))
+    cache = NsaCache(config)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        cache.crop(-2)
+        assert cache.get_seq_length() == 4
+        redecoded = torch.cat(
+            [model(rest[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(rest.shape[1])], 1
+        )
+        full = model(torch.cat([prompt[:, :4], rest], 1), use_cache=False).logits
+    torch.testing.assert_close(redecoded, full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_cropped_to_empty_takes_the_padding_of_the_next_prompt():
+    """A cache rolled back to 0 tokens is an empty cache: the next prompt's layout (here: no padding) decides
+    where each row's document starts, not the padding of the prompt that was rolled back."""
+    config = tiny_config()
+    model = make_model(config)
+    torch.manual_seed(10)
+    padded = torch.randint(1, config.vocab_size, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :7] = 0
+    fresh = torch.randint(1, config.vocab_size, (2, 20))
+    cache = NsaCache(config)
+    with torch.no_grad():
+        model(padded, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.crop(-20)
+        assert cache.get_seq_length() == 0
+        reused = model(fresh[:, :15], past_key_values=cache, use_cache=True).logits
+        reused = torch.cat([reused, model(fresh[:, 15:], past_key_values=cache, use_cache=True).logits], 1)
+        full = model(fresh, use_cache=False).logits
+    torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_mask_with_another_batch_size_is_named(rows, use_cache):
+    """A 2-D mask is [B, past + T]: a mask for another number of rows must fail up front naming `attention_mask`,
+    not later in the layout or RoPE code with an error about `cu_seqlens` or tensor sizes."""
+    config = tiny_config()
+    model = make_model(config)
+    ids = torch.randint(1, config.vocab_size, (2, 10))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`attention_mask` must have shape \(2, 10\)"):
+        model(ids, attention_mask=torch.ones(rows, 10, dtype=torch.long), use_cache=use_cache)
+
+
+def test_mask_sizes_are_cached_plus_new_tokens():
+    """`get_mask_sizes(query_length, layer)` is transformers' Cache contract (read by masking_utils): the kv length
+    is the cached tokens plus the new queries, offset 0 for a cache holding the whole history (as transformers'
+    DynamicLayer reports)."""
+    config = tiny_config()
+    model = make_model(config)
+    cache = NsaCache(config)
+    with torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (1, 9)), past_key_values=cache, use_cache=True)
+    for query_length in (1, 3):
+        for layer_idx in range(config.num_hidden_layers):
+            assert cache.get_mask_sizes(query_length, layer_idx) == (9 + query_length, 0)
