@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nsa_hf import NsaCache, NsaForCausalLM
+from nsa_hf.compat import CACHE_KWARG
 
 from .factories import make_model, tiny_config
 
@@ -90,3 +91,11 @@ def test_output_attentions_is_refused_from_the_argument_and_the_config(model):
     config = tiny_config(output_attentions=True)
     with pytest.raises(ValueError, match="output_attentions"):
         NsaForCausalLM(config)(ids)
+
+
+def test_a_cache_with_use_cache_false_is_refused(model):
+    ids = torch.randint(1, model.config.vocab_size, (1, 6))
+    with pytest.raises(ValueError, match="`use_cache=False` was passed together with a cache"):
+        model(ids, use_cache=False, past_key_values=NsaCache(model.config))
+    with pytest.raises(ValueError, match="`use_cache=False` was passed together with a cache"):
+        model.generate(ids, max_new_tokens=2, use_cache=False, **{CACHE_KWARG: NsaCache(model.config)})
