@@ -9,7 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .nsa_ops_backends import FUSED_KERNEL_CHOICES, backend_names
-from .nsa_ops_layout import SparsePattern
+from .nsa_ops_layout import PAPER, SparsePattern
 
 COMPRESSION_TYPES = ("mlp", "linear", "mean")
 BRANCH_KV_MODES = ("independent", "shared")
@@ -88,13 +88,13 @@ class NsaConfig(PreTrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
 
-    compress_block_size: int = 32
-    compress_stride: int = 16
-    select_block_size: int = 64
-    num_selected_blocks: int = 16
-    num_init_blocks: int = 1
-    num_local_blocks: int = 2
-    window_size: int = 512
+    compress_block_size: int = PAPER.compress_block_size
+    compress_stride: int = PAPER.compress_stride
+    select_block_size: int = PAPER.select_block_size
+    num_selected_blocks: int = PAPER.num_selected_blocks
+    num_init_blocks: int = PAPER.num_init_blocks
+    num_local_blocks: int = PAPER.num_local_blocks
+    window_size: int = PAPER.window_size
     compression_type: str = "mlp"
     compress_intermediate_size: int | None = None
     branch_kv: str = "independent"

@@ -580,6 +580,10 @@ class NsaModel(NsaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if cache is not None and not isinstance(cache, NsaCache):
             raise TypeError(f"NSA models need an `NsaCache`, got {type(cache).__name__}.")
+        if use_cache is False and cache is not None:
+            # generate(use_cache=False, cache=...) would feed the whole sequence every step into a cache that already
+            # holds it, and decode from a history with every token repeated.
+            raise ValueError("`use_cache=False` was passed together with a cache: drop the cache, or pass use_cache=True.")
         if cu_seq_lens_q is None and attention_mask is None and cache is None:
             cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0], seq_idx)
         packed = cu_seq_lens_q is not None

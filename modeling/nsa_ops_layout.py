@@ -21,6 +21,7 @@ from torch import Tensor
 T = TypeVar("T")
 
 __all__ = [
+    "PAPER",
     "CompressionBlocks",
     "QueryLayout",
     "SparsePattern",
@@ -36,15 +37,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SparsePattern:
-    """The static NSA hyperparameters every backend needs (NSA_SPEC's symbols in brackets)."""
+    """The static NSA hyperparameters every backend needs (NSA_SPEC's symbols in brackets). The defaults are the
+    paper's settings, the one place they are written (`NsaConfig` and the functional API take theirs from here)."""
 
-    compress_block_size: int  # l
-    compress_stride: int  # d
-    select_block_size: int  # l'
-    num_selected_blocks: int  # n, forced blocks included
-    num_init_blocks: int
-    num_local_blocks: int
-    window_size: int  # w, the query's own token included
+    compress_block_size: int = 32  # l
+    compress_stride: int = 16  # d
+    select_block_size: int = 64  # l'
+    num_selected_blocks: int = 16  # n, forced blocks included
+    num_init_blocks: int = 1
+    num_local_blocks: int = 2
+    window_size: int = 512  # w, the query's own token included
 
     def __post_init__(self) -> None:
         for name in ("compress_block_size", "compress_stride", "select_block_size", "num_selected_blocks", "window_size"):
@@ -68,6 +70,9 @@ class SparsePattern:
                 f"`num_selected_blocks` ({self.num_selected_blocks}) must be >= num_init_blocks + num_local_blocks "
                 f"({self.num_init_blocks} + {self.num_local_blocks}): forced blocks count toward n."
             )
+
+
+PAPER = SparsePattern()  # NSA's published geometry (arXiv 2502.11089, section 4)
 
 
 def memoized(memo: dict | None, key: object, build: Callable[[], T]) -> T:

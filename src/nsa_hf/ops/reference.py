@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .layout import QueryLayout, SparsePattern, cu_seqlens_from_batch, memoized, num_compressed_blocks
+from .layout import PAPER, QueryLayout, SparsePattern, cu_seqlens_from_batch, memoized, num_compressed_blocks
 
 __all__ = [
     "block_attention",
@@ -407,20 +407,6 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-def _pattern(
-    compress_block_size: int = 32,
-    compress_stride: int = 16,
-    select_block_size: int = 64,
-    num_selected_blocks: int = 16,
-    num_init_blocks: int = 1,
-    num_local_blocks: int = 2,
-    window_size: int = 512,
-) -> SparsePattern:
-    return SparsePattern(
-        compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks, window_size
-    )
-
-
 def _check_cmp(k_cmp: Tensor, num_blocks: int, batch: int) -> None:
     expected = num_blocks // batch
     if k_cmp.shape[1] != expected:
@@ -446,7 +432,7 @@ def compressed_attention(
     With `cu_seqlens`, k_cmp concatenates each document's blocks in order.
     """
     _check_qkv(q, k_cmp=k_cmp, v_cmp=v_cmp)
-    pattern = _pattern(compress_block_size=block_size, compress_stride=stride, select_block_size=stride)
+    pattern = SparsePattern(compress_block_size=block_size, compress_stride=stride, select_block_size=stride)
     layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
     _check_cmp(k_cmp, num_blocks, q.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -462,8 +448,8 @@ def select_blocks(
     compress_stride: int,
     select_block_size: int,
     num_selected_blocks: int,
-    num_init_blocks: int = 1,
-    num_local_blocks: int = 2,
+    num_init_blocks: int = PAPER.num_init_blocks,
+    num_local_blocks: int = PAPER.num_local_blocks,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
@@ -475,7 +461,7 @@ def select_blocks(
     broken toward the lower index, -1 for empty slots. Slot order is not semantic.
     """
     _check_qkv(q, k_cmp=k_cmp)
-    pattern = _pattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks)
+    pattern = SparsePattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks)
     layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
     _check_cmp(k_cmp, num_blocks, q.shape[0])
     if lse.shape != q.shape[:3]:
@@ -508,7 +494,7 @@ def selection_attention(
         )
     if block_size <= 0:
         raise ValueError(f"`block_size` must be positive, got {block_size}.")
-    pattern = _pattern(compress_block_size=block_size, compress_stride=block_size, select_block_size=block_size, num_selected_blocks=block_indices.shape[-1], num_init_blocks=0, num_local_blocks=0)
+    pattern = SparsePattern(compress_block_size=block_size, compress_stride=block_size, select_block_size=block_size, num_selected_blocks=block_indices.shape[-1], num_init_blocks=0, num_local_blocks=0)
     layout, _ = _batch_layout(q, pattern, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o = selection_attention_varlen(
@@ -529,7 +515,7 @@ def sliding_window_attention(
     _check_qkv(q, ('k', 'v'), k=k, v=v)
     if window_size <= 0:
         raise ValueError(f"`window_size` must be positive, got {window_size}.")
-    pattern = _pattern(window_size=window_size)
+    pattern = SparsePattern(window_size=window_size)
     layout, _ = _batch_layout(q, pattern, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o = sliding_window_attention_varlen(q.reshape(-1, *q.shape[2:]), _flat(k), _flat(v), layout, window_size, scale)
@@ -545,13 +531,13 @@ def nsa_attention(
     k_win: Tensor,
     v_win: Tensor,
     gates: Tensor,
-    compress_block_size: int = 32,
-    compress_stride: int = 16,
-    select_block_size: int = 64,
-    num_selected_blocks: int = 16,
-    num_init_blocks: int = 1,
-    num_local_blocks: int = 2,
-    window_size: int = 512,
+    compress_block_size: int = PAPER.compress_block_size,
+    compress_stride: int = PAPER.compress_stride,
+    select_block_size: int = PAPER.select_block_size,
+    num_selected_blocks: int = PAPER.num_selected_blocks,
+    num_init_blocks: int = PAPER.num_init_blocks,
+    num_local_blocks: int = PAPER.num_local_blocks,
+    window_size: int = PAPER.window_size,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
@@ -564,7 +550,7 @@ def nsa_attention(
     _check_qkv(q, ('k_slc', 'v_slc', 'k_win', 'v_win'), k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win, v_win=v_win)
     if gates.shape != (*q.shape[:3], 3):
         raise ValueError(f"`gates` must have shape {(*q.shape[:3], 3)}, got {tuple(gates.shape)}.")
-    pattern = _pattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks, window_size)
+    pattern = SparsePattern(compress_block_size, compress_stride, select_block_size, num_selected_blocks, num_init_blocks, num_local_blocks, window_size)
     layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
     _check_cmp(k_cmp, num_blocks, q.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
