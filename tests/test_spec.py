@@ -27,14 +27,6 @@ from .factories import make_model, tiny_config
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (100x slower on a busy 2-core host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # ---------------------------------------------------------------------------------------------------
 # 1. The attention layer against a composition written from NSA_SPEC.md
 # ---------------------------------------------------------------------------------------------------
