@@ -25,7 +25,7 @@ from torch.nn.attention.varlen import varlen_attn
 from nsa_hf.ops import triton_kernels
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
-from nsa_hf.ops.reference import window_intervals
+from nsa_hf.ops.layout import window_intervals
 
 SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64)}
 PATTERN = SparsePattern(32, 16, 64, 16, 1, 2, 512)

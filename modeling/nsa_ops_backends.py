@@ -2,7 +2,7 @@
 """The NSA attention backends and the fused pointwise kernels: a small registry, resolved once per setting.
 
 An attention backend is a set of `Primitives` (interval attention, block attention, block scoring, the gate
-mix); `reference.nsa_attention_varlen` composes them into NSA's function with this signature:
+mix); `composition.nsa_attention_varlen` composes them into NSA's function with this signature:
 (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. Index building, the top-n
 rule and the gates are shared code, so no backend can drift from the reference's math there.
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .nsa_ops_layout import QueryLayout, SparsePattern
-from .nsa_ops_reference import REFERENCE, Primitives, nsa_attention_varlen
+from .nsa_ops_composition import REFERENCE, Primitives, nsa_attention_varlen
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ __all__ = [
     "backend_names",
     "register_backend",
     "resolve_backend",
+    "resolve_primitives",
     "resolve_pointwise",
 ]
 
@@ -110,7 +111,7 @@ _BACKENDS: dict[str, tuple[Callable[[], Primitives], Callable[[str], None]]] = {
 def register_backend(name: str, primitives: Callable[[], Primitives]) -> None:
     """Make `NsaConfig(nsa_backend=name)` run NSA on `primitives()` (called once, on first use).
 
-    The primitives must compute `reference.REFERENCE`'s functions; the tests of `tests/test_triton.py` show how
+    The primitives must compute `composition.REFERENCE`'s functions; the tests of `tests/test_triton.py` show how
     a backend is held to the reference. "auto" never picks a registered backend: name it.
     """
     if name == "auto" or name in _BACKENDS:
@@ -128,8 +129,25 @@ def _auto(device_type: str) -> str:
 
 
 # Plain dicts, not functools.cache: dynamo reads them without tracing a cache.
+_RESOLVED_PRIMITIVES: dict[tuple[str, str], Primitives] = {}
 _RESOLVED_ATTENTION: dict[tuple[str, str], NsaBackend] = {}
 _RESOLVED_POINTWISE: dict[tuple[str, str], PointwiseKernels | None] = {}
+
+
+def resolve_primitives(name: str, device: torch.device, setting: str = "nsa_backend") -> Primitives:
+    """The primitives of the attention backend `name` on `device` ("auto": Triton on CUDA when installed);
+    `setting` is the argument errors name."""
+    key = (name, device.type)
+    if key not in _RESOLVED_PRIMITIVES:
+        if name not in backend_names():
+            raise ValueError(f"`{setting}` must be one of {backend_names()}, got {name!r}.")
+        chosen = _auto(device.type) if name == "auto" else name
+        factory, check = _BACKENDS[chosen]
+        check(setting)
+        if name == "auto":
+            logger.info("%s='auto' runs the %r backend on %s.", setting, chosen, device.type)
+        _RESOLVED_PRIMITIVES[key] = factory()
+    return _RESOLVED_PRIMITIVES[key]
 
 
 def resolve_backend(name: str, device: torch.device) -> NsaBackend:
@@ -137,14 +155,8 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
     data dependent and its Triton kernels launch from custom autograd Functions)."""
     key = (name, device.type)
     if key not in _RESOLVED_ATTENTION:
-        if name not in backend_names():
-            raise ValueError(f"`nsa_backend` must be one of {backend_names()}, got {name!r}.")
-        chosen = _auto(device.type) if name == "auto" else name
-        factory, check = _BACKENDS[chosen]
-        check("nsa_backend")
-        if name == "auto":
-            logger.info("nsa_backend='auto' runs the %r backend on %s.", chosen, device.type)
-        _RESOLVED_ATTENTION[key] = torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=factory()))
+        primitives = resolve_primitives(name, device)
+        _RESOLVED_ATTENTION[key] = torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=primitives))
     return _RESOLVED_ATTENTION[key]
 
 

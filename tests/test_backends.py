@@ -8,7 +8,7 @@ import torch
 
 from nsa_hf import NsaConfig
 from nsa_hf.ops import backends, reference
-from nsa_hf.ops.reference import Primitives
+from nsa_hf.ops.composition import REFERENCE, Primitives
 
 from .factories import make_model, tiny_config
 
@@ -59,7 +59,7 @@ def test_registered_names_are_config_choices_and_duplicates_are_refused(toy_back
     assert NsaConfig(nsa_backend="toy").nsa_backend == "toy"
     for taken in ("toy", "reference", "auto"):
         with pytest.raises(ValueError, match="exists already"):
-            backends.register_backend(taken, lambda: reference.REFERENCE)
+            backends.register_backend(taken, lambda: REFERENCE)
 
 
 def test_unknown_backend_names_list_the_registered_ones():
@@ -85,3 +85,21 @@ def test_fused_kernels_give_the_same_model_as_pytorch_ops():
     out_fused = fused(ids, labels=ids, use_cache=False)
     torch.testing.assert_close(out_fused.logits, out_plain.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out_fused.loss, out_plain.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_the_functional_api_runs_the_backend_it_is_given():
+    """`nsa_attention(..., backend=...)`: the Triton kernels (interpreted on CPU) equal the reference; a backend
+    that is not registered is named."""
+    from nsa_hf.ops import nsa_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 40, 4, 16), torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
+    k_cmp, v_cmp = torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)  # (40 - 8) // 4 + 1 blocks
+    gates = torch.rand(1, 40, 4, 3)
+    geometry = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=2,
+                    num_init_blocks=1, num_local_blocks=1, window_size=12)
+    args = (q, k_cmp, v_cmp, k, v, k, v, gates)
+    expected = nsa_attention(*args, **geometry, backend="reference")
+    torch.testing.assert_close(nsa_attention(*args, **geometry, backend="triton"), expected, rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        nsa_attention(*args, **geometry, backend="flash")

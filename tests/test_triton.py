@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from nsa_hf import NsaCache
 from nsa_hf.modeling_nsa import apply_rotary
 from nsa_hf.ops import (
+    composition,
     reference,
     triton_kernels,
     triton_pointwise,
@@ -155,9 +156,9 @@ def test_nsa_attention_backends_agree_on_packed_documents(dtype):
         dim**-0.5,
     )
     chosen = triton_kernels.select_blocks(inputs[0], inputs[1], lse, layout, pattern, dim**-0.5)
-    same_blocks = reference.Primitives(reference.interval_attention, reference.block_attention, lambda *_: chosen)
+    same_blocks = composition.Primitives(reference.interval_attention, reference.block_attention, lambda *_: chosen)
     out_ref, grads_ref = reference_grads(
-        lambda *x: reference.nsa_attention_varlen(*x, layout, pattern, dim**-0.5, same_blocks), inputs, grad_out
+        lambda *x: composition.nsa_attention_varlen(*x, layout, pattern, dim**-0.5, same_blocks), inputs, grad_out
     )
     assert_close_rel(fast, out_ref, dtype, "o")
     for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
@@ -174,7 +175,7 @@ def test_block_selection_matches_reference(blocks, dtype):
     heads_q, heads_kv, dim = (12, 2, 64) if CUDA else (4, 2, 16)
     q = torch.randn(sum(lengths), heads_q, dim, device=DEVICE, dtype=dtype)
     k_cmp = torch.randn(cmp_blocks.token_starts.numel(), heads_kv, dim, device=DEVICE, dtype=dtype)
-    _, lse = reference.compressed_attention_varlen(q.float(), k_cmp.float(), k_cmp.float(), layout, pattern, dim**-0.5)
+    _, lse = composition.compressed_attention_varlen(q.float(), k_cmp.float(), k_cmp.float(), layout, pattern, dim**-0.5)
     expected = reference.select_blocks_varlen(q.float(), k_cmp.float(), lse, layout, pattern, dim**-0.5).sort(-1).values
     chosen = triton_kernels.select_blocks(q, k_cmp, lse, layout, pattern, dim**-0.5).sort(-1).values
     differing = (chosen != expected).any(-1).float().mean().item()
@@ -610,7 +611,7 @@ def test_documents_shorter_than_a_compressed_block_have_an_empty_store():
     grad_out = torch.randn_like(fast)
     grads = torch.autograd.grad(fast, inputs, grad_out)
     out_ref, grads_ref = reference_grads(
-        lambda *x: reference.nsa_attention_varlen(*x, layout, pattern, dim**-0.5), inputs, grad_out
+        lambda *x: composition.nsa_attention_varlen(*x, layout, pattern, dim**-0.5), inputs, grad_out
     )
     assert_close_rel(fast, out_ref, dtype, "o")
     for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):

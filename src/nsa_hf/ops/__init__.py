@@ -1,8 +1,8 @@
 """NSA attention operators.
 
-`reference` holds the pure-PyTorch oracle (any device); fast backends compute the same functions.
-Layout: q [B, T, HQ, D], k/v [B, T, H, D] (the layout of other NSA libraries), or flat varlen tensors
-with a `QueryLayout` for the `*_varlen` entry points.
+`functional` is the public API in the batch layout of other NSA libraries (q [B, T, HQ, D], k/v [B, T, H, D]),
+each function with `backend=`; `composition` composes a backend's primitives into NSA on flat varlen tensors with a
+`QueryLayout`; `reference` holds the pure-PyTorch primitives (the oracle, any device); `backends` chooses them.
 """
 
 from .compression import compress_blocks, gather_blocks, mean_compress
@@ -16,7 +16,7 @@ from .layout import (
     cu_seqlens_from_seq_idx,
     num_compressed_blocks,
 )
-from .reference import (
+from .functional import (
     compressed_attention,
     nsa_attention,
     select_blocks,

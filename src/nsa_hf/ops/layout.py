@@ -27,10 +27,12 @@ __all__ = [
     "cu_seqlens_from_batch",
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
+    "compressed_intervals",
     "cu_seqlens_from_seq_idx",
     "host_to_device",
     "memoized",
     "num_compressed_blocks",
+    "window_intervals",
 ]
 
 
@@ -221,3 +223,15 @@ class QueryLayout:
             documents=documents,
         )
         return layout, blocks
+
+
+def compressed_intervals(layout: QueryLayout, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+    """Each query's compressed blocks [lo, hi) in the compressed store: its document's complete blocks."""
+    counts = num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride)
+    return layout.cmp_offsets, layout.cmp_offsets + counts
+
+
+def window_intervals(layout: QueryLayout, window_size: int) -> tuple[Tensor, Tensor]:
+    """Each query's window [lo, hi) in the window store: its document's last `window_size` tokens up to itself."""
+    lo = layout.window_offsets + (layout.positions - window_size + 1).clamp(min=0)
+    return lo, layout.window_offsets + layout.positions + 1
