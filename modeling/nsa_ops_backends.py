@@ -24,8 +24,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .nsa_ops_layout import QueryLayout, SparsePattern
 from .nsa_ops_composition import REFERENCE, Primitives, nsa_attention_varlen
+from .nsa_ops_layout import QueryLayout, SparsePattern
 
 logger = logging.getLogger(__name__)
 

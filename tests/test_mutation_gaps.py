@@ -13,7 +13,6 @@ from nsa_hf import NsaCache
 from .factories import make_model, tiny_config
 
 
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 

@@ -6,6 +6,13 @@ each function with `backend=`; `composition` composes a backend's primitives int
 """
 
 from .compression import compress_blocks, gather_blocks, mean_compress
+from .functional import (
+    compressed_attention,
+    nsa_attention,
+    select_blocks,
+    selection_attention,
+    sliding_window_attention,
+)
 from .layout import (
     CompressionBlocks,
     QueryLayout,
@@ -15,13 +22,6 @@ from .layout import (
     cu_seqlens_from_position_ids,
     cu_seqlens_from_seq_idx,
     num_compressed_blocks,
-)
-from .functional import (
-    compressed_attention,
-    nsa_attention,
-    select_blocks,
-    selection_attention,
-    sliding_window_attention,
 )
 
 __all__ = [

@@ -23,8 +23,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .layout import QueryLayout, SparsePattern
 from .composition import REFERENCE, Primitives, nsa_attention_varlen
+from .layout import QueryLayout, SparsePattern
 
 logger = logging.getLogger(__name__)
 
