@@ -22,7 +22,7 @@ import torch
 import triton
 from torch.nn.attention.varlen import varlen_attn
 
-from nsa_hf.ops import triton_kernels
+from nsa_hf.ops import triton as triton_ops
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
 from nsa_hf.ops.layout import window_intervals
@@ -93,18 +93,18 @@ def measure(shape: str, length: int, backward: bool) -> dict:
     counts = num_compressed_blocks(layout.positions + 1, 32, 16)
     lo, hi = layout.cmp_offsets, layout.cmp_offsets + counts
     with torch.no_grad():
-        _, lse = triton_kernels.interval_attention(q, k_cmp, v_cmp, lo, hi, scale)
-        idx = triton_kernels.select_blocks(q, k_cmp, lse, layout, PATTERN, scale)
-        row["select_ms"] = bench(lambda: triton_kernels.select_blocks(q, k_cmp, lse, layout, PATTERN, scale))
+        _, lse = triton_ops.interval_attention(q, k_cmp, v_cmp, lo, hi, scale)
+        idx = triton_ops.select_blocks(q, k_cmp, lse, layout, PATTERN, scale)
+        row["select_ms"] = bench(lambda: triton_ops.select_blocks(q, k_cmp, lse, layout, PATTERN, scale))
     starts = torch.where(idx >= 0, idx.long() * 64, -1)
     # The interval calls keep their query tiles in a memo, as the model's layers share them within a pass: the
     # parts then time the kernels and their wrappers, not tiling that a model pass does once for all its layers.
     cmp_memo, win_memo = {}, {}
-    row["cmp_ms"] = run(lambda *x: triton_kernels.interval_attention(*x, lo, hi, scale, memo=cmp_memo, documents=layout.documents),
+    row["cmp_ms"] = run(lambda *x: triton_ops.interval_attention(*x, lo, hi, scale, memo=cmp_memo, documents=layout.documents),
                         q, k_cmp, v_cmp)
-    row["slc_ms"] = run(lambda *x: triton_kernels.block_attention(*x, starts, 64, layout.positions + 1, scale), q, k_slc, v_slc)
+    row["slc_ms"] = run(lambda *x: triton_ops.block_attention(*x, starts, 64, layout.positions + 1, scale), q, k_slc, v_slc)
     win_lo, win_hi = window_intervals(layout, PATTERN.window_size)
-    row["win_ms"] = run(lambda *x: triton_kernels.interval_attention(*x, win_lo, win_hi, scale, memo=win_memo,
+    row["win_ms"] = run(lambda *x: triton_ops.interval_attention(*x, win_lo, win_hi, scale, memo=win_memo,
                                                                      documents=layout.documents)[0], q, k_win, v_win)
     k, v = rand(length, heads_kv, dim), rand(length, heads_kv, dim)
     row["dense_ms"] = run(lambda *x: dense(*x, cu, length), q, k, v)

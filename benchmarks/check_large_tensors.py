@@ -42,8 +42,10 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nsa_hf import NsaConfig, NsaForCausalLM
-from nsa_hf.ops import triton_kernels, triton_pointwise
+from nsa_hf.ops import triton as triton_ops
 from nsa_hf.ops.layout import QueryLayout, SparsePattern
+from nsa_hf.ops.triton import block as triton_block
+from nsa_hf.ops.triton import common as triton_common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +226,7 @@ def check_cross_entropy(env: Env) -> dict:
     labels = torch.randint(0, scale.ce_vocab, (scale.ce_rows,), device=env.device, generator=generator)
     labels[::7] = -100
     grad_out = torch.rand(scale.ce_rows, device=env.device, generator=generator)
-    forward_s, losses = timed(env, lambda: triton_pointwise.cross_entropy(logits, labels))
+    forward_s, losses = timed(env, lambda: triton_ops.cross_entropy(logits, labels))
     backward_s, (d_logits,) = timed(env, lambda: torch.autograd.grad(losses, logits, grad_out))
     peak = peak_gib(env)
     logits, losses = logits.detach(), losses.detach()
@@ -275,10 +277,10 @@ def check_rms_norm(env: Env) -> dict:
     rows = rows_past_limit(env.scale.limit, width)
     x = randn(env, rows, width, grad=True)
     weight = (1 + torch.randn(width, device=env.device) / 4).to(env.dtype)
-    result = check_on_slices(env, lambda x: triton_pointwise.rms_norm(x, weight, 1e-6), [x], rows)
+    result = check_on_slices(env, lambda x: triton_ops.rms_norm(x, weight, 1e-6), [x], rows)
     # The weight's gradient sums every row: against fp32 sums over chunks of rows, from the same rounded x_hat.
     weight = leaf(weight)
-    out = triton_pointwise.rms_norm(x.detach(), weight, 1e-6)
+    out = triton_ops.rms_norm(x.detach(), weight, 1e-6)
     grad_out = torch.randn_like(out)
     (d_weight,) = torch.autograd.grad(out, weight, grad_out)
     expected = torch.zeros(width, device=env.device)
@@ -302,7 +304,7 @@ def check_rotary(env: Env) -> dict:
 
     def rotate(stacked: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         xs = tuple(stacked[:, a:b].unflatten(-1, (-1, dim)) for a, b in zip(bounds, bounds[1:]))
-        return torch.cat([out.flatten(1) for out in triton_pointwise.apply_rotary(xs, cos, sin)], dim=1)
+        return torch.cat([out.flatten(1) for out in triton_ops.apply_rotary(xs, cos, sin)], dim=1)
 
     return check_on_slices(env, rotate, [stacked, cos, sin], rows)
 
@@ -311,7 +313,7 @@ def check_silu_mul(env: Env) -> dict:
     width = env.scale.shape["intermediate_size"]
     rows = rows_past_limit(env.scale.limit, 2 * width)
     gate_up = randn(env, rows, 2 * width, grad=True)
-    return check_on_slices(env, lambda x: triton_pointwise.silu_mul(x, width), [gate_up], rows)
+    return check_on_slices(env, lambda x: triton_ops.silu_mul(x, width), [gate_up], rows)
 
 
 def check_gate(env: Env) -> dict:
@@ -319,7 +321,7 @@ def check_gate(env: Env) -> dict:
     rows = rows_past_limit(env.scale.limit, heads * dim)
     inputs = [randn(env, rows, heads, dim, grad=True) for _ in range(3)]
     inputs.append(torch.rand(rows, heads, 3, device=env.device, dtype=env.dtype, requires_grad=True))
-    return check_on_slices(env, triton_pointwise.gate_branches, inputs, rows)
+    return check_on_slices(env, triton_ops.gate_branches, inputs, rows)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -385,14 +387,14 @@ def check_interval(env: Env, store: Store) -> dict:
     scale = env.scale.dim**-0.5
     lo, hi = window(store, env.scale.pattern.window_size)
     q, k, v = leaf(store.q), leaf(store.k), leaf(store.v)
-    seconds, (o, lse) = timed(env, lambda: triton_kernels.interval_attention(q, k, v, lo, hi, scale,
+    seconds, (o, lse) = timed(env, lambda: triton_ops.interval_attention(q, k, v, lo, hi, scale,
                                                                              documents=store.layout.documents))
     grad_out = torch.randn_like(o)
     backward_s, grads = timed(env, lambda: attention_grads(o, (q, k, v), grad_out))
     comparisons = {}
     for a, b in edge_slices(q.shape[0], env.scale.doc):
         qs, ks, vs = leaf(store.q[a:b]), leaf(store.k[a:b]), leaf(store.v[a:b])
-        o_s, lse_s = triton_kernels.interval_attention(qs, ks, vs, lo[a:b] - a, hi[a:b] - a, scale,
+        o_s, lse_s = triton_ops.interval_attention(qs, ks, vs, lo[a:b] - a, hi[a:b] - a, scale,
                                                        documents=(0, b - a))
         grads_s = attention_grads(o_s, (qs, ks, vs), grad_out[a:b])
         compare_doc(comparisons, f"[{a}:{b}]", (o, *grads), (o_s, *grads_s), slice(a, b))
@@ -409,7 +411,7 @@ def check_block(env: Env, store: Store) -> dict:
 
     def attend(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, hi: Tensor) -> Tensor:
         block = pattern.select_block_size
-        return triton_kernels.block_attention(q, k, v, starts, block, hi, scale, block_centric=False)
+        return triton_ops.block_attention(q, k, v, starts, block, hi, scale, block_centric=False)
 
     seconds, o = timed(env, lambda: attend(q, k, v, store.starts, hi))
     grad_out = torch.randn_like(o)
@@ -420,9 +422,9 @@ def check_block(env: Env, store: Store) -> dict:
         o_s = attend(qs, ks, vs, local_starts(store.starts[a:b], a), hi[a:b] - a)
         compare_doc(comparisons, f"[{a}:{b}]", (o, *grads), (o_s, *attention_grads(o_s, (qs, ks, vs), grad_out[a:b])),
                     slice(a, b))
-    per_query = triton_kernels._gathered_per_query(q.shape[1], k.shape[1], q.shape[2], v.shape[2],
-                                                   store.starts.shape[2], False)
-    chunks = len(triton_kernels._row_chunks(q.shape[0], per_query))
+    per_query = triton_block._gathered_per_query(q.shape[1], k.shape[1], q.shape[2], v.shape[2],
+                                                 store.starts.shape[2], False)
+    chunks = len(triton_common._row_chunks(q.shape[0], per_query))
     return verdict(comparisons) | {"forward_s": seconds, "backward_s": backward_s, "query_chunks": chunks}
 
 
@@ -436,7 +438,7 @@ def check_block_centric(env: Env, store: Store) -> dict:
 
     def attend(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, hi: Tensor) -> Tensor:
         block = pattern.select_block_size
-        return triton_kernels.block_attention(q, k, v, starts, block, hi, scale, block_centric=True)
+        return triton_ops.block_attention(q, k, v, starts, block, hi, scale, block_centric=True)
 
     o = attend(q, k, v, store.starts[a:b], hi[a:b])
     grad_out = torch.randn_like(o)
@@ -459,12 +461,12 @@ def check_selection(env: Env, store: Store) -> dict:
     lse = torch.zeros(store.q.shape[:2], device=env.device)  # any finite lse: selection is compared, not scored
     layout = dataclasses.replace(store.layout, cmp_offsets=store.layout.key_offsets, memo={})
     with torch.no_grad():
-        seconds, chosen = timed(env, lambda: triton_kernels.select_blocks(store.q, store.k, lse, layout, pattern,
+        seconds, chosen = timed(env, lambda: triton_ops.select_blocks(store.q, store.k, lse, layout, pattern,
                                                                             scale))
         alone, _ = QueryLayout.from_cu_seqlens(torch.tensor([0, b - a]), pattern.compress_block_size,
                                                pattern.compress_stride, device=env.device)
         alone = dataclasses.replace(alone, cmp_offsets=alone.key_offsets, memo={})
-        chosen_s = triton_kernels.select_blocks(store.q[a:b], store.k[a:b], lse[a:b], alone, pattern, scale)
+        chosen_s = triton_ops.select_blocks(store.q[a:b], store.k[a:b], lse[a:b], alone, pattern, scale)
     equal = torch.equal(chosen[a:b], chosen_s)
     return {"ok": equal, "seconds": seconds, "last_document_equal": equal}
 
@@ -485,10 +487,10 @@ def check_decoding(env: Env, store: Store) -> dict:
                            window_offsets=offsets, run_length=1)
 
     def step(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, starts: Tensor, offsets: Tensor) -> tuple:
-        o_win, _ = triton_kernels.interval_attention(q, k, v, lo, hi, scale, run_length=1, num_splits=8)
-        o_slc = triton_kernels.block_attention(q, k, v, starts, pattern.select_block_size, hi, scale, num_splits=8)
+        o_win, _ = triton_ops.interval_attention(q, k, v, lo, hi, scale, run_length=1, num_splits=8)
+        o_slc = triton_ops.block_attention(q, k, v, starts, pattern.select_block_size, hi, scale, num_splits=8)
         lse = torch.zeros(q.shape[:2], device=q.device)
-        chosen = triton_kernels.select_blocks(q, k, lse, layout(offsets), pattern, scale, num_splits=8)
+        chosen = triton_ops.select_blocks(q, k, lse, layout(offsets), pattern, scale, num_splits=8)
         return o_win, o_slc, chosen
 
     a, b = store.last
@@ -577,7 +579,7 @@ def main() -> None:
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     env = Env(SMOKE if args.smoke else FULL, device, dtype)
     if args.smoke:
-        triton_kernels._LAUNCH_ELEMENTS = env.scale.limit
+        triton_common._LAUNCH_ELEMENTS = env.scale.limit
     results: dict[str, dict] = {}
     print(f"{'check':28s} {'':4s} {'wall s':>7s} {'peak GiB':>7s}  details", flush=True)
     if "prefill" in args.parts:
@@ -590,7 +592,7 @@ def main() -> None:
     record = {
         "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "triton": triton.__version__, "transformers": transformers.__version__, "commit": commit_id(),
-        "smoke": args.smoke, "launch_elements": triton_kernels._LAUNCH_ELEMENTS, "scale": dataclasses.asdict(env.scale),
+        "smoke": args.smoke, "launch_elements": triton_common._LAUNCH_ELEMENTS, "scale": dataclasses.asdict(env.scale),
         "all_ok": all(r["ok"] for r in results.values()), "checks": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -63,37 +63,33 @@ def triton_available() -> bool:
 
 
 def _triton_primitives() -> Primitives:
-    from .nsa_ops_triton_kernels import (
-        block_attention as triton_kernels_block_attention,
-        interval_attention as triton_kernels_interval_attention,
-        select_blocks as triton_kernels_select_blocks,
-    )
-    from .nsa_ops_triton_pointwise import (
-        apply_rotary as triton_pointwise_apply_rotary,
-        cross_entropy as triton_pointwise_cross_entropy,
-        gate_branches as triton_pointwise_gate_branches,
-        rms_norm as triton_pointwise_rms_norm,
-        silu_mul as triton_pointwise_silu_mul,
+    from .nsa_ops_triton import (
+        apply_rotary as triton_apply_rotary,
+        block_attention as triton_block_attention,
+        cross_entropy as triton_cross_entropy,
+        gate_branches as triton_gate_branches,
+        interval_attention as triton_interval_attention,
+        rms_norm as triton_rms_norm,
+        select_blocks as triton_select_blocks,
+        silu_mul as triton_silu_mul,
     )  # lazy: the package imports without Triton
 
-    return Primitives(
-        triton_kernels_interval_attention, triton_kernels_block_attention, triton_kernels_select_blocks,
-        gate=triton_pointwise_gate_branches,
-    )
+    return Primitives(triton_interval_attention, triton_block_attention, triton_select_blocks, gate=triton_gate_branches)
 
 
 def _triton_pointwise() -> PointwiseKernels:
-    from .nsa_ops_triton_pointwise import (
-        apply_rotary as triton_pointwise_apply_rotary,
-        cross_entropy as triton_pointwise_cross_entropy,
-        gate_branches as triton_pointwise_gate_branches,
-        rms_norm as triton_pointwise_rms_norm,
-        silu_mul as triton_pointwise_silu_mul,
+    from .nsa_ops_triton import (
+        apply_rotary as triton_apply_rotary,
+        block_attention as triton_block_attention,
+        cross_entropy as triton_cross_entropy,
+        gate_branches as triton_gate_branches,
+        interval_attention as triton_interval_attention,
+        rms_norm as triton_rms_norm,
+        select_blocks as triton_select_blocks,
+        silu_mul as triton_silu_mul,
     )
 
-    return PointwiseKernels(
-        triton_pointwise_apply_rotary, triton_pointwise_silu_mul, triton_pointwise_rms_norm, triton_pointwise_cross_entropy
-    )
+    return PointwiseKernels(triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy)
 
 
 def _require_triton(setting: str) -> None:

@@ -7,7 +7,7 @@ slices of a stacked projection (slower kernels); each kernel below reads its inp
 computing in fp32. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself.
 
 Offsets inside a launch are int32, so each wrapper runs tensors past 2**31 elements (SwiGLU's gate/up of
-a long batch) in launches over chunks of rows (`triton_kernels._row_chunks`); the cross entropy, whose
+a long batch) in launches over chunks of rows (`common._row_chunks`); the cross entropy, whose
 single rows are long, addresses each row from an int64 base instead.
 """
 
@@ -21,7 +21,7 @@ except ImportError:
     raise
 from torch import Tensor
 
-from .nsa_ops_triton_kernels import _multiprocessors, _row_chunks
+from .nsa_ops_triton_common import _multiprocessors, _row_chunks
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 

@@ -47,7 +47,8 @@ def test_modeling_folder_matches_the_package(tmp_path):
 
 def test_remote_code_is_flat_and_needs_only_torch_and_transformers(tmp_path):
     paths = {path.name: path for path in write_remote_code(tmp_path)}
-    assert {"configuration_nsa.py", "modeling_nsa.py", "nsa_ops_triton_kernels.py"} <= set(paths)
+    kernels = {"nsa_ops_triton.py", "nsa_ops_triton_common.py", "nsa_ops_triton_interval.py"}
+    assert {"configuration_nsa.py", "modeling_nsa.py", *kernels} <= set(paths)
     for name, path in paths.items():
         text = path.read_text(encoding="utf-8")
         assert text.startswith(HEADER)
@@ -62,7 +63,7 @@ def test_remote_code_is_flat_and_needs_only_torch_and_transformers(tmp_path):
         # What transformers' check_imports demands on the loading machine (it skips try blocks).
         third_party = set(get_imports(path)) - set(sys.stdlib_module_names)
         assert third_party <= REQUIRED_PACKAGES, f"{name} needs {sorted(third_party - REQUIRED_PACKAGES)}"
-    text = paths["nsa_ops_triton_kernels.py"].read_text(encoding="utf-8")
+    text = paths["nsa_ops_triton_interval.py"].read_text(encoding="utf-8")
     assert "try:" in text and "    import triton\n" in text  # guarded, not dropped
     # transformers copies the files it can reach through `from .x import`: all of them, kernels included.
     roots = {f"{reference.split('.')[0]}.py" for reference in AUTO_MAP.values()}

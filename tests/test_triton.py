@@ -16,14 +16,15 @@ triton = pytest.importorskip("triton")
 
 from nsa_hf import NsaCache
 from nsa_hf.modeling_nsa import apply_rotary
-from nsa_hf.ops import (
-    composition,
-    reference,
-    triton_kernels,
-    triton_pointwise,
-)
+from nsa_hf.ops import composition, reference
+from nsa_hf.ops import triton as triton_ops
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
+from nsa_hf.ops.triton import block as triton_block
+from nsa_hf.ops.triton import common as triton_common
+from nsa_hf.ops.triton import interval as triton_interval
+from nsa_hf.ops.triton import pointwise as triton_pointwise
+from nsa_hf.ops.triton import select as triton_select
 
 from .factories import make_model, tiny_config
 
@@ -86,7 +87,7 @@ def test_interval_attention_matches_reference(heads_q, heads_kv, dim, dtype):
             hi, num_keys = layout.key_offsets + layout.positions + 1, total
         k = torch.randn(num_keys, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
         v = torch.randn(num_keys, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)
-        o, lse = triton_kernels.interval_attention(q, k, v, lo, hi, dim**-0.5, documents=documents)
+        o, lse = triton_interval.interval_attention(q, k, v, lo, hi, dim**-0.5, documents=documents)
         grad_out = torch.randn_like(o)
         grads = torch.autograd.grad(o, (q, k, v), grad_out)
         o_ref, grads_ref = reference_grads(lambda *x: reference.interval_attention(*x, lo, hi, dim**-0.5), (q, k, v), grad_out)
@@ -108,9 +109,9 @@ def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_
     in atomics (small pieces on CPU, so that every block's list is cut); its dq parts are summed from
     per-slot partials, or (no budget for partials, run with the query-centric forward) by atomics."""
     if not CUDA:
-        monkeypatch.setattr(triton_kernels, "_PIECE", 7)
+        monkeypatch.setattr(triton_block, "_PIECE", 7)
     if not block_centric:
-        monkeypatch.setattr(triton_kernels, "_PARTIALS_BUDGET", 0)
+        monkeypatch.setattr(triton_block, "_PARTIALS_BUDGET", 0)
     torch.manual_seed(heads_q * 5 + dim)
     block = 64 if CUDA else 16
     num_q, slots = (1500, 16) if CUDA else (60, 3)
@@ -121,7 +122,7 @@ def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_
     blocks = torch.rand(num_q, heads_kv, slots, device=DEVICE).argsort(-1)  # distinct blocks per (query, head)
     current = ((hi - 1) // block)[:, None, None]
     starts = torch.where((blocks <= current) & (torch.rand_like(blocks.float()) > 0.1), blocks * block, -1)
-    o = triton_kernels.block_attention(q, k, v, starts, block, hi, dim**-0.5, block_centric=block_centric)
+    o = triton_block.block_attention(q, k, v, starts, block, hi, dim**-0.5, block_centric=block_centric)
     grad_out = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), grad_out)
     o_ref, grads_ref = reference_grads(lambda *x: reference.block_attention(*x, starts, block, hi, dim**-0.5), (q, k, v), grad_out)
@@ -150,12 +151,12 @@ def test_nsa_attention_backends_agree_on_packed_documents(dtype):
     grads = torch.autograd.grad(fast, inputs, grad_out)
     # The reference reads the blocks the Triton path selected: selection itself is checked on its own below,
     # where a near-tie may legitimately resolve differently at low precision.
-    _, lse = triton_kernels.interval_attention(
+    _, lse = triton_interval.interval_attention(
         inputs[0], inputs[1], inputs[2], layout.cmp_offsets,
         layout.cmp_offsets + num_compressed_blocks(layout.positions + 1, pattern.compress_block_size, pattern.compress_stride),
         dim**-0.5,
     )
-    chosen = triton_kernels.select_blocks(inputs[0], inputs[1], lse, layout, pattern, dim**-0.5)
+    chosen = triton_select.select_blocks(inputs[0], inputs[1], lse, layout, pattern, dim**-0.5)
     same_blocks = composition.Primitives(reference.interval_attention, reference.block_attention, lambda *_: chosen)
     out_ref, grads_ref = reference_grads(
         lambda *x: composition.nsa_attention_varlen(*x, layout, pattern, dim**-0.5, same_blocks), inputs, grad_out
@@ -177,7 +178,7 @@ def test_block_selection_matches_reference(blocks, dtype):
     k_cmp = torch.randn(cmp_blocks.token_starts.numel(), heads_kv, dim, device=DEVICE, dtype=dtype)
     _, lse = composition.compressed_attention_varlen(q.float(), k_cmp.float(), k_cmp.float(), layout, pattern, dim**-0.5)
     expected = reference.select_blocks_varlen(q.float(), k_cmp.float(), lse, layout, pattern, dim**-0.5).sort(-1).values
-    chosen = triton_kernels.select_blocks(q, k_cmp, lse, layout, pattern, dim**-0.5).sort(-1).values
+    chosen = triton_select.select_blocks(q, k_cmp, lse, layout, pattern, dim**-0.5).sort(-1).values
     differing = (chosen != expected).any(-1).float().mean().item()
     # Exact in fp32; at bf16/fp16 a near-tie between two blocks may resolve either way.
     assert differing <= (0.0 if dtype == torch.float32 else 0.02), f"{differing:.2%} of rows select other blocks"
@@ -407,7 +408,7 @@ def test_query_key_and_value_head_dims_may_differ():
         ("interval", lambda impl, *x: impl.interval_attention(*x, lo, hi, 0.1)[0]),
         ("block", lambda impl, *x: impl.block_attention(*x, starts, 16, hi, 0.1)),
     ):
-        out = fn(triton_kernels, q, k, v)
+        out = fn(triton_ops, q, k, v)
         assert out.shape == (total, 8, dim_v)
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -441,16 +442,16 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
     starts = torch.where(chosen_ref >= 0, layout.key_offsets[:, None, None] + chosen_ref * pattern.select_block_size, -1)
     key_hi = layout.key_offsets + layout.positions + 1
     block_ref = reference.block_attention(q.float(), k.float(), v.float(), starts, pattern.select_block_size, key_hi, dim**-0.5)
-    unsplit = triton_kernels.select_blocks(q, k_cmp, lse_ref, layout, pattern, dim**-0.5, num_splits=1)
+    unsplit = triton_select.select_blocks(q, k_cmp, lse_ref, layout, pattern, dim**-0.5, num_splits=1)
     if not CUDA:  # exact in fp32; at low precision a near-tie may differ (checked in the selection test above)
         assert torch.equal(unsplit.sort(-1).values, chosen_ref.sort(-1).values)
     for splits in (1, 3) if not CUDA else (1, 2, 7, 32):
-        o, lse = triton_kernels.interval_attention(q, k_cmp, v_cmp, lo, hi, dim**-0.5, 1, num_splits=splits)
+        o, lse = triton_interval.interval_attention(q, k_cmp, v_cmp, lo, hi, dim**-0.5, 1, num_splits=splits)
         assert_close_rel(o, o_ref, dtype, f"interval o, {splits} splits")
         assert_close_rel(lse, lse_ref, dtype, f"interval lse, {splits} splits")
-        block = triton_kernels.block_attention(q, k, v, starts, pattern.select_block_size, key_hi, dim**-0.5, num_splits=splits)
+        block = triton_block.block_attention(q, k, v, starts, pattern.select_block_size, key_hi, dim**-0.5, num_splits=splits)
         assert_close_rel(block, block_ref, dtype, f"block o, {splits} splits")
-        chosen = triton_kernels.select_blocks(q, k_cmp, lse_ref, layout, pattern, dim**-0.5, num_splits=splits)
+        chosen = triton_select.select_blocks(q, k_cmp, lse_ref, layout, pattern, dim**-0.5, num_splits=splits)
         assert torch.equal(chosen.sort(-1).values, unsplit.sort(-1).values), f"selection, {splits} splits"
 
 
@@ -469,9 +470,10 @@ def test_layers_sharing_a_layout_build_its_index_work_once(monkeypatch):
     inputs.append(torch.rand(total, 4, 3, device=DEVICE, dtype=dtype))
     inputs = [x.requires_grad_() for x in inputs]
     builds = []
-    for name in ("_query_tiles", "_document_tiles", "_key_readers"):
-        original = getattr(triton_kernels, name)
-        monkeypatch.setattr(triton_kernels, name, lambda *a, _f=original, _n=name, **kw: builds.append(_n) or _f(*a, **kw))
+    for module, name in ((triton_interval, "_query_tiles"), (triton_select, "_document_tiles"),
+                         (triton_interval, "_key_readers")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: builds.append(_n) or _f(*a, **kw))
     attention = resolve_backend("triton", torch.device(DEVICE))
     outputs, built = [], []
     for _ in range(2):  # two layers over one layout
@@ -519,7 +521,7 @@ def _chunking_case(name: str):
         lo = layout.key_offsets + (layout.positions - 15).clamp(min=0)
         hi = layout.key_offsets + layout.positions + 1
         return ([rand(52, 4, 16), rand(52, 2, 16), rand(52, 2, 16)],
-                lambda *x: triton_kernels.interval_attention(*x, lo, hi, 0.25, num_splits=3)[0],
+                lambda *x: triton_interval.interval_attention(*x, lo, hi, 0.25, num_splits=3)[0],
                 lambda *x: reference.interval_attention(*x, lo, hi, 0.25)[0], 1000)
     # Block attention: queries in chunks, each a pass of its own; both forward strategies.
     hi = torch.arange(1, 41, device=DEVICE)
@@ -527,20 +529,21 @@ def _chunking_case(name: str):
     starts = torch.where(blocks <= ((hi - 1) // 16)[:, None, None], blocks * 16, -1)
     block_centric = name == "block-centric"
     return ([rand(40, 4, 16), rand(40, 2, 16), rand(40, 2, 16)],
-            lambda *x: triton_kernels.block_attention(*x, starts, 16, hi, 0.25, block_centric=block_centric),
+            lambda *x: triton_block.block_attention(*x, starts, 16, hi, 0.25, block_centric=block_centric),
             lambda *x: reference.block_attention(*x, starts, 16, hi, 0.25), 1000)
 
 
 def _count_chunks(monkeypatch) -> list[int]:
-    """Spies on `_row_chunks` (in both kernel modules): how many launches each call cut."""
-    counts, original = [], triton_kernels._row_chunks
+    """Spies on `_row_chunks` wherever a kernel family looks it up (the split merge and delta in `common`, block
+    attention, the pointwise ops): how many launches each call cut."""
+    counts, original = [], triton_common._row_chunks
 
     def counting(*args):
         chunks = original(*args)
         counts.append(len(chunks))
         return chunks
 
-    for module in (triton_kernels, triton_pointwise):
+    for module in (triton_common, triton_block, triton_pointwise):
         monkeypatch.setattr(module, "_row_chunks", counting)
     return counts
 
@@ -563,7 +566,7 @@ def test_launches_cut_below_the_int32_limit_equal_one_launch(name, monkeypatch):
     inputs, fn, ref, limit = _chunking_case(name)
     out, grads, grad_out = _output_and_grads(fn, inputs)
     chunk_counts = _count_chunks(monkeypatch)
-    monkeypatch.setattr(triton_kernels, "_LAUNCH_ELEMENTS", limit)
+    monkeypatch.setattr(triton_common, "_LAUNCH_ELEMENTS", limit)
     out_chunked, grads_chunked, _ = _output_and_grads(fn, inputs, grad_out)
     assert max(chunk_counts) > 1
     upcast = [x.detach().float().requires_grad_(x.requires_grad) for x in inputs]
@@ -587,7 +590,7 @@ def test_launches_cut_below_the_int32_limit_equal_one_launch(name, monkeypatch):
 def test_a_store_past_int32_sort_keys_is_refused_by_name():
     """Block attention sorts (key head, key) pairs as int32, a limit past any GPU's memory: named, not wrapped."""
     with pytest.raises(ValueError, match="got 2 key heads x 1073741824 keys"):
-        triton_kernels._queries_per_block(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEVICE), 2**30, 7)
+        triton_block._queries_per_block(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEVICE), 2**30, 7)
 
 
 def test_documents_shorter_than_a_compressed_block_have_an_empty_store():

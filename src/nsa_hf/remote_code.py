@@ -6,7 +6,8 @@ invisible to it), and it refuses to load a file whose top-level imports are not 
 in a try block. So the files are generated from the package, deterministically:
 
 - the modules that `configuration_nsa` and `modeling_nsa` import, recursively, become sibling files
-  (`nsa_hf.ops.layout` -> `nsa_ops_layout.py`; top-level modules keep their names, which `auto_map` uses);
+  (`nsa_hf.ops.layout` -> `nsa_ops_layout.py`, a subpackage's `__init__` `nsa_hf.ops.triton` -> `nsa_ops_triton.py`;
+  top-level modules keep their names, which `auto_map` uses);
 - their imports become flat relative imports; `from . import module` becomes an import of the names used
   (`module.name` -> `module_name`), which transformers can follow;
 - optional third-party imports (triton) are wrapped in try blocks that re-raise, so nothing
@@ -52,8 +53,14 @@ def _flat_name(module: str) -> str:
 
 
 def _source_file(module: str) -> importlib.resources.abc.Traversable:
+    """The module's file: `name.py`, or a subpackage's `name/__init__.py`."""
     *packages, name = module.split(".")[1:]
-    return importlib.resources.files(PACKAGE).joinpath(*packages, f"{name}.py")
+    file = importlib.resources.files(PACKAGE).joinpath(*packages, f"{name}.py")
+    return file if file.is_file() else importlib.resources.files(PACKAGE).joinpath(*packages, name, "__init__.py")
+
+
+def _is_package(module: str) -> bool:
+    return _source_file(module).name == "__init__.py"
 
 
 def _is_module(module: str) -> bool:
@@ -104,7 +111,8 @@ def _resolve(module: str, node: ast.ImportFrom) -> str | None:
     if node.level == 0:
         name = node.module or ""
         return name if name == PACKAGE or name.startswith(f"{PACKAGE}.") else None
-    base = module.split(".")[: -node.level]
+    parts = module.split(".")
+    base = parts[: len(parts) - node.level + _is_package(module)]  # a package's `.` is the package itself
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -189,7 +197,7 @@ def _rewrite(source: str, module: str) -> tuple[str, list[str]]:
             raise ValueError(f"{module} line {node.lineno}: use `from ... import`, not `import {PACKAGE}...`.")
         if not isinstance(node, ast.ImportFrom) or (target := _resolve(module, node)) is None:
             continue
-        if _is_module(target):
+        if node.module and _is_module(target):  # `from .x import name`; `from . import x` imports modules
             dependencies.append(target)
             start = offsets[node.lineno] + node.col_offset
             end = FROM_CLAUSE.match(data, start).end()

@@ -62,20 +62,15 @@ def triton_available() -> bool:
 
 
 def _triton_primitives() -> Primitives:
-    from . import triton_kernels, triton_pointwise  # lazy: the package imports without Triton
+    from . import triton  # lazy: the package imports without Triton
 
-    return Primitives(
-        triton_kernels.interval_attention, triton_kernels.block_attention, triton_kernels.select_blocks,
-        gate=triton_pointwise.gate_branches,
-    )
+    return Primitives(triton.interval_attention, triton.block_attention, triton.select_blocks, gate=triton.gate_branches)
 
 
 def _triton_pointwise() -> PointwiseKernels:
-    from . import triton_pointwise
+    from . import triton
 
-    return PointwiseKernels(
-        triton_pointwise.apply_rotary, triton_pointwise.silu_mul, triton_pointwise.rms_norm, triton_pointwise.cross_entropy
-    )
+    return PointwiseKernels(triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy)
 
 
 def _require_triton(setting: str) -> None:

@@ -6,7 +6,7 @@ slices of a stacked projection (slower kernels); each kernel below reads its inp
 computing in fp32. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself.
 
 Offsets inside a launch are int32, so each wrapper runs tensors past 2**31 elements (SwiGLU's gate/up of
-a long batch) in launches over chunks of rows (`triton_kernels._row_chunks`); the cross entropy, whose
+a long batch) in launches over chunks of rows (`common._row_chunks`); the cross entropy, whose
 single rows are long, addresses each row from an int64 base instead.
 """
 
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_kernels import _multiprocessors, _row_chunks
+from .common import _multiprocessors, _row_chunks
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
