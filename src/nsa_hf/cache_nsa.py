@@ -90,9 +90,11 @@ class NsaCacheLayer(CacheLayerMixin):
         self.separate_window = separate_window
         self.max_rollback = max_rollback
         self.seq_len = 0
-        self.window_keys: Tensor | None = None  # [B, <= 2 * (w - 1 + max_rollback) + T, H, D], the last tokens
+        # The last tokens; between steps at most twice what is kept (w - 1 or l - 1, plus max_rollback): `append`
+        # drops the rest before it adds a step, `stores` after a long step has been read.
+        self.window_keys: Tensor | None = None  # [B, <= 2 * (w - 1 + max_rollback), H, D]
         self.window_values: Tensor | None = None
-        self.raw_cmp_keys: Tensor | None = None  # [B, <= 2 * (l - 1 + max_rollback) + T, H, D], un-rotated
+        self.raw_cmp_keys: Tensor | None = None  # [B, <= 2 * (l - 1 + max_rollback), H, D], un-rotated
         self.raw_cmp_values: Tensor | None = None
         self.cmp_keys: Tensor | None = None  # [B, capacity, H, D]; row b's valid entries derive from its length
         self.cmp_values: Tensor | None = None
