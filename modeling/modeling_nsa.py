@@ -31,14 +31,8 @@ from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .nsa_ops_backends import NsaBackend, PointwiseKernels, resolve_backend, resolve_pointwise
 from .nsa_ops_compression import block_tokens, take_blocks
-from .nsa_ops_layout import (
-    QueryLayout,
-    cu_seqlens_from_batch,
-    cu_seqlens_from_left_padding,
-    cu_seqlens_from_position_ids,
-    cu_seqlens_from_seq_idx,
-    num_compressed_blocks,
-)
+from .nsa_ops_layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks
+from .nsa_ops_library import document_layout
 
 logger = logging.get_logger(__name__)
 
@@ -255,6 +249,7 @@ class NsaForwardPlan:
     attention: NsaBackend  # the attention backend of `NsaConfig.nsa_backend` on this device, resolved once per pass
     pointwise: PointwiseKernels | None  # the fused kernels of `NsaConfig.fused_kernels`, or None for PyTorch ops
     layout: QueryLayout  # full pass: over the B * T tokens; cached step: its queries over the cache's stores
+    ranges: BranchRanges  # each branch's key ranges for the layout's queries
     block_tokens: Tensor | None  # flat index of each block's tokens [..., l] in the sequence / compression buffer
     block_cos: Tensor | None  # RoPE at each block's last token [..., D]
     block_sin: Tensor | None
@@ -346,7 +341,7 @@ class NsaAttention(nn.Module):
             # need it); projections and RoPE already give it, so this only catches what does not.
             dtype = torch.get_autocast_dtype(q.device.type)
             inputs = tuple(t.to(dtype) for t in inputs)
-        out = plan.attention(*inputs, plan.layout, self.pattern, self.scaling)
+        out = plan.attention(*inputs, plan.layout, self.pattern, self.scaling, ranges=plan.ranges)
         return self.o_proj(out.reshape(batch, seq_len, -1)), None
 
 
@@ -398,13 +393,23 @@ def _rope_dtype(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return cos.to(dtype), sin.to(dtype)
 
 
-def _leading_padding(attention_mask: Tensor) -> Tensor:
-    """Per row, the number of leading padding tokens; rejects masks with holes inside the document."""
+_HOLES_MESSAGE = "`attention_mask` may pad on the left or the right, but not between real tokens."
+
+
+def _padding_and_holes(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the number of leading padding tokens; and whether any row has holes inside its document (a bool
+    tensor: checking it needs the host)."""
     mask = attention_mask.bool()
     starts = (mask.long().cumsum(-1) == 0).sum(-1)
     ends = mask.shape[1] - mask.flip(-1).long().cumsum(-1).eq(0).sum(-1)  # one past the last real token
-    if bool((mask.sum(-1) != (ends - starts).clamp(min=0)).any()):
-        raise ValueError("`attention_mask` may pad on the left or the right, but not between real tokens.")
+    return starts, (mask.sum(-1) != (ends - starts).clamp(min=0)).any()
+
+
+def _leading_padding(attention_mask: Tensor) -> Tensor:
+    """Per row, the number of leading padding tokens; rejects masks with holes inside the document."""
+    starts, holes = _padding_and_holes(attention_mask)
+    if bool(holes):
+        raise ValueError(_HOLES_MESSAGE)
     return starts
 
 
@@ -442,19 +447,23 @@ def _check_attention_mask(attention_mask: Tensor, input_shape: torch.Size, past:
         )
 
 
-# Index building (here and in `NsaModel._plan`) syncs with the host and has data-dependent shapes: under
-# torch.compile it would only add small graphs that recompile with every new layout, so dynamo skips it.
-@torch.compiler.disable
-def _packed_boundaries(position_ids: Tensor | None, batch: int, seq_idx: Tensor | None = None) -> Tensor | None:
-    """Document boundaries over the flattened [B, T] tokens of packed rows: every row start, and wherever
-    `position_ids` restart at 0 inside a row (DataCollatorWithFlattening) or, without such position_ids, wherever
-    `seq_idx` (each token's document index, `return_seq_idx=True`) changes. None when no row is packed."""
-    if position_ids is not None and position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] == 0).any()):
-        return cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
-    if seq_idx is not None and seq_idx.shape[-1] > 1 and bool((seq_idx[..., 1:] != seq_idx[..., :-1]).any()):
+def _document_starts(position_ids: Tensor | None, batch: int, seq_idx: Tensor | None = None) -> Tensor | None:
+    """Where packed documents start in the [B, T] rows: wherever `position_ids` restart at 0 inside a row
+    (DataCollatorWithFlattening) or, without such position_ids, wherever `seq_idx` (each token's document index,
+    `return_seq_idx=True`) changes; each row starts one too. None when no row is packed; under torch.compile, which
+    cannot branch on tensor values without a host sync, the starts whenever position_ids or seq_idx come."""
+    compiling = torch.compiler.is_compiling()
+    if position_ids is not None and position_ids.shape[-1] > 1:
+        starts = position_ids.expand(batch, -1) == 0
+        if compiling or bool(starts[:, 1:].any()):
+            return starts
+    if seq_idx is not None and seq_idx.shape[-1] > 1:
         # Without position_ids (`return_position_ids=False`) seq_idx is the only sign of packing: ignoring it
         # would let every document attend to the ones before it.
-        return cu_seqlens_from_seq_idx(seq_idx.expand(batch, -1))
+        seq_idx = seq_idx.expand(batch, -1)
+        starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
+        if compiling or bool(starts.any()):
+            return starts
     return None
 
 
@@ -479,13 +488,13 @@ class NsaModel(NsaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    @torch.compiler.disable  # host-side index building, see `_packed_boundaries`
     def _plan(
         self,
         hidden_states: Tensor,
         attention_mask: Tensor | None,
         cache: NsaCache | None,
         cu_seqlens: Tensor | None,
+        doc_starts: Tensor | None,
         attention: NsaBackend,
         pointwise: PointwiseKernels | None,
     ) -> NsaForwardPlan:
@@ -495,18 +504,24 @@ class NsaModel(NsaPreTrainedModel):
         if cache is not None:
             return self._step_plan(hidden_states, attention_mask, cache, kernels)
 
-        # Packed boundaries cover the flattened batch; from_cu_seqlens checks they end at its B * T tokens.
-        if cu_seqlens is None and attention_mask is not None:
-            cu_seqlens = cu_seqlens_from_left_padding(_leading_padding(attention_mask).to(device), seq_len)
-        elif cu_seqlens is None:
-            cu_seqlens = cu_seqlens_from_batch(batch, seq_len)  # on the host: the layout then needs no host sync
-        layout, blocks = QueryLayout.from_cu_seqlens(
-            cu_seqlens, self.config.compress_block_size, self.config.compress_stride, batch * seq_len, device=device
-        )
+        l, d, num_tokens = self.config.compress_block_size, self.config.compress_stride, batch * seq_len
+        if cu_seqlens is None and doc_starts is None and attention_mask is None:
+            layout, blocks = QueryLayout.for_batch(batch, seq_len, l, d, device)
+        elif cu_seqlens is not None:  # from_cu_seqlens checks they end at the B * T tokens
+            layout, blocks = document_layout(num_tokens, l, d, cu_seqlens=cu_seqlens)
+        elif doc_starts is not None:
+            layout, blocks = document_layout(num_tokens, l, d, doc_starts=doc_starts)
+        else:  # left padding: each row is a padding document, then its real one
+            padding, holes = _padding_and_holes(attention_mask.to(device))
+            tokens = torch.arange(seq_len, device=device)
+            starts = (tokens == 0) | (tokens == padding[:, None])
+            layout, blocks = document_layout(num_tokens, l, d, doc_starts=starts, invalid=holes, invalid_message=_HOLES_MESSAGE)
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
-        tokens = block_tokens(blocks.token_starts, self.config.compress_block_size, batch * seq_len)
-        return NsaForwardPlan(cos, sin, **kernels, layout=layout, block_tokens=tokens, block_cos=block_cos[0], block_sin=block_sin[0])
+        return NsaForwardPlan(
+            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, sparse_pattern(self.config)),
+            block_tokens=block_tokens(blocks.token_starts, l, num_tokens), block_cos=block_cos[0], block_sin=block_sin[0],
+        )
 
     def _step_plan(self, hidden_states: Tensor, attention_mask: Tensor | None, cache: NsaCache, kernels: dict) -> NsaForwardPlan:
         """A cached step's plan, once for every layer: where its queries read in the stores after the step, and the
@@ -536,7 +551,10 @@ class NsaModel(NsaPreTrainedModel):
             window_offsets=window_offsets.repeat_interleave(num_new),
             run_length=num_new,
         )
-        plan = NsaForwardPlan(cos, sin, **kernels, layout=layout, block_tokens=None, block_cos=None, block_sin=None, geometry=geometry)
+        plan = NsaForwardPlan(
+            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, sparse_pattern(self.config)),
+            block_tokens=None, block_cos=None, block_sin=None, geometry=geometry,
+        )
         if geometry.num_new_blocks:
             # Slot = block index in the row's document; slots past a row's completed count get a meaningless
             # block, masked by the layout and overwritten when that block completes.
@@ -584,9 +602,10 @@ class NsaModel(NsaPreTrainedModel):
             # generate(use_cache=False, cache=...) would feed the whole sequence every step into a cache that already
             # holds it, and decode from a history with every token repeated.
             raise ValueError("`use_cache=False` was passed together with a cache: drop the cache, or pass use_cache=True.")
+        doc_starts = None
         if cu_seq_lens_q is None and attention_mask is None and cache is None:
-            cu_seq_lens_q = _packed_boundaries(position_ids, inputs_embeds.shape[0], seq_idx)
-        packed = cu_seq_lens_q is not None
+            doc_starts = _document_starts(position_ids, inputs_embeds.shape[0], seq_idx)
+        packed = cu_seq_lens_q is not None or doc_starts is not None
         if packed and (use_cache or cache is not None):
             raise ValueError("packed sequences (`cu_seq_lens_q` or restarting `position_ids`) cannot use a cache.")
         if use_cache is None:  # a cache only pays off when decoding: not in training, not for packed rows
@@ -609,7 +628,7 @@ class NsaModel(NsaPreTrainedModel):
         # The kernels of this pass, looked up once for every layer (resolved once per setting and device type).
         attention = resolve_backend(self.config.nsa_backend, hidden_states.device)
         pointwise = resolve_pointwise(self.config.fused_kernels, hidden_states.device)
-        plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q, attention, pointwise)
+        plan = self._plan(hidden_states, attention_mask, cache, cu_seq_lens_q, doc_starts, attention, pointwise)
         all_hidden_states = () if output_hidden_states else None
         for decoder_layer in self.layers:
             if output_hidden_states:

@@ -1,8 +1,9 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
 """The NSA attention backends and the fused pointwise kernels: a small registry, resolved once per setting.
 
-An attention backend is a set of `Primitives` (interval attention, block attention, block scoring, the gate
-mix); `composition.nsa_attention_varlen` composes them into NSA's function with this signature:
+An attention backend is a set of kernels (interval attention, block attention, block selection, forward and
+backward, and the gate mix) that the custom ops of `library` run when called with its name;
+`composition.nsa_attention_varlen` composes them into NSA's function with this signature:
 (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale) -> o. Index building, the top-n
 rule and the gates are shared code, so no backend can drift from the reference's math there.
 
@@ -24,8 +25,13 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .nsa_ops_library import (
+    Kernels as library_Kernels,
+    kernels_from_primitives as library_kernels_from_primitives,
+    register_kernels as library_register_kernels,
+)
 from .nsa_ops_composition import REFERENCE, Primitives, nsa_attention_varlen
-from .nsa_ops_layout import QueryLayout, SparsePattern
+from .nsa_ops_layout import BranchRanges, QueryLayout, SparsePattern
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,7 @@ __all__ = [
     "FUSED_KERNEL_CHOICES",
     "NsaBackend",
     "PointwiseKernels",
+    "backend_gate",
     "backend_names",
     "register_backend",
     "resolve_backend",
@@ -46,7 +53,7 @@ FUSED_KERNEL_CHOICES = ("auto", "triton", "none")
 class NsaBackend(Protocol):
     def __call__(
         self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor,
-        gates: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
+        gates: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float, ranges: BranchRanges | None = None,
     ) -> Tensor: ...
 
 
@@ -62,30 +69,34 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_primitives() -> Primitives:
+def _triton_backend() -> tuple[library_Kernels, Callable[..., Tensor]]:
     from .nsa_ops_triton import (
+        KERNELS as triton_KERNELS,
         apply_rotary as triton_apply_rotary,
-        block_attention as triton_block_attention,
         cross_entropy as triton_cross_entropy,
         gate_branches as triton_gate_branches,
-        interval_attention as triton_interval_attention,
         rms_norm as triton_rms_norm,
-        select_blocks as triton_select_blocks,
         silu_mul as triton_silu_mul,
     )  # lazy: the package imports without Triton
 
-    return Primitives(triton_interval_attention, triton_block_attention, triton_select_blocks, gate=triton_gate_branches)
+    return triton_KERNELS, triton_gate_branches
+
+
+def _from_primitives(factory: Callable[[], Primitives]) -> Callable[[], tuple[library_Kernels, Callable[..., Tensor]]]:
+    def build() -> tuple[library_Kernels, Callable[..., Tensor]]:
+        primitives = factory()
+        return library_kernels_from_primitives(primitives.interval, primitives.block, primitives.select), primitives.gate
+
+    return build
 
 
 def _triton_pointwise() -> PointwiseKernels:
     from .nsa_ops_triton import (
+        KERNELS as triton_KERNELS,
         apply_rotary as triton_apply_rotary,
-        block_attention as triton_block_attention,
         cross_entropy as triton_cross_entropy,
         gate_branches as triton_gate_branches,
-        interval_attention as triton_interval_attention,
         rms_norm as triton_rms_norm,
-        select_blocks as triton_select_blocks,
         silu_mul as triton_silu_mul,
     )
 
@@ -97,22 +108,25 @@ def _require_triton(setting: str) -> None:
         raise ValueError(f"`{setting}='triton'` needs the `triton` package (`pip install triton`).")
 
 
-# name -> a factory of the backend's primitives (called once, on first use) and a check that it can run.
-_BACKENDS: dict[str, tuple[Callable[[], Primitives], Callable[[str], None]]] = {
-    "reference": (lambda: REFERENCE, lambda setting: None),
-    "triton": (_triton_primitives, _require_triton),
+_Factory = Callable[[], tuple[library_Kernels, Callable[..., Tensor]]]
+# name -> a factory of the backend's kernels and gate mix (called once, on first use) and a check that it can run.
+_BACKENDS: dict[str, tuple[_Factory, Callable[[str], None]]] = {
+    "reference": (_from_primitives(lambda: REFERENCE), lambda setting: None),
+    "triton": (_triton_backend, _require_triton),
 }
 
 
 def register_backend(name: str, primitives: Callable[[], Primitives]) -> None:
     """Make `NsaConfig(nsa_backend=name)` run NSA on `primitives()` (called once, on first use).
 
-    The primitives must compute `composition.REFERENCE`'s functions; the tests of `tests/test_triton.py` show how
-    a backend is held to the reference. "auto" never picks a registered backend: name it.
+    The primitives are differentiable functions that compute `composition.REFERENCE`'s; the custom ops run them
+    without autograd and get their gradients by recomputation (`library.kernels_from_primitives`). The tests of
+    `tests/test_triton.py` show how a backend is held to the reference. "auto" never picks a registered backend:
+    name it.
     """
     if name == "auto" or name in _BACKENDS:
         raise ValueError(f"an NSA backend named {name!r} exists already.")
-    _BACKENDS[name] = (primitives, lambda setting: None)
+    _BACKENDS[name] = (_from_primitives(primitives), lambda setting: None)
 
 
 def backend_names() -> tuple[str, ...]:
@@ -125,16 +139,17 @@ def _auto(device_type: str) -> str:
 
 
 # Plain dicts, not functools.cache: dynamo reads them without tracing a cache.
-_RESOLVED_PRIMITIVES: dict[tuple[str, str], Primitives] = {}
+_RESOLVED_NAMES: dict[tuple[str, str], str] = {}
+_GATES: dict[str, Callable[..., Tensor]] = {}
 _RESOLVED_ATTENTION: dict[tuple[str, str], NsaBackend] = {}
 _RESOLVED_POINTWISE: dict[tuple[str, str], PointwiseKernels | None] = {}
 
 
-def resolve_primitives(name: str, device: torch.device, setting: str = "nsa_backend") -> Primitives:
-    """The primitives of the attention backend `name` on `device` ("auto": Triton on CUDA when installed);
-    `setting` is the argument errors name."""
+def resolve_primitives(name: str, device: torch.device, setting: str = "nsa_backend") -> str:
+    """The registered backend that `name` runs on `device` ("auto": Triton on CUDA when installed), its kernels
+    registered with the custom ops (`library`) on first use; `setting` is the argument errors name."""
     key = (name, device.type)
-    if key not in _RESOLVED_PRIMITIVES:
+    if key not in _RESOLVED_NAMES:
         if name not in backend_names():
             raise ValueError(f"`{setting}` must be one of {backend_names()}, got {name!r}.")
         chosen = _auto(device.type) if name == "auto" else name
@@ -142,17 +157,25 @@ def resolve_primitives(name: str, device: torch.device, setting: str = "nsa_back
         check(setting)
         if name == "auto":
             logger.info("%s='auto' runs the %r backend on %s.", setting, chosen, device.type)
-        _RESOLVED_PRIMITIVES[key] = factory()
-    return _RESOLVED_PRIMITIVES[key]
+        if chosen not in _GATES:
+            kernels, _GATES[chosen] = factory()
+            library_register_kernels(chosen, kernels)
+        _RESOLVED_NAMES[key] = chosen
+    return _RESOLVED_NAMES[key]
+
+
+def backend_gate(chosen: str) -> Callable[..., Tensor]:
+    """The gate mix of a resolved backend (`resolve_primitives`'s result)."""
+    return _GATES[chosen]
 
 
 def resolve_backend(name: str, device: torch.device) -> NsaBackend:
-    """The attention backend for `name` on `device`, as one opaque call to torch.compile (its index building is
-    data dependent and its Triton kernels launch from custom autograd Functions)."""
+    """NSA attention for `name` on `device`: the composition over the backend's custom ops, which torch.compile
+    traces (each primitive one op in its graph)."""
     key = (name, device.type)
     if key not in _RESOLVED_ATTENTION:
-        primitives = resolve_primitives(name, device)
-        _RESOLVED_ATTENTION[key] = torch.compiler.disable(functools.partial(nsa_attention_varlen, primitives=primitives))
+        chosen = resolve_primitives(name, device)
+        _RESOLVED_ATTENTION[key] = functools.partial(nsa_attention_varlen, backend=chosen, gate=_GATES[chosen])
     return _RESOLVED_ATTENTION[key]
 
 

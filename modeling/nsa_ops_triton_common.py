@@ -24,7 +24,7 @@ except ImportError:
     raise
 from torch import Tensor
 
-from .nsa_ops_layout import host_to_device
+from .nsa_ops_layout import host_documents, host_to_device
 
 
 def _pow2(x: int, minimum: int = 16) -> int:
@@ -261,10 +261,24 @@ def _split_runs(run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int 
     return first, torch.minimum(run_len[run] - index * piece, torch.full_like(first, piece))
 
 
+Documents = Tensor | tuple[int, ...] | None  # a full pass's host document boundaries (`QueryLayout.documents`)
+
+
+def _boundaries(documents: Tensor | tuple[int, ...]) -> tuple[int, ...]:
+    return host_documents(documents) if isinstance(documents, Tensor) else tuple(dict.fromkeys(documents))
+
+
+def document_pieces(documents: Tensor | tuple[int, ...], tile: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """Tiles of at most `tile` consecutive queries cut from host document boundaries: (first, length, count),
+    built once per boundaries, tile and device (the layers of a pass, and the passes of a training run with one
+    shape, share them)."""
+    return _document_pieces(_boundaries(documents), tile, device)
+
+
+@functools.lru_cache(maxsize=64)
 def _document_pieces(documents: tuple[int, ...], tile: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """Tiles of at most `tile` consecutive queries cut from host document boundaries: (first, length, count).
-    The count comes from the host copy, the tiles from the GPU (small CPU tensor ops cost a millisecond
-    each on a busy host, measured on the H200 machine)."""
+    # The count comes from the host copy, the tiles from the GPU (small CPU tensor ops cost a millisecond
+    # each on a busy host, measured on the H200 machine).
     count = sum(-(-(end - start) // tile) for start, end in pairwise(documents))
     bounds = host_to_device(torch.tensor(documents), device)
     first, length = _split_runs(bounds[:-1], bounds.diff(), tile, num_pieces=count)

@@ -1,9 +1,10 @@
-"""NSA's composition: the three branches and the gates, over one backend's primitives.
+"""NSA's composition: the three branches and the gates, over one backend's kernels.
 
 `nsa_attention_varlen` is the function every backend computes: the compressed branch, block selection from its
-attention probabilities, the selection branch over the chosen blocks, the sliding window, and the gate mix. A
-backend only swaps the primitives (`Primitives`); the index building (`QueryLayout`, the intervals) and the
-top-n rule are shared, so no backend can drift from the reference there.
+attention probabilities, the selection branch over the chosen blocks, the sliding window, and the gate mix. The
+branches call the custom ops of `library` with the backend's name, so torch.compile traces this composition and
+sees each primitive as one op; index building (`QueryLayout`, `BranchRanges`) and the top-n rule are shared, so no
+backend can drift from the reference there.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from .layout import QueryLayout, SparsePattern, compressed_intervals, memoized, window_intervals
+from . import library
+from .layout import BranchRanges, QueryLayout, SparsePattern, branch_ranges, window_intervals
 from .reference import _check_gqa, block_attention, gate_branches, interval_attention, select_blocks_varlen
 
 __all__ = [
@@ -27,50 +30,51 @@ __all__ = [
 
 
 class Primitives(NamedTuple):
-    """What a backend provides; index building and the top-n rule are shared code."""
+    """A backend as differentiable functions with the reference's signatures (`backends.register_backend`)."""
 
-    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length, memo=, documents=) -> (o, lse)
+    interval: Callable[..., tuple[Tensor, Tensor]]  # (q, k, v, lo, hi, scale, run_length=None) -> (o, lse)
     block: Callable[..., Tensor]  # (q, k, v, block_starts, block_size, hi, scale) -> o
     select: Callable[..., Tensor]  # (q, k_cmp, lse, layout, pattern, scale) -> block indices [Nq, H, n]
     gate: Callable[..., Tensor] = gate_branches  # (o_cmp, o_slc, o_win, gates) -> o
 
 
 REFERENCE = Primitives(interval_attention, block_attention, select_blocks_varlen)
+# The oracle needs no resolving: the functions here default to it.
+library.register_kernels("reference", library.kernels_from_primitives(*REFERENCE[:3]))
 
 
 def compressed_attention_varlen(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
-    primitives: Primitives = REFERENCE,
+    backend: str = "reference", ranges: BranchRanges | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
     _check_gqa(q, k_cmp, "k_cmp")
-    lo, hi = memoized(
-        layout.memo, ("compressed_intervals", pattern.compress_block_size, pattern.compress_stride),
-        lambda: compressed_intervals(layout, pattern),
-    )
-    return primitives.interval(
-        q, k_cmp, v_cmp, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("compressed", {}), documents=layout.documents
+    ranges = ranges or branch_ranges(layout, pattern)
+    return library.interval_attention(
+        q, k_cmp, v_cmp, ranges.cmp_lo, ranges.cmp_hi, scale, backend=backend, run_length=layout.run_length,
+        documents=layout.documents,
     )
 
 
 def selection_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, layout: QueryLayout, block_size: int, scale: float,
-    primitives: Primitives = REFERENCE,
+    backend: str = "reference", key_ends: Tensor | None = None,
 ) -> Tensor:
     """Selection branch on flat tensors; block_indices [Nq, H, n] are relative to each query's document."""
     starts = (block_indices * block_size + layout.key_offsets[:, None, None]).masked_fill_(block_indices < 0, -1)
-    key_ends = memoized(layout.memo, "key_ends", lambda: layout.key_offsets + layout.positions + 1)
-    return primitives.block(q, k, v, starts, block_size, key_ends, scale)
+    key_ends = layout.key_offsets + layout.positions + 1 if key_ends is None else key_ends
+    return library.block_attention(q, k, v, starts, block_size, key_ends, scale, backend=backend)
 
 
 def sliding_window_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, window_size: int, scale: float,
-    primitives: Primitives = REFERENCE,
+    backend: str = "reference", ranges: BranchRanges | None = None,
 ) -> Tensor:
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
-    lo, hi = memoized(layout.memo, ("window_intervals", window_size), lambda: window_intervals(layout, window_size))
-    return primitives.interval(
-        q, k, v, lo, hi, scale, layout.run_length, memo=layout.memo.setdefault("window", {}), documents=layout.documents
+    lo, hi = window_intervals(layout, window_size) if ranges is None else (ranges.win_lo, ranges.win_hi)
+    return library.interval_attention(
+        q, k, v, lo, hi, scale, backend=backend, run_length=layout.run_length,
+        documents=layout.documents,
     )[0]
 
 
@@ -86,11 +90,20 @@ def nsa_attention_varlen(
     layout: QueryLayout,
     pattern: SparsePattern,
     scale: float,
-    primitives: Primitives = REFERENCE,
+    backend: str = "reference",
+    ranges: BranchRanges | None = None,
+    gate: Callable[..., Tensor] = gate_branches,
 ) -> Tensor:
-    """All three branches and the gates on flat tensors. gates [Nq, HQ, 3] (cmp, slc, win), already in (0, 1)."""
-    o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, primitives)
-    block_indices = primitives.select(q, k_cmp, lse, layout, pattern, scale)
-    o_slc = selection_attention_varlen(q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale, primitives)
-    o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale, primitives)
-    return primitives.gate(o_cmp, o_slc, o_win, gates)
+    """All three branches and the gates on flat tensors. gates [Nq, HQ, 3] (cmp, slc, win), already in (0, 1).
+    `ranges`: the pass's `BranchRanges` when its layers share them; `gate`: the backend's gate mix (PyTorch's under
+    torch.compile, which fuses it)."""
+    ranges = ranges or branch_ranges(layout, pattern)
+    o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, backend, ranges)
+    block_indices = library.select_blocks(q, k_cmp, lse, layout, pattern, scale, backend=backend)
+    o_slc = selection_attention_varlen(
+        q, k_slc, v_slc, block_indices, layout, pattern.select_block_size, scale, backend, ranges.key_ends
+    )
+    o_win = sliding_window_attention_varlen(q, k_win, v_win, layout, pattern.window_size, scale, backend, ranges)
+    if torch.compiler.is_compiling():
+        gate = gate_branches
+    return gate(o_cmp, o_slc, o_win, gates)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .backends import resolve_primitives
+from . import library
+from .backends import backend_gate, resolve_primitives
 from .composition import (
     compressed_attention_varlen,
     nsa_attention_varlen,
@@ -94,8 +95,8 @@ def compressed_attention(
     layout, num_blocks = _batch_layout(q, pattern, cu_seqlens)
     _check_cmp(k_cmp, num_blocks, q.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    primitives = resolve_primitives(backend, q.device, "backend")
-    o, lse = compressed_attention_varlen(q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _flat(v_cmp), layout, pattern, scale, primitives)
+    backend = resolve_primitives(backend, q.device, "backend")
+    o, lse = compressed_attention_varlen(q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _flat(v_cmp), layout, pattern, scale, backend)
     return o.view(*q.shape[:3], -1), lse.view(*q.shape[:3])
 
 
@@ -127,8 +128,10 @@ def select_blocks(
     if lse.shape != q.shape[:3]:
         raise ValueError(f"`lse` must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    select = resolve_primitives(backend, q.device, "backend").select
-    indices = select(q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _acc(lse.reshape(-1, q.shape[2])), layout, pattern, scale)
+    backend = resolve_primitives(backend, q.device, "backend")
+    indices = library.select_blocks(
+        q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _acc(lse.reshape(-1, q.shape[2])), layout, pattern, scale, backend=backend
+    )
     return indices.view(q.shape[0], q.shape[1], k_cmp.shape[2], -1)
 
 
@@ -182,8 +185,8 @@ def sliding_window_attention(
     pattern = SparsePattern(window_size=window_size)
     layout, _ = _batch_layout(q, pattern, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    primitives = resolve_primitives(backend, q.device, "backend")
-    o = sliding_window_attention_varlen(q.reshape(-1, *q.shape[2:]), _flat(k), _flat(v), layout, window_size, scale, primitives)
+    backend = resolve_primitives(backend, q.device, "backend")
+    o = sliding_window_attention_varlen(q.reshape(-1, *q.shape[2:]), _flat(k), _flat(v), layout, window_size, scale, backend)
     return o.view(*q.shape[:3], -1)
 
 
@@ -222,6 +225,7 @@ def nsa_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o = nsa_attention_varlen(
         q.reshape(-1, *q.shape[2:]), _flat(k_cmp), _flat(v_cmp), _flat(k_slc), _flat(v_slc), _flat(k_win), _flat(v_win),
-        gates.reshape(-1, *gates.shape[2:]), layout, pattern, scale, resolve_primitives(backend, q.device, "backend"),
+        gates.reshape(-1, *gates.shape[2:]), layout, pattern, scale, backend := resolve_primitives(backend, q.device, "backend"),
+        gate=backend_gate(backend),
     )
     return o.view(*q.shape[:3], -1)

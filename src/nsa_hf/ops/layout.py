@@ -9,18 +9,16 @@ incremental decoding (stores = the cache), without any per-case code in the kern
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
-from typing import TypeVar
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-T = TypeVar("T")
-
 __all__ = [
     "PAPER",
+    "BranchRanges",
     "CompressionBlocks",
     "QueryLayout",
     "SparsePattern",
@@ -29,8 +27,8 @@ __all__ = [
     "cu_seqlens_from_position_ids",
     "compressed_intervals",
     "cu_seqlens_from_seq_idx",
+    "host_documents",
     "host_to_device",
-    "memoized",
     "num_compressed_blocks",
     "window_intervals",
 ]
@@ -74,15 +72,6 @@ class SparsePattern:
 
 
 PAPER = SparsePattern()  # NSA's published geometry (arXiv 2502.11089, section 4)
-
-
-def memoized(memo: dict | None, key: object, build: Callable[[], T]) -> T:
-    """build(), kept in `memo` under `key` when there is a memo (`QueryLayout.memo` or a dict within it)."""
-    if memo is None:
-        return build()
-    if key not in memo:
-        memo[key] = build()
-    return memo[key]
 
 
 def host_to_device(values: Tensor, device: torch.device) -> Tensor:
@@ -161,7 +150,6 @@ class CompressionBlocks:
 
     token_starts: Tensor  # [N_cmp] flat index of each block's first token
     positions: Tensor  # [N_cmp] position of each block's last token in its document (where its RoPE is taken)
-    cu_blocks: Tensor  # [num_docs + 1] boundaries of each document's blocks
     count: int  # N_cmp, known on the host
 
 
@@ -179,13 +167,32 @@ class QueryLayout:
     cmp_offsets: Tensor  # [Nq] int64
     window_offsets: Tensor  # [Nq] int64
     run_length: int | None = None  # decoding: each row contributes this many consecutive queries (a tiling hint)
-    # Full pass: the document boundaries (cu_seqlens, no empty documents) on the host, so that the sizes
-    # backends derive from them (query tiles, the longest document) need no host sync. A tiling hint too.
-    documents: tuple[int, ...] | None = None
-    # Index work that backends derive from the layout alone (query tiles, document bounds), kept here so that
-    # the layers of one forward pass share it instead of each rebuilding it (and, for layouts without
-    # `documents`, paying its host sync). Keyed by the backend.
-    memo: dict = field(default_factory=dict, compare=False, repr=False)
+    # Full pass: the document boundaries (cu_seqlens) as an int64 tensor on the host, so that the sizes backends
+    # derive from them (query tiles, the longest document) need no host sync; a tiling hint too. Repeated
+    # boundaries (empty documents) may follow: `host_documents` drops them.
+    documents: Tensor | None = None
+
+    @classmethod
+    def for_batch(
+        cls, batch: int, seq_len: int, block_size: int, stride: int, device: torch.device | str | None = None,
+    ) -> tuple[QueryLayout, CompressionBlocks]:
+        """Layout of `batch` independent rows of `seq_len` tokens: index arithmetic on sizes the host knows, so it
+        needs no host sync and torch.compile traces it with static shapes."""
+        per_row = num_compressed_blocks(seq_len, block_size, stride)
+        tokens = torch.arange(batch * seq_len, device=device)
+        row = tokens // seq_len
+        slots = torch.arange(batch * per_row, device=device)
+        block_row, block_index = slots // max(per_row, 1), slots % max(per_row, 1)
+        blocks = CompressionBlocks(
+            token_starts=block_row * seq_len + block_index * stride,
+            positions=block_index * stride + block_size - 1,
+            count=batch * per_row,
+        )
+        layout = cls(
+            positions=tokens - row * seq_len, key_offsets=row * seq_len, cmp_offsets=row * per_row,
+            window_offsets=row * seq_len, documents=torch.arange(batch + 1) * seq_len,
+        )
+        return layout, blocks
 
     @classmethod
     def from_cu_seqlens(
@@ -215,14 +222,36 @@ class QueryLayout:
         blocks = CompressionBlocks(
             token_starts=cu[block_doc] + block_index * stride,
             positions=block_index * stride + block_size - 1,
-            cu_blocks=cu_blocks,
             count=num_blocks,
         )
         layout = cls(
             positions=positions, key_offsets=key_offsets, cmp_offsets=cu_blocks[doc], window_offsets=key_offsets,
-            documents=documents,
+            documents=torch.tensor(documents, dtype=torch.long),
         )
         return layout, blocks
+
+
+def host_documents(documents: Tensor) -> tuple[int, ...]:
+    """A layout's host document boundaries as a tuple, repeated boundaries (empty documents) dropped."""
+    return tuple(dict.fromkeys(documents.tolist()))
+
+
+class BranchRanges(NamedTuple):
+    """Where each query of a pass reads, per branch: built once per pass (`branch_ranges`), shared by its layers."""
+
+    cmp_lo: Tensor  # [Nq] the compressed blocks [cmp_lo, cmp_hi) of the query's document that it sees
+    cmp_hi: Tensor
+    win_lo: Tensor  # [Nq] the window [win_lo, win_hi) in the window store
+    win_hi: Tensor
+    key_ends: Tensor  # [Nq] one past the query's own token in the raw key store (selection reads below it)
+
+
+def branch_ranges(layout: QueryLayout, pattern: SparsePattern) -> BranchRanges:
+    """Every branch's key ranges for the queries of `layout`."""
+    return BranchRanges(
+        *compressed_intervals(layout, pattern), *window_intervals(layout, pattern.window_size),
+        layout.key_offsets + layout.positions + 1,
+    )
 
 
 def compressed_intervals(layout: QueryLayout, pattern: SparsePattern) -> tuple[Tensor, Tensor]:

@@ -6,12 +6,17 @@ Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.bac
 without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
 """
 
-from .block import block_attention
-from .interval import interval_attention
+from ..library import Kernels
+from .block import block_attention, block_backward, block_forward
+from .interval import interval_attention, interval_backward, interval_forward
 from .pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .select import select_blocks
 
+# What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
+KERNELS = Kernels(interval_forward, interval_backward, block_forward, block_backward, select_blocks)
+
 __all__ = [
+    "KERNELS",
     "apply_rotary",
     "block_attention",
     "cross_entropy",

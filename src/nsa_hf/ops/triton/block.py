@@ -40,7 +40,7 @@ from .common import (
     _tuning_configs,
 )
 
-__all__ = ["block_attention"]
+__all__ = ["block_attention", "block_backward", "block_forward"]
 
 
 @triton.jit
@@ -348,92 +348,155 @@ def _use_block_centric(num_q: int, heads_q: int, slots: int, dim_v: int, dtype: 
     return num_splits is None and num_q >= 256 and _partials_fit(slots, num_q, heads_q, dim_v, dtype)
 
 
+def _block_forward_pass(
+    q: Tensor, k: Tensor, v: Tensor, starts: Tensor, block_size: int, hi: Tensor, scale: float, num_splits: int | None,
+    block_centric: bool,
+) -> tuple[Tensor, Tensor]:
+    """(o, lse) of one launch's queries (fewer than `_LAUNCH_ELEMENTS` gathered elements)."""
+    num_q, heads_q, dim = q.shape
+    num_k, heads_kv, dim_v = v.shape
+    groups = heads_q // heads_kv
+    slots = starts.shape[-1]
+    meta = _block_meta(groups, block_size, dim, dim_v)
+    if block_centric and num_q:
+        pieces = _queries_per_block(starts, num_k, piece=_PIECE)
+        o = torch.empty(slots, num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
+        lse = torch.full((slots, num_q, heads_q), float("-inf"), device=q.device, dtype=torch.float32)
+        _block_fwd_by_block_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
+            q, k, v, hi, *pieces, o, lse,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), heads_kv, slots, num_k, scale,
+            DV=dim_v, **_block_centric_tile(groups), **meta,
+        )
+    else:
+        splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
+        per_split = triton.cdiv(slots, splits)
+        splits = triton.cdiv(slots, per_split)
+        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
+        if num_q:
+            _block_fwd_kernel[(num_q, heads_kv, splits)](
+                q, k, v, starts, hi, o, lse,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
+                G_PAD=_pow2(groups), NUM_SLOTS=slots, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
+            )
+    return _combine_splits(o, lse, q.dtype)
+
+
+def _block_backward_pass(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, starts: Tensor, block_size: int, hi: Tensor,
+    scale: float, dk: Tensor, dv: Tensor,
+) -> Tensor:
+    """dq of one launch's queries; their dk and dv are added into the fp32 `dk` and `dv`."""
+    num_q, heads_q, dim = q.shape
+    num_k, heads_kv, dim_v = v.shape
+    groups = heads_q // heads_kv
+    slots = starts.shape[-1]
+    meta = _block_meta(groups, block_size, dim, dim_v)
+    dq_partials = _partials_fit(slots, num_q, heads_q, dim, q.dtype)
+    dq = torch.empty_like(q)
+    if not num_q:
+        return dq
+    # Per-slot dq parts, summed below; unused slots are never written, so no zero fill.
+    dq_parts = torch.empty(slots, *q.shape, device=q.device, dtype=q.dtype) if dq_partials else dq
+    pieces = _queries_per_block(starts, num_k, piece=_PIECE)
+    if not dq_partials:
+        _block_bwd_dq_kernel[(num_q, heads_kv)](
+            q, k, v, do, lse, delta, starts, hi, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), do.stride(0), do.stride(1), starts.stride(0), starts.stride(1), scale,
+            G_PAD=_pow2(groups), NUM_SLOTS=slots, DV_DIM=dim_v, **meta,
+        )
+    dq_strides = dq_parts.stride()[:3] if dq_partials else (0, 0, 0)
+    _block_bwd_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
+        q, k, v, do, lse, delta, hi, *pieces, dq_parts, dk, dv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        *dq_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        heads_kv, slots, num_k, scale,
+        DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **_block_centric_tile(groups), **meta,
+    )
+    if dq_partials:
+        _sum_dq_parts_kernel[(triton.cdiv(num_q * heads_q, 32),)](
+            dq_parts, starts, dq, num_q, dq_parts.stride(0), starts.stride(0), starts.stride(1), heads_kv,
+            G=groups, NUM_SLOTS=slots, BLOCK_R=32, D=dim, BLOCK_D=meta["BLOCK_D"],
+        )
+    return dq
+
+
+def _block_meta(groups: int, block_size: int, dim: int, dim_v: int) -> dict[str, int]:
+    return dict(G=groups, BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size), D=dim, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
+
+
+def _launches(q: Tensor, v: Tensor, slots: int, block_centric: bool) -> list[tuple[int, int]]:
+    """Query ranges of the launches: below `_LAUNCH_ELEMENTS` gathered elements each (`_gathered_per_query`)."""
+    heads_q, dim = q.shape[1:]
+    heads_kv, dim_v = v.shape[1:]
+    return _row_chunks(q.shape[0], _gathered_per_query(heads_q, heads_kv, dim, dim_v, slots, block_centric))
+
+
+def block_forward(
+    q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
+    num_splits: int | None = None, block_centric: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(o, lse) of `reference.block_attention`; `num_splits` and `block_centric` as in `block_attention`."""
+    num_q, heads_q, _ = q.shape
+    dim_v = v.shape[2]
+    slots = block_starts.shape[-1]
+    if block_centric is None:
+        block_centric = _use_block_centric(num_q, heads_q, slots, dim_v, q.dtype, num_splits)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
+    # Queries are independent given their blocks: the launches' outputs concatenate.
+    parts = [
+        _block_forward_pass(q[a:b], k, v, starts[a:b], block_size, hi[a:b], scale, num_splits, block_centric)
+        for a, b in _launches(q, v, slots, block_centric)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return q.new_zeros(0, heads_q, dim_v), q.new_zeros(0, heads_q, dtype=torch.float32)
+    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+
+
+def block_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_starts: Tensor, block_size: int,
+    hi: Tensor, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `block_forward` for the output gradient `do` (block-centric, whichever forward ran)."""
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    starts, hi = block_starts.contiguous(), hi.contiguous()
+    delta = _softmax_delta(do, o)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    # The launches' k and v gradients add up in dk and dv.
+    dq = [
+        _block_backward_pass(do[a:b], q[a:b], k, v, lse[a:b], delta[a:b], starts[a:b], block_size, hi[a:b], scale, dk, dv)
+        for a, b in _launches(q, v, starts.shape[-1], block_centric=False)
+    ]
+    dq = dq[0] if len(dq) == 1 else (torch.cat(dq) if dq else torch.zeros_like(q))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
-        num_splits: int | None, block_centric: bool,
-    ):
-        num_q, heads_q, dim = q.shape
-        num_k, heads_kv, dim_v = v.shape
-        groups = heads_q // heads_kv
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        starts, hi = block_starts.contiguous(), hi.contiguous()  # int32 or int64
-        slots = starts.shape[-1]
-        meta = dict(
-            G=groups, BLOCK_SIZE=block_size, BLOCK_S=_pow2(block_size), D=dim, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-        )
-        pieces = None
-        if block_centric and num_q:
-            pieces = _queries_per_block(starts, num_k, piece=_PIECE)
-            o = torch.empty(slots, num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
-            lse = torch.full((slots, num_q, heads_q), float("-inf"), device=q.device, dtype=torch.float32)
-            _block_fwd_by_block_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
-                q, k, v, hi, *pieces, o, lse,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), heads_kv, slots, num_k, scale,
-                DV=dim_v, **_block_centric_tile(groups), **meta,
-            )
-        else:
-            splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
-            per_split = triton.cdiv(slots, splits)
-            splits = triton.cdiv(slots, per_split)
-            o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
-            if num_q:
-                _block_fwd_kernel[(num_q, heads_kv, splits)](
-                    q, k, v, starts, hi, o, lse,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
-                    G_PAD=_pow2(groups), NUM_SLOTS=slots, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
-                )
-        o, lse = _combine_splits(o, lse, q.dtype)
-        ctx.save_for_backward(q, k, v, starts, hi, o, lse, *(pieces or ()))
-        ctx.scale, ctx.meta = scale, meta
+    def forward(ctx, q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric):
+        o, lse = block_forward(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
+        ctx.save_for_backward(q, k, v, o, lse, block_starts, hi)
+        ctx.block_size, ctx.scale = block_size, scale
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        q, k, v, starts, hi, o, lse, *pieces = ctx.saved_tensors
-        num_q, heads_q, dim = q.shape
-        num_k, heads_kv, dim_v = v.shape
-        do = do.contiguous()
-        delta = _softmax_delta(do, o)
-        slots = starts.shape[-1]
-        dq_partials = _partials_fit(slots, num_q, heads_q, dim, q.dtype)
-        dq = torch.empty_like(q)
-        # Per-slot dq parts, summed below; unused slots are never written, so no zero fill.
-        dq_parts = torch.empty(slots, *q.shape, device=q.device, dtype=q.dtype) if dq_partials else dq
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        if num_q:
-            pieces = pieces or _queries_per_block(starts, num_k, piece=_PIECE)
-            if not dq_partials:
-                _block_bwd_dq_kernel[(num_q, heads_kv)](
-                    q, k, v, do, lse, delta, starts, hi, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                    v.stride(0), v.stride(1), do.stride(0), do.stride(1), starts.stride(0), starts.stride(1), ctx.scale,
-                    G_PAD=_pow2(ctx.meta["G"]), NUM_SLOTS=slots, DV_DIM=dim_v, **ctx.meta,
-                )
-            dq_strides = dq_parts.stride()[:3] if dq_partials else (0, 0, 0)
-            _block_bwd_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
-                q, k, v, do, lse, delta, hi, *pieces, dq_parts, dk, dv,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-                *dq_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                heads_kv, slots, num_k, ctx.scale,
-                DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **_block_centric_tile(ctx.meta["G"]), **ctx.meta,
-            )
-            if dq_partials:
-                _sum_dq_parts_kernel[(triton.cdiv(num_q * heads_q, 32),)](
-                    dq_parts, starts, dq, num_q, dq_parts.stride(0), starts.stride(0), starts.stride(1), heads_kv,
-                    G=ctx.meta["G"], NUM_SLOTS=slots, BLOCK_R=32, D=dim, BLOCK_D=ctx.meta["BLOCK_D"],
-                )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        q, k, v, o, lse, block_starts, hi = ctx.saved_tensors
+        dq, dk, dv = block_backward(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def block_attention(
     q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
     num_splits: int | None = None, block_centric: bool | None = None,
 ) -> Tensor:
-    """Triton version of `reference.block_attention`.
+    """Triton version of `reference.block_attention`, differentiable on its own (the model goes through the
+    custom op `nsa_hf::block_attention`, which runs `block_forward` and `block_backward`).
 
     `block_centric`: the forward loads each selected block once for all the queries that chose it
     (partial results per query and slot, then merged), instead of once per query. None picks it for
@@ -441,21 +504,9 @@ def block_attention(
     `num_splits`: for the query-centric forward, programs that share each query's selected blocks
     (None: enough to fill the GPU when there are few queries, as when decoding); it implies query-centric.
     Queries past `_LAUNCH_ELEMENTS` of gathered elements (`_gathered_per_query`) run in chunks, each its own
-    pass: the block-centric kernels gather queries with int32 offsets.
+    launch: the block-centric kernels gather queries with int32 offsets.
     """
-    num_q, heads_q, dim = q.shape
-    heads_kv, dim_v = v.shape[1:]
-    slots = block_starts.shape[-1]
-    if block_centric is None:
-        block_centric = _use_block_centric(num_q, heads_q, slots, dim_v, q.dtype, num_splits)
-    chunks = _row_chunks(num_q, _gathered_per_query(heads_q, heads_kv, dim, dim_v, slots, block_centric))
-    if len(chunks) <= 1:
-        return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
-    # Queries are independent given their blocks: the chunks' outputs concatenate, their k and v gradients add up.
-    return torch.cat([
-        _BlockAttention.apply(q[a:b], k, v, block_starts[a:b], block_size, hi[a:b], scale, num_splits, block_centric)
-        for a, b in chunks
-    ])
+    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
 
 
 def _gathered_per_query(heads_q: int, heads_kv: int, dim: int, dim_v: int, slots: int, block_centric: bool) -> int:

@@ -15,12 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layout import memoized
 from .common import (
+    Documents,
     _at_row,
     _combine_splits,
     _dkv_step,
-    _document_pieces,
     _key_bases,
     _kv_tile,
     _num_splits,
@@ -35,9 +34,10 @@ from .common import (
     _split_runs,
     _tile_rows,
     _tile_tokens,
+    document_pieces,
 )
 
-__all__ = ["interval_attention"]
+__all__ = ["interval_attention", "interval_backward", "interval_forward"]
 
 
 @triton.jit
@@ -193,16 +193,16 @@ def _query_tile(groups: int, run_length: int | None) -> tuple[int, int]:
 
 
 def _query_tiles(
-    lo: Tensor, hi: Tensor, tile: int, run_length: int | None, documents: tuple[int, ...] | None
+    lo: Tensor, hi: Tensor, tile: int, run_length: int | None, documents: Documents
 ) -> tuple[Tensor, Tensor, int]:
     """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
     whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count).
     Runs of `run_length` queries (decoding) need no arrays: the kernels compute their tiles; host
-    `documents` give them without a host sync too."""
-    if run_length is not None:
+    `documents` give them without a host sync (and once per boundaries: `document_pieces` keeps them)."""
+    if run_length:
         return lo, lo, lo.numel() // run_length * triton.cdiv(run_length, tile)
     if documents is not None:
-        return _document_pieces(documents, tile, lo.device)
+        return document_pieces(documents, tile, lo.device)
     apart = torch.ones_like(lo, dtype=torch.bool)
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()
@@ -211,124 +211,107 @@ def _query_tiles(
     return first.to(torch.int32), length.to(torch.int32), first.numel()
 
 
-class _IntervalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None,
-        num_splits: int | None, memo: dict | None, documents: tuple[int, ...] | None,
-    ):
-        num_q, heads_q, dim = q.shape
-        heads_kv, dim_v = k.shape[1], v.shape[2]
-        groups = heads_q // heads_kv
-        block_t, rows = _query_tile(groups, run_length)
-        q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
-        ctx.no_keys = k.shape[0] == 0
-        if ctx.no_keys:
-            # An empty store (every document shorter than a compressed block): no query sees a key. The kernels
-            # never get an empty tensor: measured on the H200, its null pointer faults even behind masks.
-            ctx.mark_non_differentiable(lse := q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32))
-            ctx.shapes = (k.shape, v.shape)
-            return q.new_zeros(num_q, heads_q, dim_v), lse
-        tile_first, tile_len, num_tiles = memoized(
-            memo, ("tiles", block_t), lambda: _query_tiles(lo, hi, block_t, run_length, documents)
+def interval_forward(
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
+    documents: Documents = None, num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(o, lse) of `reference.interval_attention`; the hints as in `interval_attention`."""
+    num_q, heads_q, dim = q.shape
+    heads_kv, dim_v = k.shape[1], v.shape[2]
+    groups = heads_q // heads_kv
+    block_t, rows = _query_tile(groups, run_length)
+    q, k, v, lo, hi = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous()
+    if k.shape[0] == 0:
+        # An empty store (every document shorter than a compressed block): no query sees a key. The kernels
+        # never get an empty tensor: measured on the H200, its null pointer faults even behind masks.
+        return q.new_zeros(num_q, heads_q, dim_v), q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32)
+    tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length, documents)
+    splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
+    o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
+    if num_q:
+        _interval_fwd_kernel[(num_tiles, heads_kv, splits)](
+            q, k, v, lo, hi, tile_first, tile_len, o, lse,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
+            G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
+            NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
         )
-        splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
-        o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
-        if num_q:
-            _interval_fwd_kernel[(num_tiles, heads_kv, splits)](
-                q, k, v, lo, hi, tile_first, tile_len, o, lse,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
-                G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-                NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
-            )
-        o, lse = _combine_splits(o, lse, q.dtype)
-        q_lo = q_hi = ctx.reader_span = None
-        if any(ctx.needs_input_grad[:3]):
-            # Built here, not in backward: the backward pass reads the span on the host, long after the GPU
-            # has computed it, so that read never waits.
-            num_k = k.shape[0]
-            q_lo, q_hi, ctx.reader_span = memoized(memo, ("readers", num_k), lambda: _key_readers(lo, hi, num_k))
-        ctx.save_for_backward(q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi)
-        ctx.scale, ctx.block_t, ctx.rows, ctx.num_tiles, ctx.run_length = scale, block_t, rows, num_tiles, run_length
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+    return _combine_splits(o, lse, q.dtype)
 
-    @staticmethod
-    def backward(ctx, do: Tensor, _dlse: Tensor):
-        if ctx.no_keys:
-            k_shape, v_shape = ctx.shapes
-            dq = do.new_zeros(do.shape[0], do.shape[1], k_shape[2])
-            return dq, do.new_zeros(k_shape), do.new_zeros(v_shape), None, None, None, None, None, None, None
-        q, k, v, lo, hi, tile_first, tile_len, o, lse, q_lo, q_hi = ctx.saved_tensors
-        heads_q, dim = q.shape[1:]
-        num_k, heads_kv, dim_v = v.shape
-        groups = heads_q // heads_kv
-        do = do.contiguous()
-        delta = _softmax_delta(do, o)
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-        meta = dict(G=groups, ROWS=ctx.rows, BLOCK_T=ctx.block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
-        dq = torch.empty_like(q)
-        _interval_bwd_dq_kernel[(ctx.num_tiles, heads_kv)](
-            q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, ctx.scale, D=dim, DV=dim_v,
-            RUN_LENGTH=ctx.run_length or 0, **meta,
-        )
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        reader_chunks = triton.cdiv(max(1, ctx.reader_span.get()), _READER_CHUNK)
-        _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, reader_chunks)](
-            q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, ctx.scale,
-            Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
-        )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+def interval_backward(
+    do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, lo: Tensor, hi: Tensor, scale: float,
+    run_length: int | None = None, documents: Documents = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `interval_forward` for the gradients of its output (`do`) and lse (`dlse`, or None);
+    needs lo and hi non-decreasing."""
+    num_k, heads_kv, dim_v = v.shape
+    num_q, heads_q, dim = q.shape
+    if num_k == 0 or num_q == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    q, k, v, lo, hi, do = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous(), do.contiguous()
+    groups = heads_q // heads_kv
+    block_t, rows = _query_tile(groups, run_length)
+    tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length, documents)
+    delta = _softmax_delta(do, o)
+    if dlse is not None:  # d lse / d s_j = p_j: it folds into FlashAttention's delta, ds_j = p_j (dp_j - delta + dlse)
+        delta = delta - torch.where(torch.isfinite(lse), dlse.float(), 0.0)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    meta = dict(G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v))
+    dq = torch.empty_like(q)
+    _interval_bwd_dq_kernel[(num_tiles, heads_kv)](
+        q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, scale, D=dim, DV=dim_v,
+        RUN_LENGTH=run_length or 0, **meta,
+    )
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    q_lo, q_hi = _key_readers(lo, hi, num_k)
+    # Programs per key tile: enough for the longest reader range any tile could have (all queries), known
+    # without a host sync; those past a tile's own range return at once.
+    _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, triton.cdiv(num_q, _READER_CHUNK))](
+        q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, scale,
+        Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 _READER_CHUNK = 1024  # queries per dk/dv program: longer reader ranges are split over programs
 
 
-class _HostScalar:
-    """A GPU scalar copied to the host without waiting for it; `get` waits only if the copy is not done yet."""
-
-    def __init__(self, value: Tensor):
-        if value.device.type != "cuda":
-            self._host, self._copied = value, None
-            return
-        self._host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        self._host.copy_(value, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-
-    def get(self) -> int:
-        if self._copied is not None:
-            self._copied.synchronize()
-        return int(self._host)
-
-
-def _key_readers(lo: Tensor, hi: Tensor, num_k: int) -> tuple[Tensor, Tensor, _HostScalar]:
-    """For each key c, the queries that see it: [first hi > c, first lo > c), since lo and hi never
-    decrease; and the longest such range of a 64-key tile (long ranges, as of early compressed keys that
-    the whole document sees, are split over programs)."""
+def _key_readers(lo: Tensor, hi: Tensor, num_k: int) -> tuple[Tensor, Tensor]:
+    """For each key c, the queries that see it: [first hi > c, first lo > c), since lo and hi never decrease."""
     key_index = torch.arange(num_k, device=lo.device, dtype=lo.dtype)
-    q_lo = torch.searchsorted(hi, key_index, right=True).to(torch.int32)
-    q_hi = torch.searchsorted(lo, key_index, right=True).to(torch.int32)
-    pad = -num_k % 64
-    block_lo = torch.nn.functional.pad(q_lo, (0, pad), value=lo.numel()).view(-1, 64).amin(1)
-    block_hi = torch.nn.functional.pad(q_hi, (0, pad), value=0).view(-1, 64).amax(1)
-    return q_lo, q_hi, _HostScalar((block_hi - block_lo).max() if num_k else q_lo.new_zeros(()))
+    return torch.searchsorted(hi, key_index, right=True).to(torch.int32), torch.searchsorted(lo, key_index, right=True).to(torch.int32)
+
+
+class _IntervalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lo, hi, scale, run_length, num_splits, documents):
+        o, lse = interval_forward(q, k, v, lo, hi, scale, run_length, documents, num_splits)
+        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
+        ctx.scale, ctx.run_length, ctx.documents = scale, run_length, documents
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do: Tensor, _dlse: Tensor):
+        q, k, v, lo, hi, o, lse = ctx.saved_tensors
+        dq, dk, dv = interval_backward(do, None, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
-    num_splits: int | None = None, memo: dict | None = None, documents: tuple[int, ...] | None = None,
+    num_splits: int | None = None, documents: Documents = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton version of `reference.interval_attention`. Backward needs lo and hi non-decreasing.
+    """Triton version of `reference.interval_attention`, differentiable on its own (the model goes through the
+    custom op `nsa_hf::interval_attention`, which runs `interval_forward` and `interval_backward`). Backward
+    needs lo and hi non-decreasing.
 
     `run_length`: queries come in runs of this many per row (decoding), which spares a host sync.
     `num_splits`: programs that share each query tile's key range in the forward pass (None: enough to
     fill the GPU when there are few tiles, as when decoding).
-    `memo`: a dict shared by calls with the same lo and hi (the layers of one pass), where the query tiles
-    and key readers are kept, so that only the first call builds them.
-    `documents`: host boundaries of the documents of a full pass, each query's interval inside its
-    document's part of the store: the query tiles are cut from them without a host sync.
+    `documents`: host boundaries of the documents of a full pass (a tuple or a CPU tensor), each query's interval
+    inside its document's part of the store: the query tiles are cut from them without a host sync.
     """
-    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits, memo, documents)
+    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits, documents)

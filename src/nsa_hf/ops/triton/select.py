@@ -9,16 +9,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layout import QueryLayout, SparsePattern, memoized
+from ..layout import QueryLayout, SparsePattern
 from .common import (
     _at_row,
-    _document_pieces,
     _num_splits,
     _pow2,
     _program_tile,
     _split_runs,
     _tile_tokens,
     _tuning_configs,
+    document_pieces,
 )
 
 __all__ = ["select_blocks"]
@@ -140,10 +140,10 @@ def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int
     computed in the kernel for runs of `layout.run_length` queries (decoding), from the host document
     boundaries of a full pass, and only otherwise with a host sync."""
     positions = layout.positions
-    if layout.run_length is not None:
+    if layout.run_length:
         return positions, positions, positions.numel() // layout.run_length * triton.cdiv(layout.run_length, tile)
     if layout.documents is not None:
-        return _document_pieces(layout.documents, tile, positions.device)
+        return document_pieces(layout.documents, tile, positions.device)
     new_doc = torch.ones_like(positions, dtype=torch.bool)
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
@@ -182,7 +182,7 @@ def select_blocks(
     # layer with 16 tokens, 1.78 with 8). G = 16 keeps 64 rows: 128 measured slower there.
     block_t = _tile_tokens(g_pad, layout.run_length, rows=max(64, 16 * g_pad) if g_pad <= 8 else 64)
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
-    first, length, num_tiles = memoized(layout.memo, ("document_tiles", block_t), lambda: _document_tiles(layout, block_t))
+    first, length, num_tiles = _document_tiles(layout, block_t)
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
     _select_blocks_kernel[(num_tiles, heads_kv, splits)](
