@@ -341,7 +341,7 @@ class Store:
 
     @property
     def last(self) -> tuple[int, int]:
-        return self.q.shape[0] - self.layout.documents[1], self.q.shape[0]
+        return self.q.shape[0] - int(self.layout.documents[1]), self.q.shape[0]
 
 
 def build_store(env: Env) -> Store:
@@ -459,13 +459,13 @@ def check_selection(env: Env, store: Store) -> dict:
     pattern, scale = env.scale.pattern, env.scale.dim**-0.5
     a, b = store.last
     lse = torch.zeros(store.q.shape[:2], device=env.device)  # any finite lse: selection is compared, not scored
-    layout = dataclasses.replace(store.layout, cmp_offsets=store.layout.key_offsets, memo={})
+    layout = dataclasses.replace(store.layout, cmp_offsets=store.layout.key_offsets)
     with torch.no_grad():
         seconds, chosen = timed(env, lambda: triton_ops.select_blocks(store.q, store.k, lse, layout, pattern,
                                                                             scale))
         alone, _ = QueryLayout.from_cu_seqlens(torch.tensor([0, b - a]), pattern.compress_block_size,
                                                pattern.compress_stride, device=env.device)
-        alone = dataclasses.replace(alone, cmp_offsets=alone.key_offsets, memo={})
+        alone = dataclasses.replace(alone, cmp_offsets=alone.key_offsets)
         chosen_s = triton_ops.select_blocks(store.q[a:b], store.k[a:b], lse[a:b], alone, pattern, scale)
     equal = torch.equal(chosen[a:b], chosen_s)
     return {"ok": equal, "seconds": seconds, "last_document_equal": equal}

@@ -38,8 +38,8 @@ __all__ = [
     "backend_names",
     "register_backend",
     "resolve_backend",
-    "resolve_primitives",
     "resolve_pointwise",
+    "resolve_primitives",
 ]
 
 FUSED_KERNEL_CHOICES = ("auto", "triton", "none")

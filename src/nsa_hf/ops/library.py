@@ -22,7 +22,14 @@ from torch import Tensor
 from .layout import CompressionBlocks, QueryLayout, SparsePattern, num_compressed_blocks
 
 __all__ = [
-    "Kernels", "block_attention", "document_layout", "interval_attention", "kernels_from_primitives", "register_kernels", "select_blocks"]
+    "Kernels",
+    "block_attention",
+    "document_layout",
+    "interval_attention",
+    "kernels_from_primitives",
+    "register_kernels",
+    "select_blocks",
+]
 
 
 class Kernels(NamedTuple):
@@ -80,16 +87,16 @@ def kernels_from_primitives(interval: Callable, block: Callable, select: Callabl
         return interval(q, k, v, lo, hi, scale, run_length or None)
 
     def interval_backward(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents):
+        def recompute(*qkv: Tensor) -> tuple[Tensor, Tensor]:
+            o, lse = interval(*qkv, lo, hi, scale, run_length or None)
+            return o, torch.where(torch.isfinite(lse), lse, 0)  # -inf where no key is seen: gradient 0 there, not NaN
+
         if dlse is None:
-            return _recomputed_grads(lambda *x: interval(*x, lo, hi, scale, run_length or None)[0], (q, k, v), do)
-        # lse is -inf where a query sees no key: its gradient there is 0, not NaN.
-        return _recomputed_grads(
-            lambda *x: (lambda o, lse: (o, torch.where(torch.isfinite(lse), lse, 0)))(*interval(*x, lo, hi, scale, run_length or None)),
-            (q, k, v), (do, dlse),
-        )
+            return _recomputed_grads(lambda *qkv: recompute(*qkv)[0], (q, k, v), do)
+        return _recomputed_grads(recompute, (q, k, v), (do, dlse))
 
     def block_forward(q, k, v, block_starts, block_size, hi, scale):
-        lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)  # unused: the backward recomputes
+        lse = q.new_zeros(q.shape[0], q.shape[1], dtype=torch.float32)  # unused: the backward recomputes
         return block(q, k, v, block_starts, block_size, hi, scale), lse
 
     def block_backward(do, q, k, v, o, lse, block_starts, block_size, hi, scale):
