@@ -6,7 +6,8 @@ Both models (hidden 768, 12 layers, 12 heads, 2 KV heads, head dim 64, MLP 2048,
 with the same loop: fp32 master weights, bf16 autocast, fused AdamW, about `--tokens-per-step` tokens
 per step (batch = tokens / length). NSA runs its Triton backend (l=32, d=16, l'=64, n=16, w=512); Llama
 runs `LlamaForCausalLM` with SDPA. Reports tokens/s (median of timed steps after warm-up), peak
-memory, and the NSA / Llama ratio; `--compile` adds `torch.compile(model)` rows at the first length;
+memory, and the NSA / Llama ratio; `--compile` adds `torch.compile(model)` rows at the first length (NSA with
+fullgraph=True) and counts graph breaks;
 `--profile` adds, per row, the GPU kernels that take the most time in one step (`training_profile.txt`).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nsa_hf import NsaConfig, NsaForCausalLM
@@ -61,7 +63,9 @@ def kernel_table(profiler: torch.profiler.profile, rows: int = 40) -> str:
 def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: bool,
             profile: bool = False) -> dict:
     model = build(kind, length)
-    step_model = torch.compile(model) if compile else model
+    # NSA compiles as one graph (its attention is custom ops): fullgraph=True fails on any graph break.
+    step_model = torch.compile(model, fullgraph=kind == "nsa") if compile else model
+    counters["graph_break"].clear()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     batch = max(1, tokens_per_step // length)
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -108,6 +112,7 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s": seconds, "host_queue_s": statistics.median(host_times), "tokens_per_s": batch * length / seconds,
         "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30, "final_loss": losses[-1],
+        "graph_breaks": sum(counters["graph_break"].values()),
         "host_syncs_fwd_bwd": len(sync_sites),
         "host_sync_sites": sorted(set(sync_sites)),
         # cudaMalloc retries free the allocator's cache, which waits for the GPU: a host stall no sync mode sees.

@@ -508,14 +508,16 @@ class NsaModel(NsaPreTrainedModel):
         if cu_seqlens is None and doc_starts is None and attention_mask is None:
             layout, blocks = QueryLayout.for_batch(batch, seq_len, l, d, device)
         elif cu_seqlens is not None:  # from_cu_seqlens checks they end at the B * T tokens
-            layout, blocks = document_layout(num_tokens, l, d, cu_seqlens=cu_seqlens)
+            layout, blocks = document_layout(num_tokens, l, d, device, cu_seqlens=cu_seqlens)
         elif doc_starts is not None:
-            layout, blocks = document_layout(num_tokens, l, d, doc_starts=doc_starts)
+            layout, blocks = document_layout(num_tokens, l, d, device, doc_starts=doc_starts)
         else:  # left padding: each row is a padding document, then its real one
             padding, holes = _padding_and_holes(attention_mask.to(device))
             tokens = torch.arange(seq_len, device=device)
             starts = (tokens == 0) | (tokens == padding[:, None])
-            layout, blocks = document_layout(num_tokens, l, d, doc_starts=starts, invalid=holes, invalid_message=_HOLES_MESSAGE)
+            layout, blocks = document_layout(
+                num_tokens, l, d, device, doc_starts=starts, invalid=holes, invalid_message=_HOLES_MESSAGE
+            )
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
         return NsaForwardPlan(

@@ -135,7 +135,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.block_attention.default, (q, k, v, starts, 16, key_ends, 0.3, backend))
     starts_mask = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
     starts_mask[0, 7] = starts_mask[1, 12] = True
-    torch.library.opcheck(ops.document_layout.default, (starts_mask, None, None, "", 40, 8, 4))
+    torch.library.opcheck(ops.document_layout.default, (starts_mask, None, None, "", 40, 8, 4, torch.device(DEVICE)))
+    host_bounds = torch.tensor([0, 17, 40])  # as a collator builds them: the layout still lands on the model's device
+    torch.library.opcheck(ops.document_layout.default, (None, host_bounds, None, "", 40, 8, 4, torch.device(DEVICE)))
 
 
 def test_no_part_of_the_package_hides_from_the_compiler():

@@ -270,7 +270,7 @@ def select_blocks(
 @torch.library.custom_op("nsa_hf::document_layout", mutates_args=())
 def _document_layout_op(
     doc_starts: Tensor | None, cu_seqlens: Tensor | None, invalid: Tensor | None, invalid_message: str, num_tokens: int,
-    block_size: int, stride: int,
+    block_size: int, stride: int, device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if invalid is not None and bool(invalid):
         raise ValueError(invalid_message)
@@ -279,7 +279,6 @@ def _document_layout_op(
         starts[:, 0] = True  # rows never share a document
         starts = starts.reshape(-1)
         cu_seqlens = torch.cat([torch.nonzero(starts).flatten(), starts.new_tensor([num_tokens], dtype=torch.long)])
-    device = doc_starts.device if doc_starts is not None else cu_seqlens.device
     layout, blocks = QueryLayout.from_cu_seqlens(cu_seqlens, block_size, stride, num_tokens, device=device)
     # Padded to the most blocks any documents of num_tokens can hold, so the output size is known before the
     # boundaries are: slots past the real blocks hold a valid block that no query reads.
@@ -291,8 +290,7 @@ def _document_layout_op(
 
 
 @_document_layout_op.register_fake
-def _(doc_starts, cu_seqlens, invalid, invalid_message, num_tokens, block_size, stride):
-    device = doc_starts.device if doc_starts is not None else cu_seqlens.device
+def _(doc_starts, cu_seqlens, invalid, invalid_message, num_tokens, block_size, stride, device):
     tokens = torch.empty(num_tokens, dtype=torch.long, device=device)
     blocks = torch.empty(num_compressed_blocks(num_tokens, block_size, stride), dtype=torch.long, device=device)
     return tokens, torch.empty_like(tokens), torch.empty_like(tokens), blocks, torch.empty_like(blocks), torch.empty(
@@ -301,15 +299,15 @@ def _(doc_starts, cu_seqlens, invalid, invalid_message, num_tokens, block_size, 
 
 
 def document_layout(
-    num_tokens: int, block_size: int, stride: int, *, doc_starts: Tensor | None = None, cu_seqlens: Tensor | None = None,
-    invalid: Tensor | None = None, invalid_message: str = "",
+    num_tokens: int, block_size: int, stride: int, device: torch.device, *, doc_starts: Tensor | None = None,
+    cu_seqlens: Tensor | None = None, invalid: Tensor | None = None, invalid_message: str = "",
 ) -> tuple[QueryLayout, CompressionBlocks]:
     """The layout of packed documents over `num_tokens` flat tokens, from a mask of document starts [B, T] (every
-    row starts one, marked or not) or from `cu_seqlens`; compressed blocks padded to `num_compressed_blocks(num_tokens)` slots.
+    row starts one, marked or not) or from `cu_seqlens`, its index tensors on `device`; compressed blocks padded to `num_compressed_blocks(num_tokens)` slots.
     One host sync when the boundaries live on a GPU. `invalid` (a bool tensor) raises `invalid_message` when true:
     a check on the inputs that needs the host, done here where the host waits anyway."""
     positions, key_offsets, cmp_offsets, token_starts, block_positions, documents = _document_layout_op(
-        doc_starts, cu_seqlens, invalid, invalid_message, num_tokens, block_size, stride
+        doc_starts, cu_seqlens, invalid, invalid_message, num_tokens, block_size, stride, torch.device(device)
     )
     layout = QueryLayout(positions, key_offsets, cmp_offsets, key_offsets, documents=documents)
     return layout, CompressionBlocks(token_starts, block_positions, token_starts.shape[0])
