@@ -34,7 +34,8 @@ __all__ = [
 
 
 class Kernels(NamedTuple):
-    """What one backend runs inside the ops; `run_length` 0 and `documents` None mean "no hint"."""
+    """What one backend runs inside the ops; `run_length` and `documents` None mean "no hint" (the op schemas
+    carry run_length 0 for it, turned back into None before a backend sees it)."""
 
     # (q, k, v, lo, hi, scale, run_length, documents) -> (o [Nq, HQ, Dv], lse [Nq, HQ] fp32)
     interval_forward: Callable[..., tuple[Tensor, Tensor]]
@@ -85,11 +86,11 @@ def kernels_from_primitives(interval: Callable, block: Callable, select: Callabl
     recomputing the forward under autograd (the reference checkpoints its query chunks, so memory stays linear)."""
 
     def interval_forward(q, k, v, lo, hi, scale, run_length, documents):
-        return interval(q, k, v, lo, hi, scale, run_length or None)
+        return interval(q, k, v, lo, hi, scale, run_length)
 
     def interval_backward(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents):
         def recompute(*qkv: Tensor) -> tuple[Tensor, Tensor]:
-            o, lse = interval(*qkv, lo, hi, scale, run_length or None)
+            o, lse = interval(*qkv, lo, hi, scale, run_length)
             return o, torch.where(torch.isfinite(lse), lse, 0)  # -inf where no key is seen: gradient 0 there, not NaN
 
         if dlse is None:
@@ -117,7 +118,7 @@ def _interval_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
-        o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length, documents)
+        o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length or None, documents)
     return o.contiguous(), lse.contiguous()
 
 
@@ -131,7 +132,9 @@ def _interval_backward_op(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, lo: Tensor, hi: Tensor, scale: float,
     run_length: int, documents: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _kernels(backend).interval_backward(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents)
+    dq, dk, dv = _kernels(backend).interval_backward(
+        do, dlse, q, k, v, o, lse, lo, hi, scale, run_length or None, documents
+    )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -484,7 +484,7 @@ def test_layers_sharing_a_layout_build_its_query_tiles_once():
         out.sum().backward()
         outputs.append(out.detach())
         builds.append(triton_common._document_pieces.cache_info().misses)
-    assert builds[0] >= 2, "the interval and selection tiles are built from the document boundaries"
+    assert builds[0] >= 1, "the interval and selection tiles are built from the document boundaries"
     assert builds[1] == builds[0], f"the second layer rebuilt {builds[1] - builds[0]} tilings"
     assert torch.equal(outputs[0], outputs[1])
 
