@@ -1,6 +1,10 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
 """NSA's primitives as torch.library custom ops, so torch.compile sees through the attention (fullgraph=True).
 
+The public functions here (`interval_attention`, `block_attention`, `select_blocks`) call the ops while torch.compile
+traces, and in eager mode run the same kernels through a plain autograd Function, which spares the op dispatch
+on every call; `tests/test_compile.py` holds the two paths equal.
+
 Each primitive is one op for every backend, the backend named by a string argument: interval attention (the
 compressed branch and the window), block attention (the selection branch), each with its backward as a second op
 (registered autograd), and block selection (not differentiable). The ops are opaque to the compiler, which only
@@ -161,6 +165,28 @@ def _interval_grad(ctx, do: Tensor | None, dlse: Tensor | None):
 _interval_op.register_autograd(_interval_grad, setup_context=_interval_setup)
 
 
+class _IntervalFunction(torch.autograd.Function):
+    """The eager path of `interval_attention`: the same kernels as the op, without its dispatch (tens of
+    microseconds a call, which a decoding step pays per layer and branch)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lo, hi, scale, run_length, documents, backend):
+        o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length, documents)
+        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
+        ctx.scale, ctx.run_length, ctx.documents, ctx.backend = scale, run_length, documents, backend
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do: Tensor | None, dlse: Tensor | None):
+        q, k, v, lo, hi, o, lse = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = _kernels(ctx.backend).interval_backward(
+            do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, *, backend: str,
     run_length: int | None = None, documents: Tensor | None = None,
@@ -168,7 +194,9 @@ def interval_attention(
     """Each query i attends to the keys [lo[i], hi[i]) of k/v on `backend` (a registered name, not "auto"):
     q [Nq, HQ, D], k/v [Nk, H, D*] -> (o [Nq, HQ, Dv], lse [Nq, HQ] fp32; both differentiable). `run_length`
     (queries per row when decoding) and `documents` (a full pass's host boundaries) are tiling hints."""
-    return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, documents, backend)
+    if torch.compiler.is_compiling():
+        return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, documents, backend)
+    return _IntervalFunction.apply(q, k, v, lo, hi, float(scale), run_length or None, documents, backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,12 +251,31 @@ def _block_grad(ctx, do: Tensor | None, _dlse: Tensor | None):
 _block_op.register_autograd(_block_grad, setup_context=_block_setup)
 
 
+class _BlockFunction(torch.autograd.Function):
+    """The eager path of `block_attention` (see `_IntervalFunction`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_starts, block_size, hi, scale, backend):
+        o, lse = _kernels(backend).block_forward(q, k, v, block_starts, block_size, hi, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_starts, hi)
+        ctx.block_size, ctx.scale, ctx.backend = block_size, scale, backend
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse, block_starts, hi = ctx.saved_tensors
+        dq, dk, dv = _kernels(ctx.backend).block_backward(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
 def block_attention(
     q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float, *, backend: str,
 ) -> Tensor:
     """Each query attends to the keys s < hi[i] of the blocks [start, start + block_size) it selected, on
     `backend`: q [Nq, HQ, D], k/v [Nk, H, D*], block_starts [Nq, H, n] (negative: empty slot) -> o [Nq, HQ, Dv]."""
-    return _block_op(q, k, v, block_starts, block_size, hi, float(scale), backend)[0]
+    if torch.compiler.is_compiling():
+        return _block_op(q, k, v, block_starts, block_size, hi, float(scale), backend)[0]
+    return _BlockFunction.apply(q, k, v, block_starts, block_size, hi, float(scale), backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,6 +307,9 @@ def select_blocks(
         pattern.compress_block_size, pattern.compress_stride, pattern.select_block_size, pattern.num_selected_blocks,
         pattern.num_init_blocks, pattern.num_local_blocks, pattern.window_size,
     ]
+    if not torch.compiler.is_compiling():
+        with torch.no_grad():
+            return _kernels(backend).select(q, k_cmp, lse, layout, pattern, scale)
     return _select_op(
         q.detach(), k_cmp.detach(), lse.detach(), layout.positions, layout.cmp_offsets, layout.run_length or 0,
         layout.documents, fields, float(scale), backend,
