@@ -6,6 +6,7 @@ On CPU the reference backend runs inside the ops; on a GPU, Triton (the same tes
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -150,3 +151,45 @@ def test_no_part_of_the_package_hides_from_the_compiler():
         if re.search(r"compiler\.disable|_dynamo\.disable|disable_dynamo", line)
     ]
     assert not hidden, f"code hidden from torch.compile: {hidden}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (CPU: its interpreter)")
+def test_fused_pointwise_kernels_are_custom_ops_that_compile():
+    """RMSNorm, RoPE, SwiGLU, the gate mix and the cross entropy: each passes opcheck, and a function of one's own
+    that calls them compiles with fullgraph=True to the eager values and gradients."""
+    from nsa_hf.ops import triton as kernels
+
+    torch.manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, device=DEVICE, requires_grad=grad)
+
+    x, weight = rand(3, 5, 24), rand(24)
+    q, k, cos, sin = rand(3, 5, 4, 8), rand(3, 5, 2, 8), rand(3, 5, 8, grad=False), rand(3, 5, 8, grad=False)
+    gate_up = rand(3, 5, 2 * 16 + 8)
+    branches, gates = [rand(6, 4, 8) for _ in range(3)], rand(6, 4, 3)
+    logits, labels = rand(6, 33), torch.tensor([1, 5, -100, 32, 0, 7], device=DEVICE)
+    ops = torch.ops.nsa_hf
+    for op, args in (
+        (ops.rms_norm.default, (x, weight, 1e-6, None)),
+        (ops.rotary.default, ([q, k], cos, sin, False)),
+        (ops.silu_mul.default, (gate_up, 16)),
+        (ops.gate_branches.default, (*branches, gates)),
+        (ops.cross_entropy.default, (logits, labels, -100)),
+    ):
+        torch.library.opcheck(op, args)
+
+    def everything(x, weight, q, k, gate_up, o_cmp, o_slc, o_win, gates, logits):
+        rq, rk = kernels.apply_rotary((q, k), cos, sin)
+        return (kernels.rms_norm(x, weight, 1e-6).sum() + rq.sum() + (rk * rk).sum()
+                + kernels.silu_mul(gate_up, 16).sum() + kernels.gate_branches(o_cmp, o_slc, o_win, gates).square().sum()
+                + kernels.cross_entropy(logits, labels).sum())
+
+    inputs = (x, weight, q, k, gate_up, *branches, gates, logits)
+    eager = everything(*inputs)
+    grads = torch.autograd.grad(eager, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(everything, fullgraph=True)(*inputs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for g_c, g in zip(torch.autograd.grad(compiled, inputs), grads, strict=True):
+        torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-5)

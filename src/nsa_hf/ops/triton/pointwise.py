@@ -3,7 +3,9 @@ silu(gate) * up, the gated mix of NSA's three branches and the language-model cr
 
 In eager PyTorch each is several elementwise kernels, each a full pass over memory, and here on strided
 slices of a stacked projection (slower kernels); each kernel below reads its inputs once and writes once,
-computing in fp32. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself.
+computing in fp32. Under torch.compile the model keeps the PyTorch ops, which inductor fuses itself; called inside
+a compiled function of one's own, each is a torch.library custom op (forward and backward ops, fake
+implementations), and in eager mode an autograd Function over the same code, which spares the op dispatch.
 
 Offsets inside a launch are int32, so each wrapper runs tensors past 2**31 elements (SwiGLU's gate/up of
 a long batch) in launches over chunks of rows (`common._row_chunks`); the cross entropy, whose
@@ -63,40 +65,88 @@ def _rms_norm_bwd_kernel(X, W, RSTD, GRAD, DX, DW_PART, num_rows, width, stride_
     tl.store(DW_PART + tl.program_id(0) * width + cols, dw, mask=col_ok)
 
 
+def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """(out [*x.shape[:-1], W], rstd [rows] fp32)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    num_rows, width = rows.shape
+    out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
+    rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+    block, block_r = triton.next_power_of_2(width), _norm_rows(width)
+    for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
+        _rms_norm_fwd_kernel[(triton.cdiv(end - start, block_r),)](
+            rows[start:end], weight, out[start:end], rstd[start:end], end - start, width, rows.stride(0),
+            out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
+        )
+    return out.view(*x.shape[:-1], width), rstd
+
+
+def _rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dweight) of `_rms_norm_forward`."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    num_rows, width = rows.shape
+    grad = grad.reshape(num_rows, width)
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    dx = torch.empty(rows.shape, device=rows.device, dtype=rows.dtype)
+    if num_rows == 0:
+        return dx.view(x.shape), torch.zeros_like(weight)
+    chunks = _row_chunks(num_rows, max(rows.stride(0), grad.stride(0), width))
+    dw_parts = [_rms_norm_bwd_launch(rows[a:b], weight, rstd[a:b], grad[a:b], dx[a:b]) for a, b in chunks]
+    dw_part = dw_parts[0] if len(dw_parts) == 1 else torch.cat(dw_parts)
+    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        num_rows, width = rows.shape
-        out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
-        out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
-        rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
-        block, block_r = triton.next_power_of_2(width), _norm_rows(width)
-        for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
-            _rms_norm_fwd_kernel[(triton.cdiv(end - start, block_r),)](
-                rows[start:end], weight, out[start:end], rstd[start:end], end - start, width, rows.stride(0),
-                out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
-            )
-        ctx.save_for_backward(rows, weight, rstd)
-        ctx.shape = x.shape
-        return out.view(*x.shape[:-1], width)
+        out, rstd = _rms_norm_forward(x, weight, eps, out_dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        rows, weight, rstd = ctx.saved_tensors
-        num_rows, width = rows.shape
-        grad = grad.reshape(num_rows, width)
-        if grad.stride(-1) != 1:
-            grad = grad.contiguous()
-        dx = torch.empty(rows.shape, device=rows.device, dtype=rows.dtype)
-        if num_rows == 0:
-            return dx.view(ctx.shape), torch.zeros_like(weight), None, None
-        chunks = _row_chunks(num_rows, max(rows.stride(0), grad.stride(0), width))
-        dw_parts = [_rms_norm_bwd_launch(rows[a:b], weight, rstd[a:b], grad[a:b], dx[a:b]) for a, b in chunks]
-        dw_part = dw_parts[0] if len(dw_parts) == 1 else torch.cat(dw_parts)
-        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
+        return *_rms_norm_backward(grad, *ctx.saved_tensors), None, None
+
+
+@torch.library.custom_op("nsa_hf::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    out, rstd = _rms_norm_forward(x, weight, eps, out_dtype)
+    return out.contiguous(), rstd
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, out_dtype):
+    out = x.new_empty(x.shape, dtype=out_dtype or torch.promote_types(weight.dtype, x.dtype))
+    return out, x.new_empty(x.numel() // max(1, x.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa_hf::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    dx, dw = _rms_norm_backward(grad, x, weight, rstd)
+    return dx.contiguous(), dw
+
+
+@_rms_norm_backward_op.register_fake
+def _(grad, x, weight, rstd):
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_norm_grad(ctx, grad: Tensor, _drstd: Tensor | None):
+    return *_rms_norm_backward_op(grad, *ctx.saved_tensors), None, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 def _rms_norm_bwd_launch(rows: Tensor, weight: Tensor, rstd: Tensor, grad: Tensor, dx: Tensor) -> Tensor:
@@ -127,6 +177,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
     rounded once to `out_dtype` (None: the dtype PyTorch promotes weight and x to); statistics in fp32."""
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"`weight` must have shape {tuple(x.shape[-1:])} (x's last dim), got {tuple(weight.shape)}.")
+    if torch.compiler.is_compiling():
+        return _rms_norm_op(x, weight, eps, out_dtype)[0]
     return _RMSNorm.apply(x, weight, eps, out_dtype)
 
 
@@ -219,6 +271,31 @@ class _Rotary(torch.autograd.Function):
         return None, None, *_rotate(grads, cos, sin, inverse=True)
 
 
+@torch.library.custom_op("nsa_hf::rotary", mutates_args=())
+def _rotary_op(xs: list[Tensor], cos: Tensor, sin: Tensor, inverse: bool) -> list[Tensor]:
+    return list(_rotate(tuple(xs), cos, sin, inverse))
+
+
+@_rotary_op.register_fake
+def _(xs, cos, sin, inverse):
+    return [x.new_empty(x.shape) for x in xs]
+
+
+def _rotary_setup(ctx, inputs, output) -> None:
+    _, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rotary_grad(ctx, grads: list[Tensor]):
+    cos, sin = ctx.saved_tensors
+    # The rotation's transpose is the inverse rotation: the same op, the other way.
+    return _rotary_op(list(grads), cos, sin, not ctx.inverse), None, None, None
+
+
+_rotary_op.register_autograd(_rotary_grad, setup_context=_rotary_setup)
+
+
 def apply_rotary(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
     """Rotate each x [..., H_x, D] of `xs` (one to three tensors of the same tokens, e.g. q and the keys) by
     cos/sin [..., D] (one phase per token, shared by its heads), in one launch; contiguous results. No
@@ -233,6 +310,8 @@ def apply_rotary(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tens
             )
         if x.dtype != xs[0].dtype:
             raise ValueError(f"the tensors of `xs` must share one dtype, got {x.dtype} and {xs[0].dtype}.")
+    if torch.compiler.is_compiling():
+        return tuple(_rotary_op(list(xs), cos, sin, False))
     return _Rotary.apply(cos, sin, *xs)
 
 
@@ -268,24 +347,62 @@ def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: i
         )
 
 
+def _silu_mul_forward(gate_up: Tensor, width: int) -> Tensor:
+    rows = gate_up.reshape(-1, gate_up.shape[-1])
+    out = torch.empty(rows.shape[0], width, device=gate_up.device, dtype=gate_up.dtype)
+    _silu_mul_launch(rows, None, out, width)
+    return out.view(*gate_up.shape[:-1], width)
+
+
+def _silu_mul_backward(grad: Tensor, gate_up: Tensor, width: int) -> Tensor:
+    rows = gate_up.reshape(-1, gate_up.shape[-1])
+    # Columns past 2 * width (padding of the stacked projection) get a zero gradient.
+    empty = torch.empty if rows.shape[1] == 2 * width else torch.zeros
+    d_gate_up = empty(rows.shape, device=rows.device, dtype=rows.dtype)
+    _silu_mul_launch(rows, grad.reshape(-1, width).contiguous(), d_gate_up, width)
+    return d_gate_up.view(gate_up.shape)
+
+
 class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: Tensor, width: int) -> Tensor:
-        rows = gate_up.reshape(-1, gate_up.shape[-1])
-        out = torch.empty(rows.shape[0], width, device=gate_up.device, dtype=gate_up.dtype)
-        _silu_mul_launch(rows, None, out, width)
-        ctx.save_for_backward(rows)
-        ctx.width, ctx.shape = width, gate_up.shape
-        return out.view(*gate_up.shape[:-1], width)
+        ctx.save_for_backward(gate_up)
+        ctx.width = width
+        return _silu_mul_forward(gate_up, width)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (rows,) = ctx.saved_tensors
-        # Columns past 2 * width (padding of the stacked projection) get a zero gradient.
-        empty = torch.empty if rows.shape[1] == 2 * ctx.width else torch.zeros
-        d_gate_up = empty(rows.shape, device=rows.device, dtype=rows.dtype)
-        _silu_mul_launch(rows, grad.reshape(-1, ctx.width).contiguous(), d_gate_up, ctx.width)
-        return d_gate_up.view(ctx.shape), None
+        return _silu_mul_backward(grad, *ctx.saved_tensors, ctx.width), None
+
+
+@torch.library.custom_op("nsa_hf::silu_mul", mutates_args=())
+def _silu_mul_op(gate_up: Tensor, width: int) -> Tensor:
+    return _silu_mul_forward(gate_up, width)
+
+
+@_silu_mul_op.register_fake
+def _(gate_up, width):
+    return gate_up.new_empty(*gate_up.shape[:-1], width)
+
+
+@torch.library.custom_op("nsa_hf::silu_mul_backward", mutates_args=())
+def _silu_mul_backward_op(grad: Tensor, gate_up: Tensor, width: int) -> Tensor:
+    return _silu_mul_backward(grad, gate_up, width)
+
+
+@_silu_mul_backward_op.register_fake
+def _(grad, gate_up, width):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _silu_mul_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.width = inputs[1]
+
+
+_silu_mul_op.register_autograd(
+    lambda ctx, grad: (_silu_mul_backward_op(grad, *ctx.saved_tensors, ctx.width), None), setup_context=_silu_mul_setup
+)
 
 
 def silu_mul(gate_up: Tensor, width: int) -> Tensor:
@@ -294,6 +411,8 @@ def silu_mul(gate_up: Tensor, width: int) -> Tensor:
         raise ValueError(
             f"`gate_up` must hold gate and up ({2 * width} columns, last dim contiguous), got {tuple(gate_up.shape)}."
         )
+    if torch.compiler.is_compiling():
+        return _silu_mul_op(gate_up, width)
     return _SiluMul.apply(gate_up, width)
 
 
@@ -342,25 +461,62 @@ def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Te
         )
 
 
+def _gate_forward(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+    outputs = tuple(o.contiguous() for o in (o_cmp, o_slc, o_win))
+    out = torch.empty_like(outputs[0])
+    if out.numel():
+        _gate_launch(outputs, gates.contiguous(), out=out)
+    return out
+
+
+def _gate_backward(grad: Tensor, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> tuple[Tensor, ...]:
+    outputs = tuple(o.contiguous() for o in (o_cmp, o_slc, o_win))
+    gates = gates.contiguous()
+    d_outputs = tuple(torch.empty_like(o) for o in outputs)
+    d_gates = torch.empty_like(gates)
+    if grad.numel():
+        _gate_launch(outputs, gates, grad.contiguous(), d_outputs, d_gates)
+    return *d_outputs, d_gates
+
+
 class _GateBranches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
-        outputs = tuple(o.contiguous() for o in (o_cmp, o_slc, o_win))
-        gates = gates.contiguous()
-        out = torch.empty_like(outputs[0])
-        if out.numel():
-            _gate_launch(outputs, gates, out=out)
-        ctx.save_for_backward(*outputs, gates)
-        return out
+        ctx.save_for_backward(o_cmp, o_slc, o_win, gates)
+        return _gate_forward(o_cmp, o_slc, o_win, gates)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        *outputs, gates = ctx.saved_tensors
-        d_outputs = tuple(torch.empty_like(o) for o in outputs)
-        d_gates = torch.empty_like(gates)
-        if grad.numel():
-            _gate_launch(tuple(outputs), gates, grad.contiguous(), d_outputs, d_gates)
-        return *d_outputs, d_gates
+        return _gate_backward(grad, *ctx.saved_tensors)
+
+
+@torch.library.custom_op("nsa_hf::gate_branches", mutates_args=())
+def _gate_op(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+    return _gate_forward(o_cmp, o_slc, o_win, gates)
+
+
+@_gate_op.register_fake
+def _(o_cmp, o_slc, o_win, gates):
+    return o_cmp.new_empty(o_cmp.shape)
+
+
+@torch.library.custom_op("nsa_hf::gate_branches_backward", mutates_args=())
+def _gate_backward_op(
+    grad: Tensor, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _gate_backward(grad, o_cmp, o_slc, o_win, gates)
+
+
+@_gate_backward_op.register_fake
+def _(grad, o_cmp, o_slc, o_win, gates):
+    return tuple(t.new_empty(t.shape) for t in (o_cmp, o_slc, o_win, gates))
+
+
+def _gate_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+_gate_op.register_autograd(lambda ctx, grad: _gate_backward_op(grad, *ctx.saved_tensors), setup_context=_gate_setup)
 
 
 def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
@@ -372,6 +528,8 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
         )
     if not (o_cmp.dtype == o_slc.dtype == o_win.dtype):
         raise ValueError(f"branch outputs must share one dtype, got {o_cmp.dtype}, {o_slc.dtype} and {o_win.dtype}.")
+    if torch.compiler.is_compiling():
+        return _gate_op(o_cmp, o_slc, o_win, gates)
     return _GateBranches.apply(o_cmp, o_slc, o_win, gates)
 
 
@@ -417,19 +575,39 @@ def _cross_entropy_bwd_kernel(LOGITS, LABELS, LSE, GRAD, DLOGITS, vocab, stride_
 _CE_BLOCK = 4096  # logits per chunk of a row (16 KB of fp32 in flight per program)
 
 
+def _cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(losses [N] fp32, lse [N] fp32)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    labels = labels.contiguous()
+    num_rows, vocab = logits.shape
+    losses = torch.empty(num_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty_like(losses)
+    block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
+    if num_rows:
+        _cross_entropy_fwd_kernel[(num_rows,)](logits, labels, losses, lse, vocab, logits.stride(0), ignore_index,
+                                               BLOCK=block)
+    return losses, lse
+
+
+def _cross_entropy_backward(grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int) -> Tensor:
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    num_rows, vocab = logits.shape
+    d_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+    block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
+    if num_rows:
+        _cross_entropy_bwd_kernel[(num_rows, triton.cdiv(vocab, block))](
+            logits, labels.contiguous(), lse, grad.float().contiguous(), d_logits, vocab, logits.stride(0),
+            d_logits.stride(0), ignore_index, BLOCK=block,
+        )
+    return d_logits
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        labels = labels.contiguous()
-        num_rows, vocab = logits.shape
-        losses = torch.empty(num_rows, device=logits.device, dtype=torch.float32)
-        lse = torch.empty_like(losses)
-        block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
-        if num_rows:
-            _cross_entropy_fwd_kernel[(num_rows,)](logits, labels, losses, lse, vocab, logits.stride(0), ignore_index,
-                                                   BLOCK=block)
+        losses, lse = _cross_entropy_forward(logits, labels, ignore_index)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index = ignore_index
         ctx.mark_non_differentiable(labels)
@@ -437,16 +615,41 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        num_rows, vocab = logits.shape
-        d_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-        block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
-        if num_rows:
-            _cross_entropy_bwd_kernel[(num_rows, triton.cdiv(vocab, block))](
-                logits, labels, lse, grad.float().contiguous(), d_logits, vocab, logits.stride(0), d_logits.stride(0),
-                ctx.ignore_index, BLOCK=block,
-            )
-        return d_logits, None, None
+        return _cross_entropy_backward(grad, *ctx.saved_tensors, ctx.ignore_index), None, None
+
+
+@torch.library.custom_op("nsa_hf::cross_entropy", mutates_args=())
+def _cross_entropy_op(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    return _cross_entropy_forward(logits, labels, ignore_index)
+
+
+@_cross_entropy_op.register_fake
+def _(logits, labels, ignore_index):
+    return (logits.new_empty(logits.shape[0], dtype=torch.float32), logits.new_empty(logits.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("nsa_hf::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int) -> Tensor:
+    return _cross_entropy_backward(grad, logits, labels, lse, ignore_index)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad, logits, labels, lse, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _cross_entropy_setup(ctx, inputs, output) -> None:
+    logits, labels, ignore_index = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(output[1])
+
+
+def _cross_entropy_grad(ctx, grad: Tensor, _dlse: Tensor | None):
+    return _cross_entropy_backward_op(grad, *ctx.saved_tensors, ctx.ignore_index), None, None
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -459,4 +662,6 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
         )
     if labels.dtype.is_floating_point:
         raise ValueError(f"`labels` must be an integer tensor, got {labels.dtype}.")
+    if torch.compiler.is_compiling():
+        return _cross_entropy_op(logits, labels, ignore_index)[0]
     return _CrossEntropy.apply(logits, labels, ignore_index)
