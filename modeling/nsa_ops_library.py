@@ -43,7 +43,7 @@ class Kernels(NamedTuple):
 
     # (q, k, v, lo, hi, scale, run_length, documents) -> (o [Nq, HQ, Dv], lse [Nq, HQ] fp32)
     interval_forward: Callable[..., tuple[Tensor, Tensor]]
-    # (do, dlse or None, q, k, v, o, lse, lo, hi, scale, run_length, documents) -> (dq, dk, dv)
+    # (do, dlse or None, q, k, v, o, lse, lo, hi, scale, run_length, documents, max_readers) -> (dq, dk, dv)
     interval_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     # (q, k, v, block_starts, block_size, hi, scale) -> (o, lse [Nq, HQ] fp32, a residual for the backward)
     block_forward: Callable[..., tuple[Tensor, Tensor]]
@@ -92,7 +92,7 @@ def kernels_from_primitives(interval: Callable, block: Callable, select: Callabl
     def interval_forward(q, k, v, lo, hi, scale, run_length, documents):
         return interval(q, k, v, lo, hi, scale, run_length)
 
-    def interval_backward(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents):
+    def interval_backward(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents, max_readers):
         def recompute(*qkv: Tensor) -> tuple[Tensor, Tensor]:
             o, lse = interval(*qkv, lo, hi, scale, run_length)
             return o, torch.where(torch.isfinite(lse), lse, 0)  # -inf where no key is seen: gradient 0 there, not NaN
@@ -119,7 +119,7 @@ def kernels_from_primitives(interval: Callable, block: Callable, select: Callabl
 @torch.library.custom_op("nsa_hf::interval_attention", mutates_args=())
 def _interval_op(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int, documents: Tensor | None,
-    backend: str,
+    max_readers: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length or None, documents)
@@ -127,39 +127,41 @@ def _interval_op(
 
 
 @_interval_op.register_fake
-def _(q, k, v, lo, hi, scale, run_length, documents, backend):
+def _(q, k, v, lo, hi, scale, run_length, documents, max_readers, backend):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("nsa_hf::interval_attention_backward", mutates_args=())
 def _interval_backward_op(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, lo: Tensor, hi: Tensor, scale: float,
-    run_length: int, documents: Tensor | None, backend: str,
+    run_length: int, documents: Tensor | None, max_readers: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _kernels(backend).interval_backward(
-        do, dlse, q, k, v, o, lse, lo, hi, scale, run_length or None, documents
+        do, dlse, q, k, v, o, lse, lo, hi, scale, run_length or None, documents, max_readers or None
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_interval_backward_op.register_fake
-def _(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents, backend):
+def _(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents, max_readers, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _interval_setup(ctx, inputs, output) -> None:
-    q, k, v, lo, hi, scale, run_length, documents, backend = inputs
+    q, k, v, lo, hi, scale, run_length, documents, max_readers, backend = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, lo, hi, o, lse, documents)
-    ctx.scale, ctx.run_length, ctx.backend = scale, run_length, backend
+    ctx.scale, ctx.run_length, ctx.max_readers, ctx.backend = scale, run_length, max_readers, backend
 
 
 def _interval_grad(ctx, do: Tensor | None, dlse: Tensor | None):
     q, k, v, lo, hi, o, lse, documents = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = _interval_backward_op(do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, documents, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = _interval_backward_op(
+        do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, documents, ctx.max_readers, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _interval_op.register_autograd(_interval_grad, setup_context=_interval_setup)
@@ -170,10 +172,11 @@ class _IntervalFunction(torch.autograd.Function):
     microseconds a call, which a decoding step pays per layer and branch)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, scale, run_length, documents, backend):
+    def forward(ctx, q, k, v, lo, hi, scale, run_length, documents, max_readers, backend):
         o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length, documents)
         ctx.save_for_backward(q, k, v, lo, hi, o, lse)
         ctx.scale, ctx.run_length, ctx.documents, ctx.backend = scale, run_length, documents, backend
+        ctx.max_readers = max_readers
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -182,21 +185,22 @@ class _IntervalFunction(torch.autograd.Function):
         q, k, v, lo, hi, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
         dq, dk, dv = _kernels(ctx.backend).interval_backward(
-            do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents
+            do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents, ctx.max_readers
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, *, backend: str,
-    run_length: int | None = None, documents: Tensor | None = None,
+    run_length: int | None = None, documents: Tensor | None = None, max_readers: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each query i attends to the keys [lo[i], hi[i]) of k/v on `backend` (a registered name, not "auto"):
     q [Nq, HQ, D], k/v [Nk, H, D*] -> (o [Nq, HQ, Dv], lse [Nq, HQ] fp32; both differentiable). `run_length`
-    (queries per row when decoding) and `documents` (a full pass's host boundaries) are tiling hints."""
+    (queries per row when decoding) and `documents` (a full pass's host boundaries) are tiling hints; `max_readers`, a
+    bound on how many queries see one key (the window's w), spares the backward programs for longer reader ranges."""
     if torch.compiler.is_compiling():
-        return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, documents, backend)
-    return _IntervalFunction.apply(q, k, v, lo, hi, float(scale), run_length or None, documents, backend)
+        return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, documents, max_readers or 0, backend)
+    return _IntervalFunction.apply(q, k, v, lo, hi, float(scale), run_length or None, documents, max_readers, backend)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -245,10 +245,10 @@ def interval_forward(
 
 def interval_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, lo: Tensor, hi: Tensor, scale: float,
-    run_length: int | None = None, documents: Documents = None,
+    run_length: int | None = None, documents: Documents = None, max_readers: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of `interval_forward` for the gradients of its output (`do`) and lse (`dlse`, or None);
-    needs lo and hi non-decreasing."""
+    needs lo and hi non-decreasing. `max_readers`: at most this many queries see any one key (None: unknown)."""
     num_k, heads_kv, dim_v = v.shape
     num_q, heads_q, dim = q.shape
     if num_k == 0 or num_q == 0:
@@ -270,9 +270,11 @@ def interval_backward(
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     q_lo, q_hi = _key_readers(lo, hi, num_k)
-    # Programs per key tile: enough for the longest reader range any tile could have (all queries), known
-    # without a host sync; those past a tile's own range return at once.
-    _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, triton.cdiv(num_q, _READER_CHUNK))](
+    # Programs per key tile: enough for the longest reader range any tile could have, known without a host sync
+    # (the 64 keys of a tile and the `max_readers` queries after each, or all queries); those past a tile's own
+    # range return at once.
+    readers = num_q if max_readers is None else min(num_q, max_readers + 63)
+    _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, triton.cdiv(readers, _READER_CHUNK))](
         q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, scale,
         Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
     )

@@ -124,7 +124,7 @@ def test_custom_ops_pass_opcheck():
     lo = layout.cmp_offsets
     hi = lo + nsa_hf.ops.num_compressed_blocks(layout.positions + 1, 8, 4)
     ops = torch.ops.nsa_hf
-    torch.library.opcheck(ops.interval_attention.default, (q, k_cmp, v_cmp, lo, hi, 0.3, 0, layout.documents, backend))
+    torch.library.opcheck(ops.interval_attention.default, (q, k_cmp, v_cmp, lo, hi, 0.3, 0, layout.documents, 0, backend))
     _, lse = library.interval_attention(q, k_cmp, v_cmp, lo, hi, 0.3, backend=backend)
     fields = [8, 4, 16, 3, 1, 1, 12]
     select_args = (q.detach(), k_cmp.detach(), lse.detach(), layout.positions, layout.cmp_offsets, 0, layout.documents,

@@ -73,7 +73,7 @@ def sliding_window_attention_varlen(
     """Window branch on flat tensors: keys at positions [t - w + 1, t] of the query's document."""
     lo, hi = window_intervals(layout, window_size) if ranges is None else (ranges.win_lo, ranges.win_hi)
     return library.interval_attention(
-        q, k, v, lo, hi, scale, backend=backend, run_length=layout.run_length,
+        q, k, v, lo, hi, scale, backend=backend, run_length=layout.run_length, max_readers=window_size,
         documents=layout.documents,
     )[0]
 
