@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
     # Must be set before triton is first imported, so that @triton.jit builds interpreter kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# AOTAutograd's on-disk cache keys a compiled graph on its forward only (pytorch/pytorch#144344): a changed backward
+# of a custom op (`register_autograd`) would be served stale from an earlier run, hiding the change from the tests.
+import torch._functorch.config  # noqa: E402
+
+torch._functorch.config.enable_autograd_cache = False
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

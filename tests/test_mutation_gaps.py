@@ -9,6 +9,9 @@ import torch
 from torch.nn import functional as F
 
 from nsa_hf import NsaCache
+from nsa_hf.ops import library, reference
+from nsa_hf.ops.backends import resolve_primitives
+from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
 
 from .factories import make_model, tiny_config
 
@@ -130,3 +133,105 @@ def test_mask_sizes_are_cached_plus_new_tokens():
     for query_length in (1, 3):
         for layer_idx in range(config.num_hidden_layers):
             assert cache.get_mask_sizes(query_length, layer_idx) == (9 + query_length, 0)
+
+
+# -- Found by planting bugs in the custom-op layer (issue 14): the lse gradient of interval attention, the compiled
+# -- selection's pattern fields, the compiled cross entropy's ignore_index, and a row that is all padding.
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="needs triton (CPU: its interpreter)"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interval_attention_lse_gradient_matches_autograd(backend):
+    """Both outputs of `interval_attention` are differentiable: a loss on o and lse gets the gradients of the pure
+    PyTorch reference (window intervals: every query sees a key), and stays finite where no key is seen (lse -inf:
+    the compressed branch's first queries), where the lse gradient contributes nothing."""
+    torch.manual_seed(0)
+    name = resolve_primitives(backend, torch.device(DEVICE))
+    layout, blocks = QueryLayout.from_cu_seqlens(torch.tensor([0, 30, 41], device=DEVICE), 8, 4)
+    q = torch.randn(41, 4, 8, device=DEVICE, requires_grad=True)
+    k, v = torch.randn(41, 2, 8, device=DEVICE, requires_grad=True), torch.randn(41, 2, 8, device=DEVICE, requires_grad=True)
+    lo = layout.key_offsets + (layout.positions - 11).clamp(min=0)
+    hi = layout.key_offsets + layout.positions + 1
+    go, glse = torch.randn(41, 4, 8, device=DEVICE), torch.randn(41, 4, device=DEVICE)
+
+    o, lse = library.interval_attention(q, k, v, lo, hi, 0.3, backend=name, documents=layout.documents)
+    grads = torch.autograd.grad((o * go).sum() + (lse * glse).sum(), (q, k, v))
+    o_ref, lse_ref = reference.interval_attention(q, k, v, lo, hi, 0.3)
+    expected = torch.autograd.grad((o_ref * go).sum() + (lse_ref * glse).sum(), (q, k, v), retain_graph=True)
+    without_lse = torch.autograd.grad((o_ref * go).sum(), (q, k, v))
+    for g, g_ref in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=2e-4, atol=2e-4)
+    for g_ref, g_o in zip(expected[:2], without_lse[:2], strict=True):
+        assert (g_ref - g_o).abs().max() > 1e-2  # the lse term is felt (in dq and dk: lse does not depend on v)
+
+    k_cmp = torch.randn(blocks.count, 2, 8, device=DEVICE, requires_grad=True)
+    v_cmp = torch.randn(blocks.count, 2, 8, device=DEVICE, requires_grad=True)
+    lo = layout.cmp_offsets
+    hi = lo + num_compressed_blocks(layout.positions + 1, 8, 4)
+    o, lse = library.interval_attention(q, k_cmp, v_cmp, lo, hi, 0.3, backend=name, documents=layout.documents)
+    assert torch.isinf(lse).any()
+    grads = torch.autograd.grad((o * go).sum() + (torch.where(torch.isfinite(lse), lse, 0) * glse).sum(), (q, k_cmp, v_cmp))
+    assert all(torch.isfinite(g).all() for g in grads)
+    unseen = torch.isinf(lse).all(-1)
+    assert (grads[0][unseen] == 0).all()
+
+
+def test_compiled_select_blocks_equals_eager_with_unequal_forced_blocks():
+    """The pattern reaches the compiled op as a list of ints: fields in the wrong order would go unseen with the tiny
+    config (as many initial as local blocks), so here they differ."""
+    torch.manual_seed(0)
+    name = resolve_primitives("reference", torch.device(DEVICE))
+    pattern = SparsePattern(8, 4, 16, 3, num_init_blocks=0, num_local_blocks=2, window_size=12)
+    layout, blocks = QueryLayout.from_cu_seqlens(torch.tensor([0, 70, 90], device=DEVICE), 8, 4)
+    q = torch.randn(90, 4, 8, device=DEVICE)
+    k_cmp, v_cmp = torch.randn(blocks.count, 2, 8, device=DEVICE), torch.randn(blocks.count, 2, 8, device=DEVICE)
+    lo = layout.cmp_offsets
+    hi = lo + num_compressed_blocks(layout.positions + 1, 8, 4)
+    _, lse = library.interval_attention(q, k_cmp, v_cmp, lo, hi, 0.3, backend=name)
+
+    def select(q, k_cmp, lse):
+        return library.select_blocks(q, k_cmp, lse, layout, pattern, 0.3, backend=name)
+
+    eager = select(q, k_cmp, lse)
+    torch._dynamo.reset()
+    compiled = torch.compile(select, fullgraph=True)(q, k_cmp, lse)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="needs triton (CPU: its interpreter)")
+def test_compiled_cross_entropy_honours_its_ignore_index():
+    """The compiled cross entropy's gradient skips the rows labelled with its own ignore_index, not only -100's."""
+    from nsa_hf.ops import triton as kernels
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 33, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([1, 5, 0, 32, 0, 7], device=DEVICE)
+
+    def loss(logits):
+        return kernels.cross_entropy(logits, labels, ignore_index=0).sum()
+
+    expected = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(logits, labels, ignore_index=0, reduction="sum"), logits
+    )[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)(logits)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.autograd.grad(compiled, logits)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_fully_padded_row_is_not_a_mask_with_holes(use_cache):
+    """A row with no real token (an empty example in a batch) is padding only, not holes: the model runs, and the
+    other row is what it is alone."""
+    model = make_model(tiny_config())
+    ids = torch.randint(1, 97, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
+        torch.testing.assert_close(logits[0], model(input_ids=ids[:1], use_cache=use_cache).logits[0], rtol=1e-4, atol=1e-5)
