@@ -31,7 +31,7 @@ from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .nsa_ops_backends import NsaBackend, PointwiseKernels, resolve_backend, resolve_pointwise
 from .nsa_ops_compression import block_tokens, take_blocks
-from .nsa_ops_layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks
+from .nsa_ops_layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks, seq_idx_starts
 from .nsa_ops_library import document_layout
 
 logger = logging.get_logger(__name__)
@@ -460,8 +460,7 @@ def _document_starts(position_ids: Tensor | None, batch: int, seq_idx: Tensor | 
     if seq_idx is not None and seq_idx.shape[-1] > 1:
         # Without position_ids (`return_position_ids=False`) seq_idx is the only sign of packing: ignoring it
         # would let every document attend to the ones before it.
-        seq_idx = seq_idx.expand(batch, -1)
-        starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
+        starts = seq_idx_starts(seq_idx.expand(batch, -1))
         if compiling or bool(starts.any()):
             return starts
     return None
@@ -479,6 +478,7 @@ class NsaModel(NsaPreTrainedModel):
         self.layers = nn.ModuleList([NsaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = NsaRMSNorm(config)
         self.rotary_emb = NsaRotaryEmbedding(config=config)
+        self.pattern = sparse_pattern(config)  # as each NsaAttention keeps it: the plans' branch ranges use it
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -513,15 +513,14 @@ class NsaModel(NsaPreTrainedModel):
             layout, blocks = document_layout(num_tokens, l, d, device, doc_starts=doc_starts)
         else:  # left padding: each row is a padding document, then its real one
             padding, holes = _padding_and_holes(attention_mask.to(device))
-            tokens = torch.arange(seq_len, device=device)
-            starts = (tokens == 0) | (tokens == padding[:, None])
+            starts = torch.arange(seq_len, device=device) == padding[:, None]  # rows start their padding anyway
             layout, blocks = document_layout(
                 num_tokens, l, d, device, doc_starts=starts, invalid=holes, invalid_message=_HOLES_MESSAGE
             )
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, layout.positions.view(batch, seq_len)))
         block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, blocks.positions[None]))
         return NsaForwardPlan(
-            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, sparse_pattern(self.config)),
+            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, self.pattern),
             block_tokens=block_tokens(blocks.token_starts, l, num_tokens), block_cos=block_cos[0], block_sin=block_sin[0],
         )
 
@@ -554,7 +553,7 @@ class NsaModel(NsaPreTrainedModel):
             run_length=num_new,
         )
         plan = NsaForwardPlan(
-            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, sparse_pattern(self.config)),
+            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, self.pattern),
             block_tokens=None, block_cos=None, block_sin=None, geometry=geometry,
         )
         if geometry.num_new_blocks:

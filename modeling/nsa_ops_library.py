@@ -24,12 +24,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .nsa_ops_layout import CompressionBlocks, QueryLayout, SparsePattern, num_compressed_blocks
+from .nsa_ops_layout import CompressionBlocks, QueryLayout, SparsePattern, cu_seqlens_from_starts, num_compressed_blocks
 
 __all__ = [
     "Kernels",
     "block_attention",
     "document_layout",
+    "eager_block_attention",
+    "eager_interval_attention",
     "interval_attention",
     "kernels_from_primitives",
     "register_kernels",
@@ -168,15 +170,15 @@ _interval_op.register_autograd(_interval_grad, setup_context=_interval_setup)
 
 
 class _IntervalFunction(torch.autograd.Function):
-    """The eager path of `interval_attention`: the same kernels as the op, without its dispatch (tens of
-    microseconds a call, which a decoding step pays per layer and branch)."""
+    """The eager path of interval attention: a backend's forward and backward functions, without the op dispatch
+    (tens of microseconds a call, which a decoding step pays per layer and branch)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, scale, run_length, documents, max_readers, backend):
-        o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length, documents)
+    def forward(ctx, q, k, v, lo, hi, scale, run_length, documents, max_readers, forward, backward):
+        o, lse = forward(q, k, v, lo, hi, scale, run_length, documents)
         ctx.save_for_backward(q, k, v, lo, hi, o, lse)
-        ctx.scale, ctx.run_length, ctx.documents, ctx.backend = scale, run_length, documents, backend
-        ctx.max_readers = max_readers
+        ctx.scale, ctx.run_length, ctx.documents, ctx.max_readers = scale, run_length, documents, max_readers
+        ctx.backward = backward
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -184,10 +186,17 @@ class _IntervalFunction(torch.autograd.Function):
     def backward(ctx, do: Tensor | None, dlse: Tensor | None):
         q, k, v, lo, hi, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _kernels(ctx.backend).interval_backward(
-            do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents, ctx.max_readers
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = ctx.backward(do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents, ctx.max_readers)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def eager_interval_attention(
+    forward: Callable[..., tuple[Tensor, Tensor]], backward: Callable[..., tuple[Tensor, Tensor, Tensor]], q: Tensor,
+    k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
+    documents: Tensor | tuple[int, ...] | None = None, max_readers: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable interval attention from a `Kernels.interval_forward` / `interval_backward` pair."""
+    return _IntervalFunction.apply(q, k, v, lo, hi, scale, run_length, documents, max_readers, forward, backward)
 
 
 def interval_attention(
@@ -200,7 +209,11 @@ def interval_attention(
     bound on how many queries see one key (the window's w), spares the backward programs for longer reader ranges."""
     if torch.compiler.is_compiling():
         return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, documents, max_readers or 0, backend)
-    return _IntervalFunction.apply(q, k, v, lo, hi, float(scale), run_length or None, documents, max_readers, backend)
+    kernels = _kernels(backend)
+    return eager_interval_attention(
+        kernels.interval_forward, kernels.interval_backward, q, k, v, lo, hi, float(scale), run_length or None,
+        documents, max_readers,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,20 +269,28 @@ _block_op.register_autograd(_block_grad, setup_context=_block_setup)
 
 
 class _BlockFunction(torch.autograd.Function):
-    """The eager path of `block_attention` (see `_IntervalFunction`)."""
+    """The eager path of block attention (see `_IntervalFunction`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_starts, block_size, hi, scale, backend):
-        o, lse = _kernels(backend).block_forward(q, k, v, block_starts, block_size, hi, scale)
+    def forward(ctx, q, k, v, block_starts, block_size, hi, scale, forward, backward):
+        o, lse = forward(q, k, v, block_starts, block_size, hi, scale)
         ctx.save_for_backward(q, k, v, o, lse, block_starts, hi)
-        ctx.block_size, ctx.scale, ctx.backend = block_size, scale, backend
+        ctx.block_size, ctx.scale, ctx.backward = block_size, scale, backward
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
         q, k, v, o, lse, block_starts, hi = ctx.saved_tensors
-        dq, dk, dv = _kernels(ctx.backend).block_backward(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = ctx.backward(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def eager_block_attention(
+    forward: Callable[..., tuple[Tensor, Tensor]], backward: Callable[..., tuple[Tensor, Tensor, Tensor]], q: Tensor,
+    k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
+) -> Tensor:
+    """Differentiable block attention from a `Kernels.block_forward` / `block_backward` pair."""
+    return _BlockFunction.apply(q, k, v, block_starts, block_size, hi, scale, forward, backward)
 
 
 def block_attention(
@@ -279,7 +300,8 @@ def block_attention(
     `backend`: q [Nq, HQ, D], k/v [Nk, H, D*], block_starts [Nq, H, n] (negative: empty slot) -> o [Nq, HQ, Dv]."""
     if torch.compiler.is_compiling():
         return _block_op(q, k, v, block_starts, block_size, hi, float(scale), backend)[0]
-    return _BlockFunction.apply(q, k, v, block_starts, block_size, hi, float(scale), backend)
+    kernels = _kernels(backend)
+    return eager_block_attention(kernels.block_forward, kernels.block_backward, q, k, v, block_starts, block_size, hi, float(scale))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,10 +355,7 @@ def _document_layout_op(
     if invalid is not None and bool(invalid):
         raise ValueError(invalid_message)
     if cu_seqlens is None:
-        starts = doc_starts.clone()
-        starts[:, 0] = True  # rows never share a document
-        starts = starts.reshape(-1)
-        cu_seqlens = torch.cat([torch.nonzero(starts).flatten(), starts.new_tensor([num_tokens], dtype=torch.long)])
+        cu_seqlens = cu_seqlens_from_starts(doc_starts)
     layout, blocks = QueryLayout.from_cu_seqlens(cu_seqlens, block_size, stride, num_tokens, device=device)
     # Padded to the most blocks any documents of num_tokens can hold, so the output size is known before the
     # boundaries are: slots past the real blocks hold a valid block that no query reads.

@@ -11,6 +11,8 @@ needs lo and hi to be non-decreasing in the query index (true for every full pas
 
 from __future__ import annotations
 
+import functools
+
 import torch
 try:  # optional package: in a try block, transformers' check_imports does not require it
     import triton
@@ -19,6 +21,7 @@ except ImportError:
     raise
 from torch import Tensor
 
+from .nsa_ops_library import eager_interval_attention
 from .nsa_ops_triton_common import (
     Documents,
     _at_row,
@@ -290,28 +293,12 @@ def _key_readers(lo: Tensor, hi: Tensor, num_k: int) -> tuple[Tensor, Tensor]:
     return torch.searchsorted(hi, key_index, right=True).to(torch.int32), torch.searchsorted(lo, key_index, right=True).to(torch.int32)
 
 
-class _IntervalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lo, hi, scale, run_length, num_splits, documents):
-        o, lse = interval_forward(q, k, v, lo, hi, scale, run_length, documents, num_splits)
-        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
-        ctx.scale, ctx.run_length, ctx.documents = scale, run_length, documents
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do: Tensor, _dlse: Tensor):
-        q, k, v, lo, hi, o, lse = ctx.saved_tensors
-        dq, dk, dv = interval_backward(do, None, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, ctx.documents)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
     num_splits: int | None = None, documents: Documents = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton version of `reference.interval_attention`, differentiable on its own (the model goes through the
-    custom op `nsa_hf::interval_attention`, which runs `interval_forward` and `interval_backward`). Backward
+    """Triton version of `reference.interval_attention`, differentiable in o and lse, with the tuning knobs exposed
+    (the model reaches the same `interval_forward` / `interval_backward` through `nsa_hf.ops.library`). Backward
     needs lo and hi non-decreasing.
 
     `run_length`: queries come in runs of this many per row (decoding), which spares a host sync.
@@ -320,4 +307,5 @@ def interval_attention(
     `documents`: host boundaries of the documents of a full pass (a tuple or a CPU tensor), each query's interval
     inside its document's part of the store: the query tiles are cut from them without a host sync.
     """
-    return _IntervalAttention.apply(q, k, v, lo, hi, scale, run_length, num_splits, documents)
+    forward = functools.partial(interval_forward, num_splits=num_splits) if num_splits else interval_forward
+    return eager_interval_attention(forward, interval_backward, q, k, v, lo, hi, scale, run_length, documents)

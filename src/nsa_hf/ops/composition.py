@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import library
-from .layout import BranchRanges, QueryLayout, SparsePattern, branch_ranges, window_intervals
+from .layout import BranchRanges, QueryLayout, SparsePattern, branch_ranges, compressed_intervals, window_intervals
 from .reference import _check_gqa, block_attention, gate_branches, interval_attention, select_blocks_varlen
 
 __all__ = [
@@ -49,9 +49,9 @@ def compressed_attention_varlen(
 ) -> tuple[Tensor, Tensor]:
     """Compressed branch on flat tensors: query t sees its document's blocks i with i*d + l - 1 <= t."""
     _check_gqa(q, k_cmp, "k_cmp")
-    ranges = ranges or branch_ranges(layout, pattern)
+    lo, hi = compressed_intervals(layout, pattern) if ranges is None else (ranges.cmp_lo, ranges.cmp_hi)
     return library.interval_attention(
-        q, k_cmp, v_cmp, ranges.cmp_lo, ranges.cmp_hi, scale, backend=backend, run_length=layout.run_length,
+        q, k_cmp, v_cmp, lo, hi, scale, backend=backend, run_length=layout.run_length,
         documents=layout.documents,
     )
 
@@ -97,7 +97,7 @@ def nsa_attention_varlen(
     """All three branches and the gates on flat tensors. gates [Nq, HQ, 3] (cmp, slc, win), already in (0, 1).
     `ranges`: the pass's `BranchRanges` when its layers share them; `gate`: the backend's gate mix (PyTorch's under
     torch.compile, which fuses it)."""
-    ranges = ranges or branch_ranges(layout, pattern)
+    ranges = branch_ranges(layout, pattern) if ranges is None else ranges
     o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, backend, ranges)
     block_indices = library.select_blocks(q, k_cmp, lse, layout, pattern, scale, backend=backend)
     o_slc = selection_attention_varlen(

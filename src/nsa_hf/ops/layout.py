@@ -27,9 +27,11 @@ __all__ = [
     "cu_seqlens_from_left_padding",
     "cu_seqlens_from_position_ids",
     "cu_seqlens_from_seq_idx",
+    "cu_seqlens_from_starts",
     "host_documents",
     "host_to_device",
     "num_compressed_blocks",
+    "seq_idx_starts",
     "window_intervals",
 ]
 
@@ -105,8 +107,9 @@ def cu_seqlens_from_left_padding(pad_lengths: Tensor, seq_len: int) -> Tensor:
     return torch.unique(bounds)  # sorted; drops the empty padding documents of unpadded rows
 
 
-def _boundaries(starts: Tensor) -> Tensor:
-    """cu_seqlens over the flattened [B, T] tokens from a mask of document starts; every row starts one."""
+def cu_seqlens_from_starts(starts: Tensor) -> Tensor:
+    """cu_seqlens over the flattened [B, T] tokens from a mask of document starts; every row starts one, marked or
+    not (one host sync when the mask lives on a GPU)."""
     starts = starts.clone()
     starts[:, 0] = True  # rows never share a document
     flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
@@ -117,16 +120,19 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     """Boundaries of packed documents in [B, T] rows whose positions restart at 0 (DataCollatorWithFlattening)."""
     if position_ids.dim() != 2:
         raise ValueError(f"packed `position_ids` must have shape [B, T], got {tuple(position_ids.shape)}.")
-    return _boundaries(position_ids == 0)
+    return cu_seqlens_from_starts(position_ids == 0)
 
 
 def cu_seqlens_from_seq_idx(seq_idx: Tensor) -> Tensor:
     """Boundaries of packed documents in [B, T] rows from each token's document index (`return_seq_idx=True`)."""
     if seq_idx.dim() != 2:
         raise ValueError(f"packed `seq_idx` must have shape [B, T], got {tuple(seq_idx.shape)}.")
-    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return _boundaries(starts)
+    return cu_seqlens_from_starts(seq_idx_starts(seq_idx))
+
+
+def seq_idx_starts(seq_idx: Tensor) -> Tensor:
+    """Where the document index of [B, T] rows changes: a mask of document starts, rows' first tokens unmarked."""
+    return torch.nn.functional.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
 
 
 def _validated_documents(cu_seqlens: Tensor, num_tokens: int | None) -> tuple[int, ...]:

@@ -14,11 +14,14 @@ gathered elements in chunks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..library import eager_block_attention
 from .common import (
     _at_row,
     _combine_splits,
@@ -476,27 +479,12 @@ def block_backward(
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _BlockAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric):
-        o, lse = block_forward(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
-        ctx.save_for_backward(q, k, v, o, lse, block_starts, hi)
-        ctx.block_size, ctx.scale = block_size, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do: Tensor):
-        q, k, v, o, lse, block_starts, hi = ctx.saved_tensors
-        dq, dk, dv = block_backward(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 def block_attention(
     q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
     num_splits: int | None = None, block_centric: bool | None = None,
 ) -> Tensor:
-    """Triton version of `reference.block_attention`, differentiable on its own (the model goes through the
-    custom op `nsa_hf::block_attention`, which runs `block_forward` and `block_backward`).
+    """Triton version of `reference.block_attention`, with the tuning knobs exposed (the model reaches the same
+    `block_forward` / `block_backward` through `nsa_hf.ops.library`).
 
     `block_centric`: the forward loads each selected block once for all the queries that chose it
     (partial results per query and slot, then merged), instead of once per query. None picks it for
@@ -506,7 +494,8 @@ def block_attention(
     Queries past `_LAUNCH_ELEMENTS` of gathered elements (`_gathered_per_query`) run in chunks, each its own
     launch: the block-centric kernels gather queries with int32 offsets.
     """
-    return _BlockAttention.apply(q, k, v, block_starts, block_size, hi, scale, num_splits, block_centric)
+    forward = functools.partial(block_forward, num_splits=num_splits, block_centric=block_centric)
+    return eager_block_attention(forward, block_backward, q, k, v, block_starts, block_size, hi, scale)
 
 
 def _gathered_per_query(heads_q: int, heads_kv: int, dim: int, dim_v: int, slots: int, block_centric: bool) -> int:

@@ -260,7 +260,7 @@ def _split_runs(run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int 
 Documents = Tensor | tuple[int, ...] | None  # a full pass's host document boundaries (`QueryLayout.documents`)
 
 
-def _boundaries(documents: Tensor | tuple[int, ...]) -> tuple[int, ...]:
+def _unique_bounds(documents: Tensor | tuple[int, ...]) -> tuple[int, ...]:
     return host_documents(documents) if isinstance(documents, Tensor) else tuple(dict.fromkeys(documents))
 
 
@@ -268,7 +268,7 @@ def document_pieces(documents: Tensor | tuple[int, ...], tile: int, device: torc
     """Tiles of at most `tile` consecutive queries cut from host document boundaries: (first, length, count),
     built once per boundaries, tile and device (the layers of a pass, and the passes of a training run with one
     shape, share them)."""
-    return _document_pieces(_boundaries(documents), tile, device)
+    return _document_pieces(_unique_bounds(documents), tile, device)
 
 
 @functools.lru_cache(maxsize=64)
