@@ -15,7 +15,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import nsa_hf
-from nsa_hf.ops import library
+from nsa_hf.ops import backends, library
 from nsa_hf.ops.backends import resolve_primitives
 from nsa_hf.ops.layout import QueryLayout, SparsePattern
 
@@ -96,6 +96,20 @@ def test_fullgraph_forward_on_cu_seq_lens_and_padding_equals_eager(fresh_dynamo)
         batch = ids.expand(2, -1)
         eager = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
         torch.testing.assert_close(compiled(input_ids=batch, attention_mask=mask, use_cache=False).logits, eager)
+
+
+@pytest.mark.parametrize("setting", ["auto", BACKEND])
+def test_a_compiled_first_call_finds_its_backend_resolved(fresh_dynamo, monkeypatch, setting):
+    """A model whose very first call is compiled (fullgraph) on a process that never resolved its setting: the model
+    resolved it when built, so the traced call only reads it (resolution logs, imports and registers kernels)."""
+    for table in ("_RESOLVED_NAMES", "_RESOLVED_ATTENTION", "_RESOLVED_POINTWISE"):
+        monkeypatch.setattr(backends, table, {})
+    config = tiny_config(num_hidden_layers=1, nsa_backend=setting, fused_kernels="auto")
+    model = make_model(config).eval().to(DEVICE)
+    ids = torch.randint(0, 97, (1, 40), device=DEVICE)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(compiled, model(input_ids=ids, use_cache=False).logits, **_tolerance())
 
 
 def test_compiled_model_rejects_a_mask_with_holes(fresh_dynamo):

@@ -75,7 +75,7 @@ def _block_fwd_kernel(
         slot = split * SLOTS_PER_SPLIT + i
         start = tl.load(starts + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
         if start >= 0:
-            key_ok = (offsets < BLOCK_SIZE) & (start + offsets < hi)
+            key_ok = (offsets < BLOCK_SIZE) & (offsets < hi - start)  # offsets, not keys: see `_piece`
             k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
             k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -180,7 +180,7 @@ def _block_bwd_dq_kernel(
     for slot in range(NUM_SLOTS):
         start = tl.load(starts + slot).to(tl.int32)
         if start >= 0:
-            key_ok = (offsets < BLOCK_SIZE) & (start + offsets < hi)
+            key_ok = (offsets < BLOCK_SIZE) & (offsets < hi - start)  # offsets, not keys: see `_piece`
             k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
             k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
