@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
-from .nsa_ops_backends import NsaBackend, PointwiseKernels, resolve_backend, resolve_pointwise
+from .nsa_ops_backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
 from .nsa_ops_compression import block_tokens, take_blocks
 from .nsa_ops_layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks, seq_idx_starts
 from .nsa_ops_library import document_layout
@@ -472,6 +472,8 @@ class NsaModel(NsaPreTrainedModel):
         # config's own check, and an unknown `branch_kv` would otherwise build a shared-K/V model silently.
         config.validate_architecture()
         super().__init__(config)
+        # Resolved now, not on the first call: a first call under torch.compile(fullgraph=True) cannot trace it.
+        prepare_backends(config.nsa_backend, config.fused_kernels)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

@@ -64,9 +64,12 @@ class PointwiseKernels(NamedTuple):
     cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
 
 
-@functools.cache
+# Looked up once, at import: a constant, so that torch.compile can trace a check of it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def _triton_backend() -> tuple[library_Kernels, Callable[..., Tensor]]:
@@ -177,6 +180,16 @@ def resolve_backend(name: str, device: torch.device) -> NsaBackend:
         chosen = resolve_primitives(name, device)
         _RESOLVED_ATTENTION[key] = functools.partial(nsa_attention_varlen, backend=chosen, gate=_GATES[chosen])
     return _RESOLVED_ATTENTION[key]
+
+
+def prepare_backends(nsa_backend: str, fused_kernels: str) -> None:
+    """Resolve both settings for every device type this machine has (CPU, and CUDA when present). A model does this
+    when it is built, so that its first call under torch.compile only reads the resolved kernels: resolving imports
+    modules and registers kernels with the custom ops, which dynamo cannot trace."""
+    device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for device_type in device_types:
+        resolve_backend(nsa_backend, torch.device(device_type))
+        resolve_pointwise(fused_kernels, torch.device(device_type))
 
 
 def resolve_pointwise(name: str, device: torch.device) -> PointwiseKernels | None:

@@ -79,7 +79,7 @@ def _block_fwd_kernel(
         slot = split * SLOTS_PER_SPLIT + i
         start = tl.load(starts + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
         if start >= 0:
-            key_ok = (offsets < BLOCK_SIZE) & (start + offsets < hi)
+            key_ok = (offsets < BLOCK_SIZE) & (offsets < hi - start)  # offsets, not keys: see `_piece`
             k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
             k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -93,14 +93,17 @@ def _block_fwd_kernel(
 
 @triton.jit
 def _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Entries, key head, block start and keys of one piece of a selected block's query list (`_queries_per_block`)."""
+    """Entries, key head, block start, key offsets in the block and their validity of one piece of a selected block's
+    query list (`_queries_per_block`). The kernels compare offsets, not keys, with each query's bound (hi - start):
+    masks built from `start + offsets` beside loads from the block's base made Triton 3.6 emit a slower loop
+    (benchmarks/results/issue14/kernels.txt)."""
     first = tl.load(PIECE_FIRST + piece)
     length = tl.load(PIECE_LEN + piece)
     block_key = tl.load(SORTED_KEY + first)
     start = block_key % num_k
-    keys = start + tl.arange(0, BLOCK_S)
-    in_block = (tl.arange(0, BLOCK_S) < BLOCK_SIZE) & (keys < num_k)  # the last block of a store may be partial
-    return first, length, block_key // num_k, start, keys, in_block
+    offsets = tl.arange(0, BLOCK_S)
+    in_block = (offsets < BLOCK_SIZE) & (offsets < num_k - start)  # the last block of a store may be partial
+    return first, length, block_key // num_k, start, offsets, in_block
 
 
 @triton.jit
@@ -129,17 +132,17 @@ def _block_fwd_by_block_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):  # persistent: no host sync
-        first, length, kv_head, start, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
-                                                               BLOCK_SIZE, BLOCK_S)
+        first, length, kv_head, start, offsets, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
+                                                                  BLOCK_SIZE, BLOCK_S)
         k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
-        k, v = _kv_tile(k_block, v_block, keys - start, in_block, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
+        k, v = _kv_tile(k_block, v_block, offsets, in_block, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
         for e0 in range(0, length, BLOCK_Q):
             token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
                                                         G, ROWS, BLOCK_Q)
             q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dq_idx[None, :],
                         mask=row_ok[:, None] & (dq_idx < D)[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None]), s, float("-inf"))
+            s = tl.where(row_ok[:, None] & in_block[None, :] & (offsets[None, :] < (hi - start)[:, None]), s, float("-inf"))
             m_i = tl.max(s, axis=1)
             m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
             p = tl.exp(s - m_safe[:, None])
@@ -181,7 +184,7 @@ def _block_bwd_dq_kernel(
     for slot in range(NUM_SLOTS):
         start = tl.load(starts + slot).to(tl.int32)
         if start >= 0:
-            key_ok = (offsets < BLOCK_SIZE) & (start + offsets < hi)
+            key_ok = (offsets < BLOCK_SIZE) & (offsets < hi - start)  # offsets, not keys: see `_piece`
             k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
             k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
@@ -209,10 +212,10 @@ def _block_bwd_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):
-        first, length, kv_head, start, keys, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
-                                                               BLOCK_SIZE, BLOCK_S)
+        first, length, kv_head, start, offsets, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
+                                                                  BLOCK_SIZE, BLOCK_S)
         k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
-        k, v = _kv_tile(k_block, v_block, keys - start, in_block, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
+        k, v = _kv_tile(k_block, v_block, offsets, in_block, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
         dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
         for e0 in range(0, length, BLOCK_Q):
@@ -220,15 +223,15 @@ def _block_bwd_kernel(
                                                         G, ROWS, BLOCK_Q)
             q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                             stride_dot, stride_doh, G * heads_kv, D, DV_DIM, BLOCK_D, BLOCK_DV)
-            valid = row_ok[:, None] & in_block[None, :] & (keys[None, :] < hi[:, None])
+            valid = row_ok[:, None] & in_block[None, :] & (offsets[None, :] < (hi - start)[:, None])
             dk, dv, ds = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
             if DQ_PARTIALS:
                 tl.store(DQ + slot[:, None] * stride_dqs + token[:, None] * stride_dqt + head[:, None] * stride_dqh
                          + dq_idx[None, :], tl.dot(ds.to(k.dtype), k) * scale, mask=row_ok[:, None] & (dq_idx < D)[None, :])
         dk_block, dv_block = _key_bases(DK, DV, start, kv_head, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
-        tl.atomic_add(dk_block + (keys - start)[:, None] * stride_dkt + dq_idx[None, :], dk * scale,
+        tl.atomic_add(dk_block + offsets[:, None] * stride_dkt + dq_idx[None, :], dk * scale,
                       mask=in_block[:, None] & (dq_idx < D)[None, :])
-        tl.atomic_add(dv_block + (keys - start)[:, None] * stride_dvt + dv_idx[None, :], dv,
+        tl.atomic_add(dv_block + offsets[:, None] * stride_dvt + dv_idx[None, :], dv,
                       mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
 
 

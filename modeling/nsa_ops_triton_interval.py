@@ -90,6 +90,10 @@ def _interval_fwd_kernel(
     O = _at_row(_at_row(O, split, stride_os), first, stride_ot)
     LSE = _at_row(_at_row(LSE, split, stride_ls), first, heads_q)
     token -= first
+    # The intervals counted from the tile's first key, as the key offsets are: comparing `key_lo + offsets` made
+    # Triton 3.6 emit a longer inner loop (benchmarks/results/issue14/kernels.txt).
+    lo -= key_lo
+    hi -= key_lo
 
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -104,8 +108,7 @@ def _interval_fwd_kernel(
         offsets = start + tl.arange(0, BLOCK_N)
         k, v = _kv_tile(K, V, offsets, offsets < end, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
         s = tl.dot(q, tl.trans(k)) * scale
-        keys = key_lo + offsets
-        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+        valid = (offsets[None, :] >= lo[:, None]) & (offsets[None, :] < hi[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
