@@ -27,6 +27,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.utils import logging
 
 from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
+from .cache_static import NsaStaticCache, NsaStaticCacheLayer
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .nsa_ops_backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
@@ -255,6 +256,19 @@ class NsaForwardPlan:
     block_sin: Tensor | None
     block_slots: Tensor | None = None  # cached step: [B, m] compressed slot (block index) of each new block
     geometry: StepGeometry | None = None  # cached step: every layer's store sizes after it
+    stored_blocks: StoredBlocks | None = None  # static cache: the compressed entries the layers write
+
+
+@dataclass
+class StoredBlocks:
+    """The compressed entries a step writes into a static cache: per row, m blocks read from a flat store of
+    un-rotated K/V (the prompt when prefilling, the raw ring when decoding), their RoPE and their slots."""
+
+    tokens: Tensor  # [B, m, l] flat token index of each block
+    cos: Tensor  # [B, m, D]
+    sin: Tensor
+    slots: Tensor  # [B, m]: the block's index in its document, or the scratch slot
+    from_ring: bool  # read from the layer's raw ring (decoding) rather than from the step's own K/V (prefill)
 
 
 class NsaAttention(nn.Module):
@@ -321,7 +335,23 @@ class NsaAttention(nn.Module):
             k_raw, v_raw, k_win, v_win = k_proj, v_slc, k_slc, v_slc
         gates = self.branch_gate.from_projection(gate_projection)
 
-        if cache is not None:  # store the step, compress the blocks it completes, read the stores
+        if isinstance(cache, NsaStaticCache):
+            static: NsaStaticCacheLayer = cache.layers[self.layer_idx]
+            separate = self.independent_kv
+            static.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
+            stored = plan.stored_blocks
+            source = (static.raw_cmp_keys, static.raw_cmp_values) if stored.from_ring else (k_raw, v_raw)
+            k_blocks, v_blocks = (take_blocks(t.flatten(0, 1), stored.tokens) for t in source)
+            (k_new,) = rotate_all((self.compress_key(k_blocks),), stored.cos, stored.sin, plan.pointwise)
+            static.write_compressed(stored.slots, k_new, self.compress_value(v_blocks))
+        if isinstance(cache, NsaStaticCache) and plan.block_tokens is None:  # a decoding step reads the stores
+            static = cache.layers[self.layer_idx]
+            k_cmp, v_cmp = static.cmp_keys.flatten(0, 1), static.cmp_values.flatten(0, 1)
+            k_slc, v_slc = static.keys.flatten(0, 1), static.values.flatten(0, 1)
+            window = (static.window_keys, static.window_values) if self.independent_kv else (static.keys, static.values)
+            k_win, v_win = (t.flatten(0, 1) for t in window)
+        elif cache is not None and not isinstance(cache, NsaStaticCache):
+            # store the step, compress the blocks it completes, read the stores
             layer: NsaCacheLayer = cache.layers[self.layer_idx]
             separate = self.independent_kv
             layer.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
@@ -503,8 +533,23 @@ class NsaModel(NsaPreTrainedModel):
         batch, seq_len = hidden_states.shape[:2]
         device = hidden_states.device
         kernels = dict(attention=attention, pointwise=pointwise)
-        if cache is not None:
+        if isinstance(cache, NsaStaticCache) and cache.prefilled:
+            return self._static_step_plan(hidden_states, cache, kernels)
+        if cache is not None and not isinstance(cache, NsaStaticCache):
             return self._step_plan(hidden_states, attention_mask, cache, kernels)
+        if isinstance(cache, NsaStaticCache):  # the prompt: a full pass, whose K/V the layers then store
+            if seq_len > cache.max_cache_len:
+                raise ValueError(f"the prompt has {seq_len} tokens but the static cache holds {cache.max_cache_len} (`max_cache_len`).")
+            plan = self._plan(hidden_states, attention_mask, None, None, None, attention, pointwise)
+            starts = _leading_padding(attention_mask.to(device)) if attention_mask is not None else torch.zeros(batch, dtype=torch.long, device=device)
+            cache.doc_starts = starts
+            l, d = self.config.compress_block_size, self.config.compress_stride
+            count = max(num_compressed_blocks(seq_len, l, d), 1)
+            slots = torch.arange(count, device=device).expand(batch, -1)
+            first = (torch.arange(batch, device=device) * seq_len + starts)[:, None] + slots * d
+            cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, slots * d + l - 1))
+            plan.stored_blocks = StoredBlocks(block_tokens(first, l, batch * seq_len), cos, sin, slots, from_ring=False)
+            return plan
 
         l, d, num_tokens = self.config.compress_block_size, self.config.compress_stride, batch * seq_len
         if cu_seqlens is None and doc_starts is None and attention_mask is None:
@@ -572,6 +617,42 @@ class NsaModel(NsaPreTrainedModel):
             plan.block_cos, plan.block_sin, plan.block_slots = block_cos, block_sin, slots
         return plan
 
+    def _static_step_plan(self, hidden_states: Tensor, cache: NsaStaticCache, kernels: dict) -> NsaForwardPlan:
+        """A decoding step over a static cache: one token per row, every size fixed, positions from the cache's
+        device counter (no host sync, nothing that changes the traced graph from one step to the next)."""
+        batch, num_new = hidden_states.shape[:2]
+        if num_new != 1:
+            raise ValueError(f"a static NsaCache decodes one token per row and step after the prompt, got {num_new}.")
+        device = hidden_states.device
+        l, d, w = self.config.compress_block_size, self.config.compress_stride, self.config.window_size
+        layer = cache.layers[0]
+        token = layer.cumulative_length.clone()  # the new token's index in every row (the layers advance theirs)
+        starts = cache.doc_starts
+        positions = token - starts  # [B]
+        cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions[:, None].clamp(min=0)))
+        rows = torch.arange(batch, device=device)
+        if layer.separate_window:  # the newest token sits at ring slot (token mod R) + R
+            ring = layer.window_ring
+            window_offsets = rows * 2 * ring + token % ring + ring - positions
+        else:
+            window_offsets = rows * layer.max_cache_len + starts
+        layout = QueryLayout(
+            positions=positions, key_offsets=rows * layer.max_cache_len + starts,
+            cmp_offsets=rows * (layer.num_blocks + 1), window_offsets=window_offsets, run_length=1,
+        )
+        # The block this token completes, if any (else the scratch slot): its l raw tokens end at the ring's newest.
+        done = positions + 1 - l
+        complete = (done >= 0) & (done % d == 0)
+        slots = torch.where(complete, done.div(d, rounding_mode="floor"), layer.num_blocks)[:, None]
+        raw = layer.raw_ring
+        first = rows * 2 * raw + token % raw + raw - l + 1
+        block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, positions[:, None].clamp(min=0)))
+        return NsaForwardPlan(
+            cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, self.pattern), block_tokens=None,
+            block_cos=None, block_sin=None,
+            stored_blocks=StoredBlocks(block_tokens(first[:, None], l, batch * 2 * raw), block_cos, block_sin, slots, True),
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -599,8 +680,8 @@ class NsaModel(NsaPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if cache is not None and not isinstance(cache, NsaCache):
-            raise TypeError(f"NSA models need an `NsaCache`, got {type(cache).__name__}.")
+        if cache is not None and not isinstance(cache, NsaCache | NsaStaticCache):
+            raise TypeError(f"NSA models need an `NsaCache` or `NsaStaticCache`, got {type(cache).__name__}.")
         if use_cache is False and cache is not None:
             # generate(use_cache=False, cache=...) would feed the whole sequence every step into a cache that already
             # holds it, and decode from a history with every token repeated.
@@ -624,7 +705,8 @@ class NsaModel(NsaPreTrainedModel):
         if use_cache and cache is None:
             cache = NsaCache(self.config)
         cache = cache if use_cache or cache is not None else None
-        if attention_mask is not None:
+        # A static cache's decoding steps read the document starts it stored; its length is a device counter.
+        if attention_mask is not None and not (isinstance(cache, NsaStaticCache) and cache.prefilled):
             _check_attention_mask(attention_mask, inputs_embeds.shape[:2], cache.get_seq_length() if cache is not None else 0)
 
         hidden_states = inputs_embeds
@@ -687,16 +769,28 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def create_masks_for_generate(self, attention_mask: Tensor | None = None, cache=None, **kwargs) -> Tensor | None:
+        """generate() asks compileable caches for a 4-D mask; NSA takes the 2-D one for the prompt (left padding), and
+        a static cache's decoding steps need none (the cache keeps where each row's document starts): a mask that
+        grew every step would make torch.compile trace the step again."""
+        if isinstance(cache, NsaStaticCache) and cache.prefilled:
+            return None
+        return attention_mask
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """generate() decodes through an `NsaCache`, put in `model_kwargs` under the key the installed transformers
         reads (`cache` from 5.24, `past_key_values` before); a DynamicCache would drop the NSA state."""
         if model_kwargs.get(CACHE_KWARG) is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation not in (None, "dynamic"):
+            implementation = generation_config.cache_implementation
+            if implementation not in (None, "dynamic", "static"):
                 raise ValueError(
-                    f"NSA models decode with their own `NsaCache`; cache_implementation="
-                    f"{generation_config.cache_implementation!r} is not supported."
+                    f"NSA models decode with their own `NsaCache` (None or 'dynamic') or `NsaStaticCache` ('static'); "
+                    f"cache_implementation={implementation!r} is not supported."
                 )
-            model_kwargs[CACHE_KWARG] = NsaCache(self.config)
+            if implementation == "static":
+                model_kwargs[CACHE_KWARG] = NsaStaticCache(self.config, max_cache_len=generation_config.max_length)
+            else:
+                model_kwargs[CACHE_KWARG] = NsaCache(self.config)
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

@@ -2,7 +2,8 @@
 LM supports, each checked against cache-free recomputation where the mode is deterministic, on whichever
 transformers release is installed (5.17 passes the cache as `past_key_values`, 5.24 as `cache`).
 
-Modes that do not apply to NSA models: `cache_implementation="static"` / "offloaded" / "quantized" (NSA keeps its
+`cache_implementation="static"` is `NsaStaticCache`'s (tests/test_static_cache.py). Modes that do not apply to NSA
+models: `cache_implementation="offloaded"` / "quantized" (NSA keeps its
 own compressed, selection and window state, so transformers' dense caches would compute another function:
 refused with a clear error); contrastive search and DoLa (moved out of transformers into Hub `custom_generate`
 repositories, which need the network); `output_attentions` (NSA computes no attention matrix: refused).
@@ -192,7 +193,7 @@ def test_left_padded_batch_rows_equal_prompts_alone(model):
         assert torch.equal(out[row, width:], alone[0, prompt.shape[1] :])
 
 
-@pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized"])
+@pytest.mark.parametrize("implementation", ["offloaded", "quantized"])
 def test_dense_cache_implementations_are_refused(model, implementation):
     prompt = prompt_of(model, 1, 5)
     with pytest.raises(ValueError, match="NsaCache"):

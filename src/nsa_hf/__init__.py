@@ -6,6 +6,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_nsa import NsaCache, NsaCacheLayer
+from .cache_static import NsaStaticCache, NsaStaticCacheLayer
 from .configuration_nsa import NsaConfig
 from .modeling_nsa import NsaForCausalLM, NsaModel, NsaPreTrainedModel
 
@@ -15,4 +16,14 @@ AutoConfig.register(NsaConfig.model_type, NsaConfig, exist_ok=True)
 AutoModel.register(NsaConfig, NsaModel, exist_ok=True)
 AutoModelForCausalLM.register(NsaConfig, NsaForCausalLM, exist_ok=True)
 
-__all__ = ["NsaCache", "NsaCacheLayer", "NsaConfig", "NsaForCausalLM", "NsaModel", "NsaPreTrainedModel", "__version__"]
+__all__ = [
+    "NsaCache",
+    "NsaCacheLayer",
+    "NsaConfig",
+    "NsaForCausalLM",
+    "NsaModel",
+    "NsaPreTrainedModel",
+    "NsaStaticCache",
+    "NsaStaticCacheLayer",
+    "__version__",
+]

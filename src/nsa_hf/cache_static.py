@@ -1,0 +1,185 @@
+"""`NsaStaticCache`: NSA's decoding state in buffers of fixed shape, for torch.compile and CUDA graphs.
+
+What `NsaCache` keeps, preallocated for `max_cache_len` tokens and written in place, so a decoding step has the
+same shapes and addresses at every position:
+- the selection branch's raw K/V for the whole history, [B, max_cache_len, H, D];
+- the window branch's K/V (independent branch K/V only) in a mirrored ring of R = w slots: token a is written at
+  slots a mod R and a mod R + R of a [B, 2R, H, D] buffer, so the last R tokens always lie contiguous
+  (at (p mod R) + 1 .. (p mod R) + R for the newest token p) and the window is one interval, as the kernels read it;
+- the raw, un-rotated compression-branch K/V of the last l tokens, in a mirrored ring of l slots the same way;
+- the compressed K/V, one slot per block of the row's document, plus one scratch slot that a step writes when
+  it completes no block (a write at a fixed shape instead of a branch on the data);
+- the number of tokens stored, a device tensor (`cumulative_length`), and where each row's document starts.
+
+A prompt is prefilled by the model's full-pass attention; `prefill` then writes its stores. Decoding steps
+`append` one token per row and write the compressed block it may complete.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache_nsa import sparse_pattern
+from .configuration_nsa import NsaConfig
+from .ops.layout import SparsePattern, num_compressed_blocks
+
+__all__ = ["NsaStaticCache", "NsaStaticCacheLayer"]
+
+
+def _ring_slots(positions: Tensor, ring: int) -> Tensor:
+    """Both slots [..., 2] of a mirrored ring of `ring` that hold each absolute token position."""
+    slot = positions % ring
+    return torch.stack([slot, slot + ring], dim=-1)
+
+
+class NsaStaticCacheLayer(CacheLayerMixin):
+    """One layer's NSA state in fixed-shape buffers (see the module docstring)."""
+
+    is_compileable = True
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, pattern: SparsePattern, separate_window: bool, max_cache_len: int):
+        super().__init__()
+        self.pattern = pattern
+        self.separate_window = separate_window
+        self.max_cache_len = max_cache_len
+        self.window_ring = pattern.window_size
+        self.raw_ring = pattern.compress_block_size
+        # Slots for every block a document of max_cache_len tokens completes, then the scratch slot.
+        self.num_blocks = num_compressed_blocks(max_cache_len, pattern.compress_block_size, pattern.compress_stride)
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor | None = None) -> None:
+        batch, _, heads, dim = key_states.shape
+        dim_v = value_states.shape[-1] if value_states is not None else dim
+        dtype, self.device = key_states.dtype, key_states.device
+
+        def buffer(length: int, width: int) -> Tensor:
+            return torch.zeros(batch, length, heads, width, dtype=dtype, device=self.device)
+
+        self.keys, self.values = buffer(self.max_cache_len, dim), buffer(self.max_cache_len, dim_v)
+        self.raw_cmp_keys, self.raw_cmp_values = buffer(2 * self.raw_ring, dim), buffer(2 * self.raw_ring, dim_v)
+        self.cmp_keys, self.cmp_values = buffer(self.num_blocks + 1, dim), buffer(self.num_blocks + 1, dim_v)
+        self.window_keys = self.window_values = None
+        if self.separate_window:
+            self.window_keys, self.window_values = buffer(2 * self.window_ring, dim), buffer(2 * self.window_ring, dim_v)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over them
+            for tensor in self._tensors().values():
+                torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
+    def _tensors(self) -> dict[str, Tensor]:
+        names = ("keys", "values", "window_keys", "window_values", "raw_cmp_keys", "raw_cmp_values", "cmp_keys", "cmp_values")
+        return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
+
+    # -- transformers' CacheLayerMixin interface -------------------------------------------------
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("NSA layers store a step with `NsaStaticCacheLayer.prefill` and `append`.")
+
+    def get_seq_length(self) -> int:
+        return int(self.cumulative_length) if self.is_initialized else 0
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_cache_len
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for tensor in self._tensors().values():
+                tensor.zero_()
+            self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            for tensor in self._tensors().values():
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError(
+            "a static NsaCache cannot be cropped (assisted decoding rolls back drafts): use the default cache "
+            "(cache_implementation=None), as transformers' own StaticCache users do."
+        )
+
+    # -- storage operations ---------------------------------------------------------------------
+
+    def _write_ring(self, keys: Tensor, values: Tensor, ring_keys: Tensor, ring_values: Tensor, positions: Tensor) -> None:
+        """Write the newest min(T, R) of a step's tokens [B, T, ...] at both ring slots of their positions [T]."""
+        ring = ring_keys.shape[1] // 2
+        keep = min(keys.shape[1], ring)
+        slots = _ring_slots(positions[-keep:], ring).flatten()
+        ring_keys.index_copy_(1, slots, keys[:, -keep:].repeat_interleave(2, dim=1))
+        ring_values.index_copy_(1, slots, values[:, -keep:].repeat_interleave(2, dim=1))
+
+    def append(self, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None, v_win: Tensor | None, k_raw: Tensor,
+               v_raw: Tensor) -> None:
+        """Store a step's tokens [B, T, H, D] at positions cumulative_length .. + T (in place, no host sync)."""
+        if not self.is_initialized:
+            self.lazy_initialization(k_slc, v_slc)
+        positions = self.cumulative_length + torch.arange(k_slc.shape[1], device=self.cumulative_length.device)
+        self.keys.index_copy_(1, positions, k_slc.to(self.keys.dtype))
+        self.values.index_copy_(1, positions, v_slc.to(self.values.dtype))
+        self._write_ring(k_raw.to(self.keys.dtype), v_raw.to(self.values.dtype), self.raw_cmp_keys, self.raw_cmp_values,
+                         positions)
+        if self.separate_window:
+            self._write_ring(k_win.to(self.keys.dtype), v_win.to(self.values.dtype), self.window_keys,
+                             self.window_values, positions)
+        self.cumulative_length.add_(k_slc.shape[1])
+
+    def write_compressed(self, slots: Tensor, k_new: Tensor, v_new: Tensor) -> None:
+        """Write compressed entries [B, m, H, D] at each row's `slots` [B, m] (the scratch slot `num_blocks` for
+        entries no query reads)."""
+        index = slots[..., None, None]
+        self.cmp_keys.scatter_(1, index.expand(-1, -1, *k_new.shape[2:]), k_new.to(self.cmp_keys.dtype))
+        self.cmp_values.scatter_(1, index.expand(-1, -1, *v_new.shape[2:]), v_new.to(self.cmp_values.dtype))
+
+
+class NsaStaticCache(Cache):
+    """A fixed-shape `NsaCache` for compiled decoding (`generate(..., cache_implementation="static")`), or built by
+    hand: `NsaStaticCache(model.config, max_cache_len=4096)`, passed as `cache=` (or `past_key_values=`).
+
+    Args:
+        config: the model's `NsaConfig`.
+        max_cache_len: the most tokens (prompt and new ones) a row holds.
+    """
+
+    def __init__(self, config: NsaConfig, max_cache_len: int, **kwargs):
+        if max_cache_len < 1:
+            raise ValueError(f"`max_cache_len` must be >= 1, got {max_cache_len}.")
+        pattern = sparse_pattern(config)
+        separate_window = config.branch_kv == "independent"
+        layers = [NsaStaticCacheLayer(pattern, separate_window, max_cache_len) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.doc_starts: Tensor | None = None  # [B], set by the prefill: where each row's document starts
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.layers[0].max_cache_len
+
+    @property
+    def prefilled(self) -> bool:
+        """Whether the prompt is stored (a Python bool: compiled decoding steps are traced once, after it)."""
+        return self.doc_starts is not None
+
+    def reset(self) -> None:
+        super().reset()
+        self.doc_starts = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.doc_starts is not None:
+            self.doc_starts.copy_(self.doc_starts.index_select(0, beam_idx.to(self.doc_starts.device)))
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers if layer.is_initialized for t in layer._tensors().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)

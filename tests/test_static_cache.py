@@ -1,0 +1,86 @@
+"""`NsaStaticCache`: the fixed-shape cache behind `generate(..., cache_implementation="static")`, held to cache-free
+recomputation and to the default `NsaCache` (CPU, reference backend, float32), and its decoding step compiled as
+one graph that does not change as the context grows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from nsa_hf import NsaForCausalLM
+from nsa_hf import NsaStaticCache
+
+from .factories import make_model, tiny_config
+from .test_generate import greedy_without_cache
+
+NEW_TOKENS = 30  # past several compressed blocks (l = 8, d = 4) and the window (w = 12)
+
+
+@pytest.fixture(scope="module", params=["independent", "shared"])
+def model(request) -> NsaForCausalLM:
+    return make_model(tiny_config(pad_token_id=0, eos_token_id=None, branch_kv=request.param))
+
+
+@pytest.mark.parametrize("prompt_len", [5, 21])  # shorter than a block; longer than the window
+def test_static_greedy_equals_recomputation_and_the_default_cache(model, prompt_len):
+    prompt = torch.randint(1, 97, (1, prompt_len))
+    static = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, greedy_without_cache(model, prompt, NEW_TOKENS))
+    assert torch.equal(static, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
+def test_static_left_padded_batch_equals_each_row_alone(model):
+    prompts = [torch.randint(1, 97, (1, n)) for n in (21, 9)]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[1] :], mask[row, width - prompt.shape[1] :] = prompt, 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(out[row, width:], greedy_without_cache(model, prompt, NEW_TOKENS)[0, prompt.shape[1] :])
+
+
+def test_static_sampling_and_beam_search_equal_the_default_cache(model):
+    prompt = torch.randint(1, 97, (2, 13))
+    for kwargs in (dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)):
+        torch.manual_seed(5)
+        default = model.generate(prompt, max_new_tokens=NEW_TOKENS, **kwargs)
+        torch.manual_seed(5)
+        static = model.generate(prompt, max_new_tokens=NEW_TOKENS, cache_implementation="static", **kwargs)
+        assert torch.equal(static, default), kwargs
+
+
+def test_compiled_static_decoding_is_one_graph_with_the_default_cache_logits(model):
+    """fullgraph=True over many steps (blocks complete, the window ring wraps): one graph, no recompilation, no
+    break, the logits of the default cache."""
+    torch._dynamo.reset()
+    counters.clear()
+    prompt = torch.randint(1, 97, (2, 21))
+    reference = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+    cache = NsaStaticCache(model.config, max_cache_len=64)
+    step = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        logits = model(input_ids=prompt, cache=cache).logits[:, -1]
+        for i in range(NEW_TOKENS):
+            torch.testing.assert_close(logits, reference.scores[i], rtol=1e-4, atol=1e-5)
+            logits = step(input_ids=logits.argmax(-1, keepdim=True), cache=cache).logits[:, -1]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
+def test_static_cache_refuses_what_it_cannot_do(model):
+    prompt = torch.randint(1, 97, (1, 10))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        model(input_ids=prompt, cache=NsaStaticCache(model.config, max_cache_len=8))
+    cache = NsaStaticCache(model.config, max_cache_len=32)
+    model(input_ids=prompt, cache=cache)
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(5)
+    with pytest.raises(ValueError, match="one token per row"):
+        model(input_ids=prompt[:, :2], cache=cache)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        NsaStaticCache(model.config, max_cache_len=0)
