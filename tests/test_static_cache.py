@@ -84,3 +84,18 @@ def test_static_cache_refuses_what_it_cannot_do(model):
         model(input_ids=prompt[:, :2], cache=cache)
     with pytest.raises(ValueError, match="max_cache_len"):
         NsaStaticCache(model.config, max_cache_len=0)
+
+
+@pytest.mark.parametrize("branch_kv, bound", [("shared", 1.07), ("independent", 1.10)])
+def test_static_cache_memory_at_32k_is_close_to_a_dense_static_cache(branch_kv, bound):
+    """Bytes of a static NsaCache for 32k tokens against a dense static KV cache of the same heads, dims and length
+    (2 x L x H x D per layer), at the paper's geometry: the compressed store adds 1/d, the rings 2w and 2l slots."""
+    config = tiny_config(compress_block_size=32, compress_stride=16, select_block_size=64, num_selected_blocks=4,
+                         num_init_blocks=1, num_local_blocks=2, window_size=512, branch_kv=branch_kv)
+    model = make_model(config)
+    length = 32768
+    cache = NsaStaticCache(config, max_cache_len=length)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 97, (1, 40)), cache=cache)
+    dense = config.num_hidden_layers * 2 * length * config.num_key_value_heads * config.head_dim * 4
+    assert cache.nbytes() <= bound * dense
