@@ -103,3 +103,16 @@ def test_the_functional_api_runs_the_backend_it_is_given():
     torch.testing.assert_close(nsa_attention(*args, **geometry, backend="triton"), expected, rtol=2e-4, atol=2e-4)
     with pytest.raises(ValueError, match="`backend` must be one of"):
         nsa_attention(*args, **geometry, backend="flash")
+
+
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_a_built_model_has_both_settings_resolved_for_every_device_type(monkeypatch, has_cuda):
+    """`prepare_backends` (run when a model is built) resolves the attention and the fused-kernel settings for
+    the CPU and, where CUDA is present, for CUDA: a first call under torch.compile on either finds them resolved."""
+    for table in ("_RESOLVED_NAMES", "_RESOLVED_ATTENTION", "_RESOLVED_POINTWISE"):
+        monkeypatch.setattr(backends, table, {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    make_model(tiny_config(nsa_backend="reference", fused_kernels="none"))
+    expected = {("reference", "cpu"), ("reference", "cuda")} if has_cuda else {("reference", "cpu")}
+    assert set(backends._RESOLVED_ATTENTION) == expected
+    assert set(backends._RESOLVED_POINTWISE) == {("none", device) for _, device in expected}

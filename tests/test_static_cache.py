@@ -99,3 +99,21 @@ def test_static_cache_memory_at_32k_is_close_to_a_dense_static_cache(branch_kv, 
         model(input_ids=torch.randint(1, 97, (1, 40)), cache=cache)
     dense = config.num_hidden_layers * 2 * length * config.num_key_value_heads * config.head_dim * 4
     assert cache.nbytes() <= bound * dense
+
+
+def test_generate_compiles_the_static_decoding_step_as_one_graph(model):
+    """generate()'s own compilation (auto on CUDA; asked for on CPU through `_compile_all_devices`): the model's
+    default compile config is fullgraph, and the compiled steps give the default cache's tokens with one graph."""
+    assert model._default_compile_config().fullgraph
+    compile_config = model._default_compile_config()
+    compile_config.mode, compile_config._compile_all_devices = "default", True  # CUDA graphs are CUDA's
+    prompt = torch.randint(1, 97, (2, 13))
+    default = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    torch._dynamo.reset()
+    counters.clear()
+    static = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
+                            compile_config=compile_config)
+    assert torch.equal(static, default)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch._dynamo.reset()

@@ -141,16 +141,18 @@ def test_interval_backward_splits_long_reader_ranges_and_takes_the_lse_gradient(
 @pytest.mark.parametrize("heads_q,heads_kv,dim", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_centric", [True, False], ids=["block-centric", "query-centric"])
-def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_centric, monkeypatch):
+@pytest.mark.parametrize("pow2_block", [True, False], ids=["pow2-block", "padded-block"])
+def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_centric, pow2_block, monkeypatch):
     """Both forward strategies. The backward is block-centric, with query lists cut into pieces that meet
     in atomics (small pieces on CPU, so that every block's list is cut); its dq parts are summed from
-    per-slot partials, or (no budget for partials, run with the query-centric forward) by atomics."""
+    per-slot partials, or (no budget for partials, run with the query-centric forward) by atomics. A block size
+    that is no power of two runs in a padded tile whose extra keys the kernels must mask."""
     if not CUDA:
         monkeypatch.setattr(triton_block, "_PIECE", 7)
     if not block_centric:
         monkeypatch.setattr(triton_block, "_PARTIALS_BUDGET", 0)
     torch.manual_seed(heads_q * 5 + dim)
-    block = 64 if CUDA else 16
+    block = (64 if CUDA else 16) if pow2_block else (48 if CUDA else 12)
     num_q, slots = (1500, 16) if CUDA else (60, 3)
     q = torch.randn(num_q, heads_q, dim, device=DEVICE, dtype=dtype, requires_grad=True)
     k = torch.randn(num_q, heads_kv, dim, device=DEVICE, dtype=dtype, requires_grad=True)

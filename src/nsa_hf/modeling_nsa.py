@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -410,7 +410,14 @@ class NsaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # the attention is custom ops; a static cache's decoding step has fixed shapes
+
+    def _default_compile_config(self) -> CompileConfig:
+        """generate() compiles the decoding step over a static cache as one graph (fullgraph=True: a break would be a
+        bug, not a slow path), with transformers' other defaults (CUDA graphs through "reduce-overhead")."""
+        config = super()._default_compile_config()
+        config.fullgraph = True
+        return config
 
     def push_to_hub(
         self,
@@ -811,6 +818,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         """generate() asks compileable caches for a 4-D mask; NSA takes the 2-D one for the prompt (left padding), and
         a static cache's decoding steps need none (the cache keeps where each row's document starts): a mask that
         grew every step would make torch.compile trace the step again."""
+        cache = cache_argument(cache, kwargs.get("past_key_values"))  # transformers < 5.24 passes the old name
         if isinstance(cache, NsaStaticCache) and cache.prefilled:
             return None
         return attention_mask
