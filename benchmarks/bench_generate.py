@@ -1,13 +1,16 @@
 """generate() end to end, as a user calls it: NsaForCausalLM against LlamaForCausalLM of the same shape, on a GPU.
 
-    python benchmarks/bench_generate.py --out benchmarks/results [--shapes seed 1b] [--contexts 4096 32768]
-        [--batches 1 8] [--new-tokens 32] [--llama]
+    python benchmarks/bench_generate.py --out benchmarks/results [--shapes seed 1b] [--contexts 4096 32768 131072]
+        [--batches 1 8] [--new-tokens 32] [--llama] [--extra seed:32768:32]
 
 As ../shared/BENCHMARKS.md describes: random weights, bf16, greedy, `eos_token_id=None`, `min_new_tokens =
 max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask. Prefill = generate(max_new_tokens=1);
 decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up. NSA runs its
-default generate() (NsaCache, eager); `--llama` adds Llama's default (DynamicCache, eager) and its fast path
-(`cache_implementation="static"`, which generate() compiles with CUDA graphs). Writes generate.json.
+default generate() (NsaCache, eager) and its static one (`cache_implementation="static"`: NsaStaticCache, which
+generate() compiles with fullgraph=True and CUDA graphs); `--llama` adds Llama's default (DynamicCache, eager) and
+its static path. Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
+(compressed keys, the selected blocks, the window, per layer and row) over the measured copy bandwidth, and the
+fraction of the measured ms/token that floor is. Writes generate.json and generate.png.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nsa_hf import NsaConfig, NsaForCausalLM
+from nsa_hf.ops.layout import num_compressed_blocks
 
 SHAPES = {
     "seed": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2, head_dim=64),
@@ -38,6 +42,34 @@ def build(kind: str, shape: str, max_positions: int) -> torch.nn.Module:
     else:
         model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
     return model.to("cuda", torch.bfloat16).eval()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), the floor's yardstick."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - start) / 1e9
+
+
+def nsa_step_bytes(model: NsaForCausalLM, batch: int, context: int) -> int:
+    """Bytes one decoding step must read at least: every weight once, and per layer and row the keys and values
+    NSA reads at this context (its compressed blocks, n selected blocks of l' tokens, the window)."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = (
+        num_compressed_blocks(context, config.compress_block_size, config.compress_stride)
+        + min(context, config.num_selected_blocks * config.select_block_size)
+        + min(context, config.window_size)
+    )
+    per_token = config.num_key_value_heads * 2 * config.head_dim * 2  # K and V, bf16
+    return weights + config.num_hidden_layers * batch * tokens * per_token
 
 
 def timed_generate(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> float:
@@ -68,8 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--shapes", nargs="+", default=["seed", "1b"], choices=sorted(SHAPES))
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--extra", nargs="*", default=["seed:32768:32"],
+                        help="more (shape:context:batch) rows, e.g. seed at 32k with batch 32")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--llama", action="store_true", help="also Llama's default and static-cache generate()")
@@ -77,20 +111,28 @@ def main() -> None:
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    runs = [("nsa", {})] + ([("llama", {}), ("llama-static", {"cache_implementation": "static"})] if args.llama else [])
+    static = {"cache_implementation": "static"}
+    runs = [("nsa", {}), ("nsa-static", static)] + ([("llama", {}), ("llama-static", static)] if args.llama else [])
+    extra = [tuple(item.split(":")) for item in args.extra]
+    bandwidth = copy_bandwidth()
+    print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for shape in args.shapes:
+        cases = [(c, b) for c in args.contexts for b in args.batches]
+        cases += [(int(c), int(b)) for s, c, b in extra if s == shape and (int(c), int(b)) not in cases]
         for kind, kwargs in runs:
-            model = build(kind.split("-")[0], shape, max(args.contexts) + args.new_tokens + 8)
-            for context in args.contexts:
-                for batch in args.batches:
-                    try:
-                        row = measure(model, batch, context, args.new_tokens, args.repeats, **kwargs)
-                    except torch.OutOfMemoryError as error:
-                        row = dict(error=str(error).splitlines()[0])
-                    rows.append(dict(model=kind, shape=shape, context=context, batch=batch, label=args.label, **row))
-                    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}
-                    print(json.dumps(shown), flush=True)
+            model = build(kind.split("-")[0], shape, max(c for c, _ in cases) + args.new_tokens + 8)
+            for context, batch in cases:
+                try:
+                    row = measure(model, batch, context, args.new_tokens, args.repeats, **kwargs)
+                except torch.OutOfMemoryError as error:
+                    row = dict(error=str(error).splitlines()[0])
+                if kind.startswith("nsa") and "ms_per_token" in row:
+                    floor_ms = nsa_step_bytes(model, batch, context) / bandwidth / 1e6
+                    row.update(floor_ms=floor_ms, fraction_of_floor=floor_ms / row["ms_per_token"])
+                rows.append(dict(model=kind, shape=shape, context=context, batch=batch, label=args.label, **row))
+                shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}
+                print(json.dumps(shown), flush=True)
             del model
             gc.collect()
             torch.cuda.empty_cache()
@@ -98,6 +140,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"generate{'_' + args.label if args.label else ''}.json"
     (args.out / name).write_text(json.dumps(record, indent=1))
+    plot(rows, args.out / name.replace(".json", ".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """ms per token against context, one panel per (shape, batch), one line per generate() path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["shape"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (shape, batch) in zip(axes[0], panels):
+        for kind in dict.fromkeys(r["model"] for r in rows):
+            points = sorted((r["context"], r["ms_per_token"]) for r in rows
+                            if (r["shape"], r["batch"], r["model"]) == (shape, batch, kind) and "ms_per_token" in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{shape}, batch {batch}")
+        ax.set_xlabel("context")
+        ax.set_ylabel("ms per token")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
