@@ -117,3 +117,36 @@ def test_generate_compiles_the_static_decoding_step_as_one_graph(model):
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs and host syncs are CUDA's (the CPU tests above hold the math)")
+def test_gpu_static_generate_matches_the_default_path_in_bf16():
+    """On the GPU, bf16 and Triton: generate() compiles the static step (CUDA graphs) and its logits stay within
+    bf16 tolerance of the default cache's, step after step."""
+    config = tiny_config(pad_token_id=0, eos_token_id=None, nsa_backend="triton", hidden_size=128, head_dim=32)
+    model = make_model(config).to("cuda", torch.bfloat16)
+    prompt = torch.randint(1, 97, (2, 40), device="cuda")
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    default = model.generate(prompt, **kwargs)
+    static = model.generate(prompt, cache_implementation="static", **kwargs)
+    for a, b in zip(static.scores, default.scores):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs are a CUDA notion")
+def test_gpu_static_decoding_step_never_waits_for_the_gpu():
+    config = tiny_config(pad_token_id=0, eos_token_id=None, nsa_backend="triton")
+    model = make_model(config).to("cuda", torch.bfloat16)
+    cache = NsaStaticCache(config, max_cache_len=64)
+    with torch.no_grad():
+        token = model(input_ids=torch.randint(1, 97, (2, 21), device="cuda"), cache=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(12):  # crosses compressed blocks and wraps the window ring
+                token = model(input_ids=token, cache=cache).logits[:, -1:].argmax(-1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
