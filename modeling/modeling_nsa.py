@@ -41,9 +41,9 @@ __all__ = ["NsaForCausalLM", "NsaModel", "NsaPreTrainedModel"]
 
 
 class NsaRMSNorm(nn.Module):
-    def __init__(self, config: NsaConfig):
+    def __init__(self, config: NsaConfig, width: int | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.weight = nn.Parameter(torch.ones(width or config.hidden_size))
         self.variance_epsilon = config.rms_norm_eps
 
     def forward(self, hidden_states: Tensor, fused: PointwiseKernels | None = None) -> Tensor:
@@ -296,6 +296,9 @@ class NsaAttention(nn.Module):
             self.window_k_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
             self.window_v_proj = nn.Linear(config.hidden_size, kv_features, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = NsaRMSNorm(config, self.head_dim)
+            self.k_norm = NsaRMSNorm(config, self.head_dim)
         self.compress_key = NsaCompressor(config)
         self.compress_value = NsaCompressor(config)
         self.branch_gate = NsaBranchGate(config)
@@ -324,6 +327,10 @@ class NsaAttention(nn.Module):
         *heads, gate_projection = project(hidden_states, self._input_projections())
         q, k_proj, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
         fused = plan.pointwise
+        if self.config.qk_norm:  # per head, before RoPE and compression (Qwen3)
+            q, k_proj = self.q_norm(q, fused), self.k_norm(k_proj, fused)
+            if self.independent_kv:
+                branch_kv[0], branch_kv[2] = self.k_norm(branch_kv[0], fused), self.k_norm(branch_kv[2], fused)
         # Values are slices of the stacked projection: one copy each here, not one in every kernel wrapper.
         v_slc = v_slc.contiguous()
         if self.independent_kv:

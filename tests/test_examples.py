@@ -16,11 +16,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from nsa_hf.data import load_demo_corpus
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ("pretrain", "finetune_lora", "generate_long", "evaluate_model")
+SCRIPTS = ("pretrain", "finetune_lora", "generate_long", "evaluate_model", "convert_and_finetune")
 ALL_SCRIPTS = (*SCRIPTS, "distributed_pretrain")
 
 
@@ -171,6 +172,7 @@ def test_distributed_pretrain_accepts_the_earlier_flag_spellings():
         ("finetune_lora", ["--model-dir", "no/such/dir"], "holds no config.json"),
         ("generate_long", ["--context-length", "-5"], "--context-length must be >= 1"),
         ("evaluate_model", ["--depths", "1.5"], "--depths must lie in [0, 1]"),
+        ("convert_and_finetune", ["--seq-len", "64", "--window-size", "64"], "must exceed --window-size"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(name: str, argv: list[str], message: str, capsys):
@@ -186,8 +188,6 @@ def test_pretrain_saves_a_loadable_model(pretrained):
         path.name for path in output_dir.iterdir()
     }
     assert math.isfinite(metrics["eval_loss"]) and 1.0 < metrics["perplexity"] < 1e4
-
-    from transformers import AutoModelForCausalLM
 
     from nsa_hf import NsaForCausalLM
 
@@ -226,6 +226,20 @@ def test_finetune_lora_saves_adapter_and_merged_model(tmp_path, pretrained, thre
     assert {"q_proj", "compress_k_proj", "window_v_proj"} <= set(adapter_config["target_modules"])
     assert math.isfinite(result["train_loss"])
     assert result["merge_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_convert_and_finetune_converts_exactly_then_trains_past_the_window(tmp_path, thread_calls, lora):
+    result = load_example("convert_and_finetune").main(
+        ["--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--seq-len", "96", "--threads", "1"]
+        + (["--lora-r", "4"] if lora else [])
+    )
+    assert thread_calls[:1] == [1]
+    assert result["conversion_max_difference"] < 1e-4
+    assert math.isfinite(result["train_loss"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.model_type == "nsa" and model.config.window_size == 64
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged back into plain weights
 
 
 def test_generate_long_reports_times_and_cache_memory(tmp_path, thread_calls):

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache_nsa import NsaCache, NsaCacheLayer
 from .cache_static import NsaStaticCache, NsaStaticCacheLayer
 from .configuration_nsa import NsaConfig
+from .convert import convert_dense_to_nsa
 from .modeling_nsa import NsaForCausalLM, NsaModel, NsaPreTrainedModel
 
 __version__ = "0.1.0"
@@ -26,4 +27,5 @@ __all__ = [
     "NsaStaticCache",
     "NsaStaticCacheLayer",
     "__version__",
+    "convert_dense_to_nsa",
 ]

@@ -1,10 +1,14 @@
 """Command-line interface: ``nsa-hf demo`` trains, saves, reloads and samples a tiny NSA model on CPU;
-``nsa-hf export-remote-code`` writes the Hub's remote-code files; ``nsa-hf model-card`` renders a model card."""
+``nsa-hf export-remote-code`` writes the Hub's remote-code files; ``nsa-hf model-card`` renders a model card;
+``nsa-hf convert`` turns a dense Llama, Mistral, Qwen2 or Qwen3 checkpoint into an NSA one."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -83,15 +87,66 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--tokens", type=int, default=None, help="training tokens seen")
     card.add_argument("--steps", type=int, default=None, help="optimizer steps")
     card.add_argument("--loss", type=float, default=None, help="final training loss")
+    card.add_argument("--base-model", default=None, help="the dense checkpoint it was converted from")
     card.add_argument("--license", default="apache-2.0", help="license identifier of the weights")
     card.add_argument("--output", "-o", default=None, help="write the card to this file (default: print it)")
+    convert = commands.add_parser(
+        "convert",
+        help="convert a dense Llama/Mistral/Qwen2/Qwen3 checkpoint to NSA",
+        description=(
+            "Convert the dense causal LM in SRC (a folder from save_pretrained) into an NSA model saved in DST "
+            "(safetensors, config with auto_map, remote code, tokenizer files, a model card naming SRC). NsaConfig "
+            "fields follow as --field value pairs, e.g. --window_size 512 --branch_kv independent. The converted "
+            "model computes what the dense one does on sequences no longer than the window and n x l'."
+        ),
+    )
+    convert.add_argument("source", metavar="SRC", help="folder of the dense checkpoint")
+    convert.add_argument("destination", metavar="DST", help="folder to write the NSA checkpoint to")
     return parser
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _field_values(parser: argparse.ArgumentParser, extra: list[str]) -> dict:
+    """`--field value` pairs into NsaConfig fields; values read as JSON (numbers, true/false), else as strings."""
+    if len(extra) % 2 or not all(key.startswith("--") for key in extra[::2]):
+        parser.error(f"NsaConfig fields come as --field value pairs, got {' '.join(extra)}")
+    fields = {}
+    for key, raw in zip(extra[::2], extra[1::2], strict=True):
+        try:
+            fields[key[2:].replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key[2:].replace("-", "_")] = raw
+    return fields
+
+
+def _convert(parser: argparse.ArgumentParser, source: str, destination: str, fields: dict) -> None:
+    from .convert import convert_dense_to_nsa
+    from .model_card import render_model_card
+
+    if not (Path(source) / "config.json").is_file():
+        parser.error(f"SRC must hold a config.json: {source}")
+    model = convert_dense_to_nsa(source, load_kwargs={"dtype": "auto"}, **fields)
+    model.save_pretrained(destination)
+    for name in _TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, Path(destination) / name)
+    card = render_model_card(model.config, training={"base_model": str(source)})
+    (Path(destination) / "README.md").write_text(card, encoding="utf-8")
+    print(f"converted {source} ({model.config.num_hidden_layers} layers) to NSA in {destination}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nsa-hf`` console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "convert":
+        _convert(parser, args.source, args.destination, _field_values(parser, extra))
+        return 0
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         from .demo import run_demo
 

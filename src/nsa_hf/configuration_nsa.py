@@ -47,6 +47,8 @@ class NsaConfig(PreTrainedConfig):
             defaults to `4 * head_dim`.
         branch_kv (`str`, defaults to `"independent"`): `"independent"` K/V projections per branch (paper
             section 3.3.3) or one `"shared"` K/V for all branches (conversions from dense checkpoints).
+        qk_norm (`bool`, defaults to `False`): an RMSNorm over each head's query and keys before RoPE, weights
+            shared by the heads (Qwen3's q_norm / k_norm; every branch's keys go through the one k_norm).
         gate_intermediate_size (`int`, *optional*): hidden width of the gate MLP; `None` uses one linear
             layer from the hidden state to the 3 * num_attention_heads gate logits.
         nsa_backend (`str`, defaults to `"auto"`): the attention backend: `"reference"` (pure PyTorch, any device),
@@ -86,6 +88,7 @@ class NsaConfig(PreTrainedConfig):
     rope_parameters: dict | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
 
     compress_block_size: int = PAPER.compress_block_size
     compress_stride: int = PAPER.compress_stride

@@ -28,6 +28,7 @@ TRAINING_FIELDS = {
     "tokens": ("tokens seen", (int,), "{:,}"),
     "steps": ("optimizer steps", (int,), "{:,}"),
     "loss": ("final training loss", (int, float), "{:.4f}"),
+    "base_model": ("converted from (dense checkpoint)", (str,), "{}"),
 }
 
 
@@ -79,7 +80,8 @@ def render_model_card(
         config (`NsaConfig`): the model's configuration; the architecture and NSA tables, and the parameter
             count (of `NsaForCausalLM`, tied weights counted once), come from it.
         training (`dict`, *optional*): training metadata, any of `dataset` (str), `tokens` (int), `steps`
-            (int), `loss` (float, the final training loss).
+            (int), `loss` (float, the final training loss), `base_model` (str: the dense checkpoint it was
+            converted from, `nsa-hf convert`).
         repo_id (`str`, *optional*): the Hub repo, used as the title and in the loading examples.
         license (`str`, defaults to `"apache-2.0"`): the license identifier of the weights, for the Hub.
     """
