@@ -13,6 +13,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -89,6 +91,12 @@ def test_what_cannot_be_converted_is_refused_by_name():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="'gpt2'"):
         convert_dense_to_nsa(gpt2)
+    mixtral = MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="'mixtral'"):  # a mixture of experts
+        convert_dense_to_nsa(mixtral)
+    sliding = Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    with pytest.raises(ValueError, match="mix attention types"):
+        convert_dense_to_nsa(sliding)
     dense = _dense("llama")
     with pytest.raises(ValueError, match="compression_type='mean'"):
         convert_dense_to_nsa(dense, compression_type="mean")
