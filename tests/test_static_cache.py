@@ -25,9 +25,13 @@ def model(request) -> NsaForCausalLM:
 @pytest.mark.parametrize("prompt_len", [5, 21])  # shorter than a block; longer than the window
 def test_static_greedy_equals_recomputation_and_the_default_cache(model, prompt_len):
     prompt = torch.randint(1, 97, (1, prompt_len))
-    static = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
-    assert torch.equal(static, greedy_without_cache(model, prompt, NEW_TOKENS))
-    assert torch.equal(static, model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    static = model.generate(prompt, cache_implementation="static", **kwargs)
+    default = model.generate(prompt, **kwargs)
+    assert torch.equal(static.sequences, greedy_without_cache(model, prompt, NEW_TOKENS))
+    assert torch.equal(static.sequences, default.sequences)
+    for a, b in zip(static.scores, default.scores, strict=True):  # the logits too, not only their argmax
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_static_left_padded_batch_equals_each_row_alone(model):
@@ -60,7 +64,7 @@ def test_compiled_static_decoding_is_one_graph_with_the_default_cache_logits(mod
     prompt = torch.randint(1, 97, (2, 21))
     reference = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
                                return_dict_in_generate=True)
-    cache = NsaStaticCache(model.config, max_cache_len=64)
+    cache = NsaStaticCache(model.config, max_cache_len=21 + NEW_TOKENS)  # full at the end: the last slots are used
     step = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         logits = model(input_ids=prompt, cache=cache).logits[:, -1]
@@ -70,6 +74,45 @@ def test_compiled_static_decoding_is_one_graph_with_the_default_cache_logits(mod
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_static_cache_reset_and_reorder(model):
+    """`reset` empties the cache for a new prompt; `reorder_cache` (beam search) moves every row's state, its
+    document start included: decoding from a reordered cache gives the reordered logits."""
+    ids = torch.randint(1, 97, (2, 21))
+    mask = torch.ones_like(ids)
+    mask[0, :12] = 0  # rows of different padding: their document starts differ
+    caches = [NsaStaticCache(model.config, max_cache_len=40) for _ in range(2)]
+    with torch.no_grad():
+        tokens = [model(input_ids=ids, attention_mask=mask, cache=c).logits[:, -1:].argmax(-1) for c in caches]
+        caches[1].reorder_cache(torch.tensor([1, 0]))
+        assert torch.equal(caches[1].doc_starts, caches[0].doc_starts.flip(0))
+        token = tokens[0]
+        for _ in range(10):
+            logits = model(input_ids=token, cache=caches[0]).logits[:, -1]
+            flipped = model(input_ids=token.flip(0), cache=caches[1]).logits[:, -1]
+            torch.testing.assert_close(flipped, logits.flip(0), rtol=1e-4, atol=1e-5)
+            token = logits.argmax(-1, keepdim=True)
+        caches[0].reset()
+        assert caches[0].get_seq_length() == 0 and not caches[0].prefilled
+        fresh = NsaStaticCache(model.config, max_cache_len=40)
+        for cache in (caches[0], fresh):  # the reset cache decodes as a new one does
+            token = model(input_ids=ids, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
+            tokens.append(model(input_ids=token, cache=cache).logits)
+        torch.testing.assert_close(tokens[-2], tokens[-1])
+        assert caches[0].get_seq_length() == fresh.get_seq_length() == 22
+
+
+def test_decoding_steps_of_a_static_cache_take_no_mask(model):
+    """After the prompt, generate()'s mask hook gives None: the cache holds the document starts, and a mask that
+    grows every step would be a new input shape for the compiled step."""
+    ids = torch.randint(1, 97, (1, 9))
+    cache = NsaStaticCache(model.config, max_cache_len=16)
+    mask = torch.ones_like(ids)
+    assert model.create_masks_for_generate(attention_mask=mask, cache=cache) is mask  # the prompt keeps its mask
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+    assert model.create_masks_for_generate(attention_mask=torch.ones(1, 10), cache=cache) is None
 
 
 def test_static_cache_refuses_what_it_cannot_do(model):
@@ -98,7 +141,7 @@ def test_static_cache_memory_at_32k_is_close_to_a_dense_static_cache(branch_kv, 
     with torch.no_grad():
         model(input_ids=torch.randint(1, 97, (1, 40)), cache=cache)
     dense = config.num_hidden_layers * 2 * length * config.num_key_value_heads * config.head_dim * 4
-    assert cache.nbytes() <= bound * dense
+    assert dense <= cache.nbytes() <= bound * dense  # the selection history alone is a dense K/V cache
 
 
 def test_generate_compiles_the_static_decoding_step_as_one_graph(model):

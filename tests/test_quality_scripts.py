@@ -1,0 +1,83 @@
+"""The quality benchmark scripts (run at real size on the GPU), at their smallest size on CPU: the synthetic
+passkey data, the window-only ablation, and one whole run writing its JSON and heatmap."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # the scripts import quality_common, as they do when run from the root
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"nsa_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--lengths", "48", "64", "--depths", "0", "0.9", "--window", "16", "--block", "8", "--selected", "3",
+        "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--digits", "2",
+        "--steps", "2", "--tokens-per-step", "128", "--samples", "2", "--nsa-backend", "reference"]
+
+
+def test_passkey_batches_hide_the_key_at_the_depth_and_ask_for_it_at_the_end():
+    retrieval = _load("quality_retrieval")
+    generator = torch.Generator().manual_seed(0)
+    ids, labels = retrieval.make_batch(3, 40, 3, 64, generator, depths=torch.tensor([0.0, 0.5, 1.0]))
+    key = ids[:, -3:]
+    assert (ids[:, -4] == retrieval.QUERY).all() and (labels[:, -3:] == key).all() and (labels[:, :-3] == -100).all()
+    for row, start in enumerate((0, (40 - 8 - 1) // 2, 40 - 8 - 1)):
+        assert ids[row, start] == retrieval.KEY and torch.equal(ids[row, start + 1 : start + 4], key[row])
+    assert ((key >= retrieval.FIRST_DIGIT) & (key < retrieval.FIRST_DIGIT + 10)).all()
+
+
+def test_window_only_zeroes_the_compressed_and_selection_gates_then_restores_them():
+    retrieval = _load("quality_retrieval")
+    args = retrieval.build_parser().parse_args(TINY)
+    model = retrieval.build("nsa", args)
+    gate = model.model.layers[0].self_attn.branch_gate
+    projected = gate.input_projection(torch.randn(1, 5, 32))
+    with retrieval.window_only(model):
+        masked = gate.from_projection(projected)
+    assert (masked[..., :2] == 0).all() and (masked[..., 2] > 0).all()
+    torch.testing.assert_close(gate.from_projection(projected)[..., 2], masked[..., 2])
+    assert (gate.from_projection(projected)[..., :2] > 0).all()
+
+
+def test_retrieval_benchmark_runs_and_writes_its_results(tmp_path):
+    record = _load("quality_retrieval").main([*TINY, "--out", str(tmp_path), "--commit", "test"])
+    saved = json.loads((tmp_path / "retrieval.json").read_text())
+    assert (tmp_path / "retrieval.png").stat().st_size > 0
+    assert set(saved["accuracy"]) == {"nsa", "llama", "nsa window only"} == set(record["accuracy"])
+    for accuracy in saved["accuracy"].values():
+        assert set(accuracy) == {"48/0.0", "48/0.9", "64/0.0", "64/0.9"}
+        assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+def test_retrieval_conversion_mode_trains_short_dense_then_compares_converted_and_continued(tmp_path):
+    record = _load("quality_retrieval").main(
+        [*TINY, "--conversion", "--short-lengths", "16", "--conversion-steps", "2", "--out", str(tmp_path)]
+    )
+    assert set(record["accuracy"]) == {"converted nsa", "converted nsa window only", "continued dense"}
+    assert set(record["losses"]) == {"dense short", "converted nsa", "continued dense"}
+    assert (tmp_path / "retrieval_conversion.json").is_file() and (tmp_path / "retrieval_conversion.png").is_file()
+
+
+def test_lm_benchmark_trains_both_models_on_the_same_data_and_reports_eval_losses(tmp_path):
+    record = _load("quality_lm").main(
+        ["--seq-len", "64", "--window", "16", "--block", "8", "--selected", "3", "--hidden", "32", "--layers", "1",
+         "--heads", "2", "--kv-heads", "1", "--vocab", "300", "--steps", "2", "--batch-size", "2",
+         "--max-eval-rows", "2", "--corpus-chars", "40000", "--nsa-backend", "reference", "--out", str(tmp_path)]
+    )
+    assert set(record["eval_loss"]) == {"nsa", "llama"}
+    assert all(0 < loss < 20 for loss in record["eval_loss"].values())
+    assert record["nsa_over_dense"] == record["eval_loss"]["nsa"] / record["eval_loss"]["llama"]
+    assert (tmp_path / "lm.json").is_file() and (tmp_path / "lm.png").is_file()
