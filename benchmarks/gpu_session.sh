@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU work that the CPU suite cannot do, as device calls of at most 10 minutes: PART picks one.
+#   tests     the GPU test files (Triton kernels, compiled training, the static cache's CUDA graphs and host syncs)
+#   generate  benchmarks/bench_generate.py: NSA default and static against Llama default and static
+#   training  compiled and eager training at 2k (the 300k tokens/s target) with a kernel profile
+#   quality   benchmarks/quality_retrieval.py, then quality_lm.py
+#   convert   benchmarks/quality_retrieval.py --conversion
+# Results go under $OUT (the device tool's output folder) or benchmarks/results/gpu_session.
+# pytest-xdist, where carried as wheels in .whl/, runs the tests on 6 workers.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+COMMIT=${COMMIT:-$(cat .commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+case "${PART:-tests}" in
+  tests)
+    workers=""
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+      workers="-n 6 -p xdist"
+    fi
+    timeout 560 python3 -m pytest $workers tests/test_triton.py tests/test_compile.py tests/test_static_cache.py -q \
+      -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+  generate)
+    timeout 560 python3 benchmarks/bench_generate.py --llama --out "$OUT" --commit "$COMMIT" ${GENERATE_ARGS:-} 2>&1 \
+      | grep -v Warning | tee "$OUT/generate.txt" ;;
+  training)
+    timeout 400 python3 benchmarks/bench_training.py --lengths 2048 --compile --profile --steps 6 --warmup 5 \
+      --commit "$COMMIT" --out "$OUT" 2>&1 | grep -v Warning | tail -8 ;;
+  quality)
+    timeout 330 python3 benchmarks/quality_retrieval.py --out "$OUT" --commit "$COMMIT" ${RETRIEVAL_ARGS:-} 2>&1 | tail -8
+    timeout 230 python3 benchmarks/quality_lm.py --out "$OUT" --commit "$COMMIT" ${LM_ARGS:-} 2>&1 | tail -4 ;;
+  convert)
+    timeout 560 python3 benchmarks/quality_retrieval.py --conversion --out "$OUT" --commit "$COMMIT" ${RETRIEVAL_ARGS:-} \
+      2>&1 | tail -8 ;;
+  *) echo "unknown PART=${PART}"; exit 2 ;;
+esac
