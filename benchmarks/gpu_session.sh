@@ -2,7 +2,8 @@
 # The GPU work that the CPU suite cannot do, as device calls of at most 10 minutes: PART picks one.
 #   tests     the GPU test files (Triton kernels, compiled training, the static cache's CUDA graphs and host syncs)
 #   generate  benchmarks/bench_generate.py: NSA default and static against Llama default and static
-#   training  compiled and eager training at 2k (the 300k tokens/s target) with a kernel profile
+#   training  compiled and eager training at 2k (the 300k tokens/s target) with a kernel profile, then the host
+#             profile of one compiled step (profile_host.py: where the time to queue a step goes)
 #   quality   benchmarks/quality_retrieval.py, then quality_lm.py
 #   convert   benchmarks/quality_retrieval.py --conversion
 # Results go under $OUT (the device tool's output folder) or benchmarks/results/gpu_session.
@@ -27,7 +28,8 @@ case "${PART:-tests}" in
       | grep -v Warning | tee "$OUT/generate.txt" ;;
   training)
     timeout 400 python3 benchmarks/bench_training.py --lengths 2048 --compile --profile --steps 6 --warmup 5 \
-      --commit "$COMMIT" --out "$OUT" 2>&1 | grep -v Warning | tail -8 ;;
+      --commit "$COMMIT" --out "$OUT" 2>&1 | grep -v Warning | tail -8
+    (cd benchmarks && timeout 150 python3 profile_host.py > "$OUT/host_profile.txt" 2>&1; head -3 "$OUT/host_profile.txt") ;;
   quality)
     timeout 330 python3 benchmarks/quality_retrieval.py --out "$OUT" --commit "$COMMIT" ${RETRIEVAL_ARGS:-} 2>&1 | tail -8
     timeout 230 python3 benchmarks/quality_lm.py --out "$OUT" --commit "$COMMIT" ${LM_ARGS:-} 2>&1 | tail -4 ;;
