@@ -3,7 +3,8 @@
 
 The cache stores; the attention computes. Per layer it holds exactly what NSA_SPEC's "Decoding" lists, so
 token-by-token decoding computes what one full forward computes:
-- the raw K/V of the selection branch for the whole history (`keys`, `values`);
+- the raw K/V of the selection branch for the whole history (`keys`, `values`, with room for the next
+  `_HISTORY_ROOM` tokens, so that a decoding step writes in place rather than copying the history);
 - the K/V of the window branch for the last w tokens (only with independent branch K/V; with shared
   K/V the window reads the selection history);
 - the compressed K/V, one slot per completed block (slot = block index in the row's document), and the raw,
@@ -61,8 +62,10 @@ class NsaStores:
 class StepGeometry:
     """The sizes of every layer's stores once a step's tokens are appended (all layers hold the same history)."""
 
-    seq_len: int  # tokens seen, the new ones included (= the selection store's length per row)
+    seq_len: int  # tokens seen, the new ones included (the selection store's valid length per row)
+    history_capacity: int  # the selection store's row length: seq_len and room for the next steps
     window_len: int  # window store length per row (= seq_len when the window reads the selection store)
+    window_stride: int  # the window store's row length (history_capacity when it is the selection store)
     buffer_len: int  # raw compression buffer length per row
     capacity: int  # compressed slots per row
     num_new_blocks: int  # upper bound on the blocks the new tokens complete in any row (host-side, no sync)
@@ -78,8 +81,19 @@ def _grown_capacity(capacity: int, needed: int) -> int:
     return capacity if needed <= capacity else needed + max(64, needed // 8)
 
 
+# Tokens of room the selection history gets whenever it grows: a decoding step then writes into place instead of
+# copying the whole history (torch.cat every step copied it per layer and token); the history is copied once per
+# this many steps, and the room costs at most this many tokens of memory.
+_HISTORY_ROOM = 256
+
+
+def _grown_history(capacity: int, needed: int) -> int:
+    return capacity if needed <= capacity else needed + _HISTORY_ROOM
+
+
 class NsaCacheLayer(CacheLayerMixin):
-    """One layer's NSA decoding state. `keys`/`values` are the selection branch's raw history [B, S, H, D]."""
+    """One layer's NSA decoding state. `keys`/`values` are the selection branch's raw history [B, capacity, H, D],
+    valid up to `seq_len`."""
 
     is_compileable = False
     is_croppable = True
@@ -90,7 +104,7 @@ class NsaCacheLayer(CacheLayerMixin):
         self.pattern = pattern
         self.separate_window = separate_window
         self.max_rollback = max_rollback
-        self.seq_len = 0
+        self.seq_len = 0  # valid tokens of `keys` / `values`, whose rows have room for more (`_HISTORY_ROOM`)
         # The last tokens; between steps at most twice what is kept (w - 1 or l - 1, plus max_rollback): `append`
         # drops the rest before it adds a step, `stores` after a long step has been read.
         self.window_keys: Tensor | None = None  # [B, <= 2 * (w - 1 + max_rollback), H, D]
@@ -182,13 +196,12 @@ class NsaCacheLayer(CacheLayerMixin):
                     f"cannot crop {removed} tokens: the cache keeps {self.max_rollback} tokens of rollback "
                     "(`NsaCache(max_rollback=...)`)."
                 )
-        self.keys, self.values = self.keys[:, :target], self.values[:, :target]
         for key_name, value_name in (("window_keys", "window_values"), ("raw_cmp_keys", "raw_cmp_values")):
             if getattr(self, key_name) is not None:
                 keep = getattr(self, key_name).shape[1] - removed
                 setattr(self, key_name, getattr(self, key_name)[:, :keep])
                 setattr(self, value_name, getattr(self, value_name)[:, :keep])
-        self.seq_len = target  # compressed entries past each row's new block count are now unused slots
+        self.seq_len = target  # history past it, and compressed entries past each row's block count, are unused
 
     # -- storage operations of one step -----------------------------------------------------------
 
@@ -202,9 +215,11 @@ class NsaCacheLayer(CacheLayerMixin):
         """The sizes of this layer's stores once `num_new` tokens are appended (host ints, no device sync)."""
         l, d = self.pattern.compress_block_size, self.pattern.compress_stride
         seq_len = self.seq_len + num_new
-        window_len = seq_len
+        history_capacity = _grown_history(self.keys.shape[1] if self.is_initialized else 0, seq_len)
+        window_len, window_stride = seq_len, history_capacity
         if self.separate_window:
             window_len = (min(self.window_keys.shape[1], self._window_keep()) if self.is_initialized else 0) + num_new
+            window_stride = window_len
         buffer_len = (min(self.raw_cmp_keys.shape[1], self._buffer_keep()) if self.is_initialized else 0) + num_new
         # T new tokens complete at most ceil(T / d) blocks in any row, and no row (its document starts at >= 0)
         # has more blocks than the whole row.
@@ -212,7 +227,7 @@ class NsaCacheLayer(CacheLayerMixin):
         capacity = self.cmp_keys.shape[1] if self.is_initialized else 0
         if num_new_blocks:
             capacity = _grown_capacity(capacity, num_compressed_blocks(self.seq_len, l, d) + num_new_blocks)
-        return StepGeometry(seq_len, window_len, buffer_len, capacity, num_new_blocks)
+        return StepGeometry(seq_len, history_capacity, window_len, window_stride, buffer_len, capacity, num_new_blocks)
 
     def append(self, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None, v_win: Tensor | None, k_raw: Tensor, v_raw: Tensor) -> None:
         """Store a step's new tokens ([B, T, H, D] each): the selection history grows; the window and the raw
@@ -221,8 +236,20 @@ class NsaCacheLayer(CacheLayerMixin):
             self.lazy_initialization(k_slc, v_slc)
         if k_slc.shape[0] != self.keys.shape[0]:
             raise ValueError(f"the cache holds {self.keys.shape[0]} rows but {k_slc.shape[0]} were given.")
-        self.keys = torch.cat([self.keys, k_slc], dim=1)
-        self.values = torch.cat([self.values, v_slc], dim=1)
+        end = self.seq_len + k_slc.shape[1]
+        capacity = _grown_history(self.keys.shape[1], end)
+        if capacity > self.keys.shape[1]:  # grow once per _HISTORY_ROOM steps; else write in place
+            self.keys, self.values = (
+                torch.cat([t[:, : self.seq_len], t.new_zeros(t.shape[0], capacity - self.seq_len, *t.shape[2:])], dim=1)
+                for t in (self.keys, self.values)
+            )
+        if torch.is_grad_enabled() and (k_slc.requires_grad or v_slc.requires_grad):
+            # Autograd may hold views of the history from earlier steps: write out of place (a copy per step).
+            self.keys = self.keys.slice_scatter(k_slc.to(self.keys.dtype), dim=1, start=self.seq_len, end=end)
+            self.values = self.values.slice_scatter(v_slc.to(self.values.dtype), dim=1, start=self.seq_len, end=end)
+        else:
+            self.keys[:, self.seq_len : end] = k_slc
+            self.values[:, self.seq_len : end] = v_slc
         keep = self._buffer_keep()
         self.raw_cmp_keys = torch.cat([_last(self.raw_cmp_keys, keep), k_raw], dim=1)
         self.raw_cmp_values = torch.cat([_last(self.raw_cmp_values, keep), v_raw], dim=1)

@@ -315,11 +315,20 @@ class NsaAttention(nn.Module):
         (k_cmp,) = rotate_all((self.compress_key(k_blocks),), plan.block_cos, plan.block_sin, plan.pointwise)
         return k_cmp, self.compress_value(v_blocks)
 
+    def _store_blocks(self, layer: NsaStaticCacheLayer, stored: StoredBlocks, k_raw: Tensor, v_raw: Tensor,
+                      pointwise: PointwiseKernels | None) -> None:
+        """Write a static cache's compressed entries of this step: phi and RoPE as in `_compress`, over the prompt's
+        own raw K/V (prefill) or the layer's raw ring (decoding)."""
+        source = (layer.raw_cmp_keys, layer.raw_cmp_values) if stored.from_ring else (k_raw, v_raw)
+        k_blocks, v_blocks = (take_blocks(t.flatten(0, 1), stored.tokens) for t in source)
+        (k_new,) = rotate_all((self.compress_key(k_blocks),), stored.cos, stored.sin, pointwise)
+        layer.write_compressed(stored.slots, k_new, self.compress_value(v_blocks))
+
     def forward(
         self,
         hidden_states: Tensor,
         plan: NsaForwardPlan,
-        cache: NsaCache | None = None,
+        cache: NsaCache | NsaStaticCache | None = None,
         **kwargs,
     ) -> tuple[Tensor, None]:
         batch, seq_len, _ = hidden_states.shape
@@ -342,25 +351,18 @@ class NsaAttention(nn.Module):
             k_raw, v_raw, k_win, v_win = k_proj, v_slc, k_slc, v_slc
         gates = self.branch_gate.from_projection(gate_projection)
 
-        if isinstance(cache, NsaStaticCache):
+        separate = self.independent_kv
+        if isinstance(cache, NsaStaticCache):  # store in place; a decoding step then reads the stores
             static: NsaStaticCacheLayer = cache.layers[self.layer_idx]
-            separate = self.independent_kv
             static.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
-            stored = plan.stored_blocks
-            source = (static.raw_cmp_keys, static.raw_cmp_values) if stored.from_ring else (k_raw, v_raw)
-            k_blocks, v_blocks = (take_blocks(t.flatten(0, 1), stored.tokens) for t in source)
-            (k_new,) = rotate_all((self.compress_key(k_blocks),), stored.cos, stored.sin, plan.pointwise)
-            static.write_compressed(stored.slots, k_new, self.compress_value(v_blocks))
-        if isinstance(cache, NsaStaticCache) and plan.block_tokens is None:  # a decoding step reads the stores
-            static = cache.layers[self.layer_idx]
+            self._store_blocks(static, plan.stored_blocks, k_raw, v_raw, plan.pointwise)
+        if isinstance(cache, NsaStaticCache) and plan.block_tokens is None:
             k_cmp, v_cmp = static.cmp_keys.flatten(0, 1), static.cmp_values.flatten(0, 1)
             k_slc, v_slc = static.keys.flatten(0, 1), static.values.flatten(0, 1)
-            window = (static.window_keys, static.window_values) if self.independent_kv else (static.keys, static.values)
+            window = (static.window_keys, static.window_values) if separate else (static.keys, static.values)
             k_win, v_win = (t.flatten(0, 1) for t in window)
-        elif cache is not None and not isinstance(cache, NsaStaticCache):
-            # store the step, compress the blocks it completes, read the stores
+        elif isinstance(cache, NsaCache):  # store the step, compress the blocks it completes, read the stores
             layer: NsaCacheLayer = cache.layers[self.layer_idx]
-            separate = self.independent_kv
             layer.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
             if plan.block_slots is not None:
                 k_new, v_new = self._compress(*layer.compression_buffer(), plan)
@@ -368,7 +370,7 @@ class NsaAttention(nn.Module):
             stores = layer.stores()
             k_cmp, v_cmp = stores.k_cmp, stores.v_cmp
             k_slc, v_slc, k_win, v_win = stores.k_slc, stores.v_slc, stores.k_win, stores.v_win
-        else:
+        else:  # a full pass (also a static cache's prompt): attention over the step's own K/V
             k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
             k_cmp, v_cmp = self._compress(k_raw.flatten(0, 1), v_raw.flatten(0, 1), plan)
 
@@ -604,8 +606,8 @@ class NsaModel(NsaPreTrainedModel):
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions.clamp(min=0)))
 
         rows = torch.arange(batch, device=device)
-        key_offsets = rows * geometry.seq_len + starts
-        window_offsets = rows * geometry.window_len + starts - (geometry.seq_len - geometry.window_len)
+        key_offsets = rows * geometry.history_capacity + starts
+        window_offsets = rows * geometry.window_stride + starts - (geometry.seq_len - geometry.window_len)
         layout = QueryLayout(
             positions=positions.flatten(),
             key_offsets=key_offsets.repeat_interleave(num_new),
@@ -660,11 +662,11 @@ class NsaModel(NsaPreTrainedModel):
         slots = torch.where(complete, done.div(d, rounding_mode="floor"), layer.num_blocks)[:, None]
         raw = layer.raw_ring
         first = rows * 2 * raw + token % raw + raw - l + 1
-        block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, positions[:, None].clamp(min=0)))
+        # A completed block ends at this token: its compressed key's RoPE is the token's own (cos, sin).
         return NsaForwardPlan(
             cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, self.pattern), block_tokens=None,
             block_cos=None, block_sin=None,
-            stored_blocks=StoredBlocks(block_tokens(first[:, None], l, batch * 2 * raw), block_cos, block_sin, slots, True),
+            stored_blocks=StoredBlocks(block_tokens(first[:, None], l, batch * 2 * raw), cos, sin, slots, from_ring=True),
         )
 
     def forward(

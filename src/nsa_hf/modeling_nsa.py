@@ -644,8 +644,8 @@ class NsaModel(NsaPreTrainedModel):
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions.clamp(min=0)))
 
         rows = torch.arange(batch, device=device)
-        key_offsets = rows * geometry.seq_len + starts
-        window_offsets = rows * geometry.window_len + starts - (geometry.seq_len - geometry.window_len)
+        key_offsets = rows * geometry.history_capacity + starts
+        window_offsets = rows * geometry.window_stride + starts - (geometry.seq_len - geometry.window_len)
         layout = QueryLayout(
             positions=positions.flatten(),
             key_offsets=key_offsets.repeat_interleave(num_new),
