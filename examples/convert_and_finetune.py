@@ -2,7 +2,7 @@
 """Convert a dense Llama / Mistral / Qwen2 / Qwen3 checkpoint to NSA, then continue training it on long sequences.
 
 1. `convert_dense_to_nsa` builds an NSA model that computes what the dense one computes up to the window (the
-   script checks it on one short sequence and prints the largest logit difference);
+   script checks it on one sequence of that length and prints the largest logit difference);
 2. `Trainer` continues training on documents longer than the window, packed padding-free into one row per step
    (`DataCollatorWithFlattening`): that is where the compressed and selection branches start to matter;
 3. the result is saved with `save_pretrained` (plus the tokenizer), ready for `from_pretrained` or the Hub.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorWithFlattening,
     LlamaConfig,
@@ -126,19 +127,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         source = str(output_dir / "dense-source")
         tiny_dense_source(Path(source))
     tokenizer = AutoTokenizer.from_pretrained(source)
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     model = convert_dense_to_nsa(
-        source, load_kwargs={"dtype": torch.float32}, window_size=args.window_size,
-        compress_block_size=args.compress_block_size, compress_stride=args.compress_stride,
-        select_block_size=args.select_block_size, num_selected_blocks=args.num_selected_blocks,
-        branch_kv=args.branch_kv, nsa_backend=args.nsa_backend,
+        dense, window_size=args.window_size, compress_block_size=args.compress_block_size,
+        compress_stride=args.compress_stride, select_block_size=args.select_block_size,
+        num_selected_blocks=args.num_selected_blocks, branch_kv=args.branch_kv, nsa_backend=args.nsa_backend,
     )
-    dense = LlamaForCausalLM.from_pretrained(source) if args.source is None else None
-    difference = float("nan")
-    if dense is not None:  # the same function up to the window (checked here on the tiny stand-in)
-        ids = torch.randint(0, len(tokenizer), (1, min(args.window_size, args.num_selected_blocks * args.select_block_size)))
-        with torch.no_grad():
-            difference = (model(ids).logits - dense.eval()(ids).logits).abs().max().item()
-        print(f"converted: largest logit difference to the dense model up to the window {difference:.2e}")
+    # The same function up to the window: checked on one sequence of that length before any training.
+    ids = torch.randint(0, len(tokenizer), (1, min(args.window_size, args.num_selected_blocks * args.select_block_size)))
+    with torch.no_grad():
+        difference = (model(ids).logits - dense(ids).logits).abs().max().item()
+    print(f"converted: largest logit difference to the dense model up to the window {difference:.2e}")
+    del dense
 
     trained = with_lora(model, args.lora_r) if args.lora_r else model.train()
     training_args = TrainingArguments(

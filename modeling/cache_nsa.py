@@ -243,8 +243,10 @@ class NsaCacheLayer(CacheLayerMixin):
                 torch.cat([t[:, : self.seq_len], t.new_zeros(t.shape[0], capacity - self.seq_len, *t.shape[2:])], dim=1)
                 for t in (self.keys, self.values)
             )
-        if torch.is_grad_enabled() and (k_slc.requires_grad or v_slc.requires_grad):
-            # Autograd may hold views of the history from earlier steps: write out of place (a copy per step).
+        autograd = torch.is_grad_enabled() and (k_slc.requires_grad or v_slc.requires_grad)
+        if autograd or (self.keys.is_inference() and not torch.is_inference_mode_enabled()):
+            # Autograd may hold views of the history from earlier steps, and a history made under inference_mode
+            # cannot be written outside it: write out of place (a copy per step, as before the room was kept).
             self.keys = self.keys.slice_scatter(k_slc.to(self.keys.dtype), dim=1, start=self.seq_len, end=end)
             self.values = self.values.slice_scatter(v_slc.to(self.values.dtype), dim=1, start=self.seq_len, end=end)
         else:

@@ -3,7 +3,8 @@
 
 Structure follows transformers' modeling_llama.py. Differences that matter:
 - attention is `NsaAttention`: three branches (compressed, selected, sliding window) mixed by gates;
-- the cache is `NsaCache`, built by the model (generate() never substitutes a DynamicCache);
+- the cache is `NsaCache`, built by the model (generate() never substitutes a DynamicCache), or `NsaStaticCache`
+  (fixed shapes, for compiled decoding: cache_implementation="static");
 - RoPE positions are the positions inside each document, derived from the sequence layout (packed
   `cu_seq_lens_q`, `position_ids` restarting at 0, or left padding in `attention_mask`), so blocks,
   windows and rotary phases all restart with the document.
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import CompileConfig, GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -27,7 +29,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.utils import logging
 
 from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
-from .cache_static import NsaStaticCache, NsaStaticCacheLayer
+from .cache_static import DEFAULT_ROLLBACK, NsaStaticCache, NsaStaticCacheLayer
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .nsa_ops_backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
@@ -257,6 +259,7 @@ class NsaForwardPlan:
     block_slots: Tensor | None = None  # cached step: [B, m] compressed slot (block index) of each new block
     geometry: StepGeometry | None = None  # cached step: every layer's store sizes after it
     stored_blocks: StoredBlocks | None = None  # static cache: the compressed entries the layers write
+    prompt_starts: Tensor | None = None  # static cache's prompt: where each row's document starts [B]
 
 
 @dataclass
@@ -397,7 +400,7 @@ class NsaDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: Tensor,
         plan: NsaForwardPlan,
-        cache: NsaCache | None = None,
+        cache: NsaCache | NsaStaticCache | None = None,
         **kwargs,
     ) -> Tensor:
         residual = hidden_states
@@ -540,7 +543,7 @@ class NsaModel(NsaPreTrainedModel):
         self,
         hidden_states: Tensor,
         attention_mask: Tensor | None,
-        cache: NsaCache | None,
+        cache: NsaCache | NsaStaticCache | None,
         cu_seqlens: Tensor | None,
         doc_starts: Tensor | None,
         attention: NsaBackend,
@@ -558,9 +561,9 @@ class NsaModel(NsaPreTrainedModel):
                 raise ValueError(f"the prompt has {seq_len} tokens but the static cache holds {cache.max_cache_len} (`max_cache_len`).")
             plan = self._plan(hidden_states, attention_mask, None, None, None, attention, pointwise)
             starts = _leading_padding(attention_mask.to(device)) if attention_mask is not None else torch.zeros(batch, dtype=torch.long, device=device)
-            cache.doc_starts = starts
+            plan.prompt_starts = starts  # the cache takes them once every layer has stored the prompt
             l, d = self.config.compress_block_size, self.config.compress_stride
-            count = max(num_compressed_blocks(seq_len, l, d), 1)
+            count = max(num_compressed_blocks(seq_len, l, d), 1)  # a prompt shorter than a block still writes one slot
             slots = torch.arange(count, device=device).expand(batch, -1)
             first = (torch.arange(batch, device=device) * seq_len + starts)[:, None] + slots * d
             cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, slots * d + l - 1))
@@ -634,39 +637,47 @@ class NsaModel(NsaPreTrainedModel):
         return plan
 
     def _static_step_plan(self, hidden_states: Tensor, cache: NsaStaticCache, kernels: dict) -> NsaForwardPlan:
-        """A decoding step over a static cache: one token per row, every size fixed, positions from the cache's
-        device counter (no host sync, nothing that changes the traced graph from one step to the next)."""
+        """A step over a static cache after its prompt: T new tokens per row (1 when decoding, more when verifying
+        drafts), every size fixed by T, positions from the cache's device counter (no host sync: the traced graph
+        is the same at every position)."""
         batch, num_new = hidden_states.shape[:2]
-        if num_new != 1:
-            raise ValueError(f"a static NsaCache decodes one token per row and step after the prompt, got {num_new}.")
-        device = hidden_states.device
-        l, d, w = self.config.compress_block_size, self.config.compress_stride, self.config.window_size
         layer = cache.layers[0]
-        token = layer.cumulative_length.clone()  # the new token's index in every row (the layers advance theirs)
+        if num_new > layer.max_rollback + 1:
+            raise ValueError(
+                f"a step after the prompt may hold at most max_rollback + 1 = {layer.max_rollback + 1} tokens per row "
+                f"with this static cache, got {num_new} (`NsaStaticCache(max_rollback=...)`)."
+            )
+        device = hidden_states.device
+        l, d = self.config.compress_block_size, self.config.compress_stride
+        tokens = layer.cumulative_length + torch.arange(num_new, device=device)  # the new tokens' index in every row
+        newest = tokens[-1]
         starts = cache.doc_starts
-        positions = token - starts  # [B]
-        cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions[:, None].clamp(min=0)))
+        positions = tokens[None, :] - starts[:, None]  # [B, T]
+        cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions))
         rows = torch.arange(batch, device=device)
-        if layer.separate_window:  # the newest token sits at ring slot (token mod R) + R
+        if layer.separate_window:  # after the step, token a sits at ring slot (newest mod R) + R - (newest - a)
             ring = layer.window_ring
-            window_offsets = rows * 2 * ring + token % ring + ring - positions
+            window_offsets = rows * 2 * ring + newest % ring + ring - newest + starts
         else:
             window_offsets = rows * layer.max_cache_len + starts
         layout = QueryLayout(
-            positions=positions, key_offsets=rows * layer.max_cache_len + starts,
-            cmp_offsets=rows * (layer.num_blocks + 1), window_offsets=window_offsets, run_length=1,
+            positions=positions.flatten(),
+            key_offsets=(rows * layer.max_cache_len + starts).repeat_interleave(num_new),
+            cmp_offsets=(rows * (layer.num_blocks + 1)).repeat_interleave(num_new),
+            window_offsets=window_offsets.repeat_interleave(num_new),
+            run_length=num_new,
         )
-        # The block this token completes, if any (else the scratch slot): its l raw tokens end at the ring's newest.
+        # Per new token, the block it completes, if any (else the scratch slot): its l raw tokens end at the token,
+        # in the raw ring laid out as the window's; its compressed key's RoPE is the token's own (cos, sin).
         done = positions + 1 - l
         complete = (done >= 0) & (done % d == 0)
-        slots = torch.where(complete, done.div(d, rounding_mode="floor"), layer.num_blocks)[:, None]
+        slots = torch.where(complete, done.div(d, rounding_mode="floor"), layer.num_blocks)
         raw = layer.raw_ring
-        first = rows * 2 * raw + token % raw + raw - l + 1
-        # A completed block ends at this token: its compressed key's RoPE is the token's own (cos, sin).
+        first = (rows * 2 * raw)[:, None] + (newest % raw + raw - newest) + tokens[None, :] - l + 1
         return NsaForwardPlan(
             cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, self.pattern), block_tokens=None,
             block_cos=None, block_sin=None,
-            stored_blocks=StoredBlocks(block_tokens(first[:, None], l, batch * 2 * raw), cos, sin, slots, from_ring=True),
+            stored_blocks=StoredBlocks(block_tokens(first, l, batch * 2 * raw), cos, sin, slots, from_ring=True),
         )
 
     def forward(
@@ -674,14 +685,14 @@ class NsaModel(NsaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: NsaCache | None = None,
+        cache: NsaCache | NsaStaticCache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seq_lens_q: Tensor | None = None,
         seq_idx: Tensor | None = None,
-        past_key_values: NsaCache | None = None,
+        past_key_values: NsaCache | NsaStaticCache | None = None,
         output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
@@ -735,6 +746,8 @@ class NsaModel(NsaPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = decoder_layer(hidden_states, plan, cache)
+        if plan.prompt_starts is not None:  # a static cache is prefilled once every layer holds the prompt
+            cache.doc_starts = plan.prompt_starts
         hidden_states = self.norm(hidden_states, pointwise)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -785,7 +798,9 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
-    def create_masks_for_generate(self, attention_mask: Tensor | None = None, cache=None, **kwargs) -> Tensor | None:
+    def create_masks_for_generate(
+        self, attention_mask: Tensor | None = None, cache: Cache | None = None, **kwargs
+    ) -> Tensor | None:
         """generate() asks compileable caches for a 4-D mask; NSA takes the 2-D one for the prompt (left padding), and
         a static cache's decoding steps need none (the cache keeps where each row's document starts): a mask that
         grew every step would make torch.compile trace the step again."""
@@ -794,36 +809,56 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             return None
         return attention_mask
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """generate() decodes through an `NsaCache`, put in `model_kwargs` under the key the installed transformers
-        reads (`cache` from 5.24, `past_key_values` before); a DynamicCache would drop the NSA state."""
-        if model_kwargs.get(CACHE_KWARG) is None and generation_config.use_cache is not False:
-            implementation = generation_config.cache_implementation
-            if implementation not in (None, "dynamic", "static"):
-                raise ValueError(
-                    f"NSA models decode with their own `NsaCache` (None or 'dynamic') or `NsaStaticCache` ('static'); "
-                    f"cache_implementation={implementation!r} is not supported."
-                )
-            if implementation == "static":
-                model_kwargs[CACHE_KWARG] = NsaStaticCache(self.config, max_cache_len=generation_config.max_length)
-            else:
-                model_kwargs[CACHE_KWARG] = NsaCache(self.config)
-            return None
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict, generation_mode, batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        """generate() decodes through an `NsaCache`, or an `NsaStaticCache` for cache_implementation="static" (sized
+        for the tokens this call needs: prompt, embeddings and new tokens), put in `model_kwargs` under the key the
+        installed transformers reads (`cache` from 5.24, `past_key_values` before); a DynamicCache would drop the
+        NSA state. A static cache the user passes must hold what this call needs."""
+        given = model_kwargs.get(CACHE_KWARG)
+        needed = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+        if isinstance(given, NsaStaticCache) and given.max_cache_len < needed:
+            raise ValueError(
+                f"the static cache holds {given.max_cache_len} tokens (`max_cache_len`) but this generate() needs "
+                f"{needed} (prompt + max_new_tokens)."
+            )
+        if given is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"NSA models decode with their own `NsaCache` (None or 'dynamic') or `NsaStaticCache` ('static'); "
+                f"cache_implementation={implementation!r} is not supported."
+            )
+        if implementation == "static" and getattr(generation_config, "prefill_chunk_size", None):
+            raise ValueError(
+                "`prefill_chunk_size` cannot be used with cache_implementation='static': a static NsaCache takes "
+                "the prompt in one pass (use the default cache to prefill in chunks)."
+            )
+        if implementation == "static":
+            # Room for a verification step's drafts past the last kept token (assisted decoding), as many as
+            # the cache can roll back.
+            model_kwargs[CACHE_KWARG] = NsaStaticCache(self.config, max_cache_len=needed + DEFAULT_ROLLBACK)
+        else:
+            model_kwargs[CACHE_KWARG] = NsaCache(self.config)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: NsaCache | None = None,
+        cache: NsaCache | NsaStaticCache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | Tensor = 0,
-        past_key_values: NsaCache | None = None,
+        past_key_values: NsaCache | NsaStaticCache | None = None,
         output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:

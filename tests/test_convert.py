@@ -76,12 +76,14 @@ def test_a_converted_model_computes_the_dense_function_up_to_the_window(family, 
 
 def test_the_cli_converts_a_saved_folder(tmp_path, capsys):
     dense = _dense("qwen3")
+    dense.generation_config.eos_token_id = [2, 5]  # a list only generation_config.json holds (chat models' stops)
     dense.save_pretrained(tmp_path / "dense")
     fields = [f"--{k}" if i % 2 == 0 else v for k, v in NSA.items() for i, v in enumerate((k, str(v)))]
-    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "nsa"), *fields, "--branch_kv", "independent"]) == 0
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "nsa"), *fields, "--branch_kv=independent"]) == 0
     assert "converted" in capsys.readouterr().out
     nsa = NsaForCausalLM.from_pretrained(tmp_path / "nsa").eval()
     assert nsa.config.branch_kv == "independent" and nsa.config.window_size == 32
+    assert nsa.generation_config.eos_token_id == [2, 5]
     assert (tmp_path / "nsa" / "model.safetensors").is_file()
     assert str(tmp_path / "dense") in (tmp_path / "nsa" / "README.md").read_text()
     _assert_same_function(dense, nsa)
@@ -102,6 +104,8 @@ def test_what_cannot_be_converted_is_refused_by_name():
         convert_dense_to_nsa(dense, compression_type="mean")
     with pytest.raises(ValueError, match="unknown NsaConfig field"):
         convert_dense_to_nsa(dense, windw_size=32)
+    with pytest.raises(ValueError, match="come from the dense checkpoint"):
+        convert_dense_to_nsa(dense, num_hidden_layers=1)
     with pytest.raises(TypeError, match="model_or_path"):
         convert_dense_to_nsa(42)
 

@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch._dynamo.utils import counters
 
-from nsa_hf import NsaForCausalLM
-from nsa_hf import NsaStaticCache
+from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache
 
 from .factories import make_model, tiny_config
 from .test_generate import greedy_without_cache
 
+TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 NEW_TOKENS = 30  # past several compressed blocks (l = 8, d = 4) and the window (w = 12)
 
 
 @pytest.fixture(scope="module", params=["independent", "shared"])
 def model(request) -> NsaForCausalLM:
     return make_model(tiny_config(pad_token_id=0, eos_token_id=None, branch_kv=request.param))
+
+
+@pytest.fixture(scope="module")
+def draft_like(model) -> NsaForCausalLM:
+    """A smaller NSA draft model of the same vocabulary, for assisted decoding."""
+    return make_model(tiny_config(pad_token_id=0, eos_token_id=None, num_hidden_layers=1, hidden_size=16,
+                                  num_attention_heads=2, num_key_value_heads=1), seed=3)
 
 
 @pytest.mark.parametrize("prompt_len", [5, 21])  # shorter than a block; longer than the window
@@ -115,24 +123,83 @@ def test_decoding_steps_of_a_static_cache_take_no_mask(model):
     assert model.create_masks_for_generate(attention_mask=torch.ones(1, 10), cache=cache) is None
 
 
-def test_static_cache_refuses_what_it_cannot_do(model):
+def test_static_cache_refuses_what_it_cannot_do(model, draft_like):
     prompt = torch.randint(1, 97, (1, 10))
     with pytest.raises(ValueError, match="max_cache_len"):
         model(input_ids=prompt, cache=NsaStaticCache(model.config, max_cache_len=8))
-    cache = NsaStaticCache(model.config, max_cache_len=32)
-    model(input_ids=prompt, cache=cache)
-    with pytest.raises(ValueError, match="cannot be cropped"):
-        cache.crop(5)
-    with pytest.raises(ValueError, match="one token per row"):
-        model(input_ids=prompt[:, :2], cache=cache)
+    with pytest.raises(ValueError, match=r"but this generate\(\) needs"):  # a cache too small for the call, before any work
+        model.generate(prompt, max_new_tokens=30, past_key_values=NsaStaticCache(model.config, max_cache_len=32))
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        model.generate(prompt, max_new_tokens=3, cache_implementation="static", prefill_chunk_size=4)
+    cache = NsaStaticCache(model.config, max_cache_len=64, max_rollback=4)
+    with torch.no_grad():
+        model(input_ids=prompt, cache=cache)
+        with pytest.raises(ValueError, match="at most max_rollback \\+ 1 = 5 tokens"):
+            model(input_ids=torch.randint(1, 97, (1, 6)), cache=cache)
+        model(input_ids=torch.randint(1, 97, (1, 5)), cache=cache)
+    with pytest.raises(ValueError, match="cannot crop 5 tokens"):
+        cache.crop(-5)
+    with pytest.raises(ValueError, match="rows"):  # another batch size
+        model(input_ids=torch.randint(1, 97, (2, 1)), cache=cache)
     with pytest.raises(ValueError, match="max_cache_len"):
         NsaStaticCache(model.config, max_cache_len=0)
+    with pytest.raises(ValueError, match="max_rollback"):
+        NsaStaticCache(model.config, max_cache_len=8, max_rollback=-1)
 
 
-@pytest.mark.parametrize("branch_kv, bound", [("shared", 1.07), ("independent", 1.10)])
+def test_a_failed_prompt_leaves_the_static_cache_empty(model):
+    cache = NsaStaticCache(model.config, max_cache_len=32)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 97, (2, 10)), cache=cache)
+        cache.reset()
+        with pytest.raises(ValueError, match="rows"):
+            model(input_ids=torch.randint(1, 97, (3, 10)), cache=cache)
+        assert not cache.prefilled and cache.get_seq_length() == 0
+        model(input_ids=torch.randint(1, 97, (2, 10)), cache=cache)  # the right batch still takes its prompt
+    assert cache.prefilled and cache.get_seq_length() == 10
+
+
+def test_static_assisted_and_prompt_lookup_decoding_equal_the_default_cache(model, draft_like):
+    """Assisted decoding verifies drafts in steps of several tokens and crops the rejected ones: the static cache
+    does both (its rings keep max_rollback extra tokens), with the default cache's greedy tokens."""
+    prompt = torch.randint(1, 97, (1, 21))
+    for kwargs in (dict(assistant_model=draft_like), dict(prompt_lookup_num_tokens=3)):
+        default = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+        try:
+            static = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
+                                    **kwargs)
+        except ValueError as error:  # releases before 5.24 refuse assisted decoding with any static cache, theirs too
+            assert "not supported with Static cache" in str(error) and TRANSFORMERS < (5, 24)
+            continue
+        assert torch.equal(static, default), list(kwargs)
+        assert torch.equal(static, greedy_without_cache(model, prompt, NEW_TOKENS))
+
+
+def test_caches_filled_under_inference_mode_decode_under_no_grad(model):
+    """generate() decodes under no_grad; a prompt run under torch.inference_mode must not leave buffers that later
+    in-place writes cannot touch."""
+    prompt = torch.randint(1, 97, (1, 10))
+    for cache in (NsaCache(model.config), NsaStaticCache(model.config, max_cache_len=32)):
+        with torch.inference_mode():
+            token = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        with torch.no_grad():
+            for _ in range(3):
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        assert cache.get_seq_length() == 13
+
+
+def test_static_generate_from_inputs_embeds(model):
+    prompt = torch.randint(1, 97, (1, 10))
+    embeds = model.get_input_embeddings()(prompt).detach()
+    static = model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("branch_kv, bound", [("shared", 1.07), ("independent", 1.11)])
 def test_static_cache_memory_at_32k_is_close_to_a_dense_static_cache(branch_kv, bound):
     """Bytes of a static NsaCache for 32k tokens against a dense static KV cache of the same heads, dims and length
-    (2 x L x H x D per layer), at the paper's geometry: the compressed store adds 1/d, the rings 2w and 2l slots."""
+    (2 x L x H x D per layer), at the paper's geometry: the compressed store adds 1/d, the rings 2(w + r) and 2(l + r)
+    slots (r = max_rollback, 64)."""
     config = tiny_config(compress_block_size=32, compress_stride=16, select_block_size=64, num_selected_blocks=4,
                          num_init_blocks=1, num_local_blocks=2, window_size=512, branch_kv=branch_kv)
     model = make_model(config)

@@ -3,16 +3,19 @@
 What `NsaCache` keeps, preallocated for `max_cache_len` tokens and written in place, so a decoding step has the
 same shapes and addresses at every position:
 - the selection branch's raw K/V for the whole history, [B, max_cache_len, H, D];
-- the window branch's K/V (independent branch K/V only) in a mirrored ring of R = w slots: token a is written at
-  slots a mod R and a mod R + R of a [B, 2R, H, D] buffer, so the last R tokens always lie contiguous
-  (at (p mod R) + 1 .. (p mod R) + R for the newest token p) and the window is one interval, as the kernels read it;
-- the raw, un-rotated compression-branch K/V of the last l tokens, in a mirrored ring of l slots the same way;
+- the window branch's K/V (independent branch K/V only) in a mirrored ring of R = w + max_rollback slots: token a
+  is written at slots a mod R and a mod R + R of a [B, 2R, H, D] buffer, so the last R tokens always lie contiguous
+  (at (p mod R) + 1 .. (p mod R) + R for the newest token p) and every window is one interval, as the kernels read
+  it. The max_rollback extra slots serve steps of several tokens (assisted decoding verifies its drafts in one) and
+  `crop`: a rolled-back token only overwrote slots of tokens more than w before any later query;
+- the raw, un-rotated compression-branch K/V of the last l + max_rollback tokens, in a mirrored ring the same way;
 - the compressed K/V, one slot per block of the row's document, plus one scratch slot that a step writes when
   it completes no block (a write at a fixed shape instead of a branch on the data);
 - the number of tokens stored, a device tensor (`cumulative_length`), and where each row's document starts.
 
-A prompt is prefilled by the model's full-pass attention; `prefill` then writes its stores. Decoding steps
-`append` one token per row and write the compressed block it may complete.
+A prompt is prefilled by the model's full-pass attention, then the layers write its stores. Decoding steps
+`append` their tokens (one per row, or up to max_rollback + 1 when verifying drafts) and write the compressed
+blocks they may complete.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from .cache_nsa import sparse_pattern
 from .configuration_nsa import NsaConfig
 from .ops.layout import SparsePattern, num_compressed_blocks
 
-__all__ = ["NsaStaticCache", "NsaStaticCacheLayer"]
+__all__ = ["DEFAULT_ROLLBACK", "NsaStaticCache", "NsaStaticCacheLayer"]
+
+DEFAULT_ROLLBACK = 64  # tokens crop can undo, and the most of a step after the prompt minus one
 
 
 def _ring_slots(positions: Tensor, ring: int) -> Tensor:
@@ -38,16 +43,18 @@ class NsaStaticCacheLayer(CacheLayerMixin):
     """One layer's NSA state in fixed-shape buffers (see the module docstring)."""
 
     is_compileable = True
-    is_croppable = False
+    is_croppable = True
     is_sliding = False
 
-    def __init__(self, pattern: SparsePattern, separate_window: bool, max_cache_len: int):
+    def __init__(self, pattern: SparsePattern, separate_window: bool, max_cache_len: int,
+                 max_rollback: int = DEFAULT_ROLLBACK):
         super().__init__()
         self.pattern = pattern
         self.separate_window = separate_window
         self.max_cache_len = max_cache_len
-        self.window_ring = pattern.window_size
-        self.raw_ring = pattern.compress_block_size
+        self.max_rollback = max_rollback
+        self.window_ring = pattern.window_size + max_rollback
+        self.raw_ring = pattern.compress_block_size + max_rollback
         # Slots for every block a document of max_cache_len tokens completes, then the scratch slot.
         self.num_blocks = num_compressed_blocks(max_cache_len, pattern.compress_block_size, pattern.compress_stride)
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
@@ -58,7 +65,9 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         dtype, self.device = key_states.dtype, key_states.device
 
         def buffer(length: int, width: int) -> Tensor:
-            return torch.zeros(batch, length, heads, width, dtype=dtype, device=self.device)
+            # Plain tensors even when the prompt runs under inference_mode: later steps (no_grad) write in place.
+            with torch.inference_mode(False):
+                return torch.zeros(batch, length, heads, width, dtype=dtype, device=self.device)
 
         self.keys, self.values = buffer(self.max_cache_len, dim), buffer(self.max_cache_len, dim_v)
         self.raw_cmp_keys, self.raw_cmp_values = buffer(2 * self.raw_ring, dim), buffer(2 * self.raw_ring, dim_v)
@@ -66,7 +75,8 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         self.window_keys = self.window_values = None
         if self.separate_window:
             self.window_keys, self.window_values = buffer(2 * self.window_ring, dim), buffer(2 * self.window_ring, dim_v)
-        self.cumulative_length = self.cumulative_length.to(self.device)
+        with torch.inference_mode(False):
+            self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over them
             for tensor in self._tensors().values():
                 torch._dynamo.mark_static_address(tensor)
@@ -80,7 +90,7 @@ class NsaStaticCacheLayer(CacheLayerMixin):
     # -- transformers' CacheLayerMixin interface -------------------------------------------------
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError("NSA layers store a step with `NsaStaticCacheLayer.prefill` and `append`.")
+        raise NotImplementedError("NSA layers store a step with `NsaStaticCacheLayer.append` and `write_compressed`.")
 
     def get_seq_length(self) -> int:
         return int(self.cumulative_length) if self.is_initialized else 0
@@ -106,10 +116,19 @@ class NsaStaticCacheLayer(CacheLayerMixin):
                 tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def crop(self, max_length: int) -> None:
-        raise ValueError(
-            "a static NsaCache cannot be cropped (assisted decoding rolls back drafts): use the default cache "
-            "(cache_implementation=None), as transformers' own StaticCache users do."
-        )
+        """Keep the first `max_length` tokens; a value <= 0 removes that many from the end (assisted decoding rolls
+        back rejected drafts). At most `max_rollback` tokens at a time: the rings hold no more."""
+        if not self.is_initialized:
+            return
+        length = int(self.cumulative_length)  # a host read: crop runs between steps, outside the compiled step
+        max_length = int(max_length)
+        target = max_length if max_length > 0 else length + max_length
+        if length - target > self.max_rollback:
+            raise ValueError(
+                f"cannot crop {length - target} tokens: the static cache keeps {self.max_rollback} tokens of rollback "
+                "(`NsaStaticCache(max_rollback=...)`)."
+            )
+        self.cumulative_length.fill_(min(length, max(target, 0)))
 
     # -- storage operations ---------------------------------------------------------------------
 
@@ -126,6 +145,11 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         """Store a step's tokens [B, T, H, D] at positions cumulative_length .. + T (in place, no host sync)."""
         if not self.is_initialized:
             self.lazy_initialization(k_slc, v_slc)
+        if k_slc.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"the static cache holds {self.keys.shape[0]} rows but {k_slc.shape[0]} were given: build a new "
+                "NsaStaticCache for another batch size."
+            )
         positions = self.cumulative_length + torch.arange(k_slc.shape[1], device=self.cumulative_length.device)
         self.keys.index_copy_(1, positions, k_slc.to(self.keys.dtype))
         self.values.index_copy_(1, positions, v_slc.to(self.values.dtype))
@@ -151,14 +175,20 @@ class NsaStaticCache(Cache):
     Args:
         config: the model's `NsaConfig`.
         max_cache_len: the most tokens (prompt and new ones) a row holds.
+        max_rollback: tokens `crop` can undo at once, and the most tokens of a step after the prompt minus one
+            (assisted decoding verifies its drafts in one step); each costs 2 slots in each ring.
     """
 
-    def __init__(self, config: NsaConfig, max_cache_len: int, **kwargs):
+    def __init__(self, config: NsaConfig, max_cache_len: int, max_rollback: int = DEFAULT_ROLLBACK, **kwargs):
         if max_cache_len < 1:
             raise ValueError(f"`max_cache_len` must be >= 1, got {max_cache_len}.")
+        if max_rollback < 0:
+            raise ValueError(f"`max_rollback` must be >= 0, got {max_rollback}.")
         pattern = sparse_pattern(config)
         separate_window = config.branch_kv == "independent"
-        layers = [NsaStaticCacheLayer(pattern, separate_window, max_cache_len) for _ in range(config.num_hidden_layers)]
+        layers = [
+            NsaStaticCacheLayer(pattern, separate_window, max_cache_len, max_rollback) for _ in range(config.num_hidden_layers)
+        ]
         super().__init__(layers=layers)
         self.doc_starts: Tensor | None = None  # [B], set by the prefill: where each row's document starts
 

@@ -110,11 +110,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def _field_values(parser: argparse.ArgumentParser, extra: list[str]) -> dict:
-    """`--field value` pairs into NsaConfig fields; values read as JSON (numbers, true/false), else as strings."""
-    if len(extra) % 2 or not all(key.startswith("--") for key in extra[::2]):
-        parser.error(f"NsaConfig fields come as --field value pairs, got {' '.join(extra)}")
+    """`--field value` or `--field=value` after SRC and DST into NsaConfig fields; values read as JSON (numbers,
+    true/false), else as strings."""
+    words = [part for word in extra for part in (word.split("=", 1) if word.startswith("--") else [word])]
+    if len(words) % 2 or not all(key.startswith("--") for key in words[::2]):
+        parser.error(f"NsaConfig fields come after SRC DST as --field value pairs, got {' '.join(extra)}")
     fields = {}
-    for key, raw in zip(extra[::2], extra[1::2], strict=True):
+    for key, raw in zip(words[::2], words[1::2], strict=True):
         try:
             fields[key[2:].replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
@@ -170,8 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {len(paths)} remote-code files to {args.directory}")
         return 0
     if args.command == "model-card":
-        from pathlib import Path
-
         from .configuration_nsa import NsaConfig
         from .model_card import TRAINING_FIELDS, render_model_card
 

@@ -15,11 +15,13 @@ equals dense attention), and so that nothing starts saturated:
 - phi of the compressed keys keeps its random initialization (the block scores need no particular start); its
   gradient is zero while the compressed values are, and follows them from the second optimizer step on
   (tests/test_convert.py trains all three).
-Beyond that length the model is NSA: the window is cut, selection chooses n blocks.
+Beyond that length the model is NSA: the window is cut, selection chooses n blocks. A dense model that itself
+attends through a sliding window (Mistral's `sliding_window`) is matched up to that window too.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -86,6 +88,9 @@ def _nsa_config(dense_config, nsa_fields: dict[str, Any]) -> NsaConfig:
     unknown = set(nsa_fields) - set(NsaConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown NsaConfig field(s) {sorted(unknown)}.")
+    fixed = (set(_COPIED_FIELDS) | {"head_dim", "rope_parameters", "attention_bias", "qk_norm"}) & set(nsa_fields)
+    if fixed:
+        raise ValueError(f"{sorted(fixed)} come from the dense checkpoint and cannot be set when converting.")
     fields.update(nsa_fields)
     if fields.get("compression_type", "mlp") == "mean":
         raise ValueError(
@@ -152,5 +157,6 @@ def convert_dense_to_nsa(
                 _copy(getattr(attention, f"{prefix}_v_proj"), dense_attention.v_proj)
         _zero_last_layer(attention.compress_value)
         _zero_last_layer(attention.branch_gate)
+    model.generation_config = copy.deepcopy(dense.generation_config)  # eos lists, sampling defaults, chat stops
     model.config.architectures = ["NsaForCausalLM"]
     return model.train(dense.training)
