@@ -260,3 +260,21 @@ def test_gpu_static_decoding_step_never_waits_for_the_gpu():
                 token = model(input_ids=token, cache=cache).logits[:, -1:].argmax(-1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_multi_token_steps_and_crops_equal_the_default_cache(model):
+    """Steps of several tokens (draft verification) and crops, on small rings that wrap many times: every step's
+    logits equal the default cache's for the same calls (blocks completed inside a step read the raw ring, the
+    window an interval of its ring after the whole step)."""
+    torch.manual_seed(1)
+    static, default = NsaStaticCache(model.config, max_cache_len=160, max_rollback=8), NsaCache(model.config)
+    with torch.no_grad():
+        prompt = torch.randint(1, 97, (2, 21))
+        torch.testing.assert_close(model(prompt, cache=static).logits, model(prompt, past_key_values=default).logits)
+        for step in range(10):
+            ids = torch.randint(1, 97, (2, 9))
+            torch.testing.assert_close(model(ids, cache=static).logits, model(ids, past_key_values=default).logits,
+                                       rtol=1e-4, atol=1e-5, msg=f"step {step}")
+            static.crop(-(step % 5))
+            default.crop(-(step % 5))
+        assert static.get_seq_length() == default.get_seq_length()
