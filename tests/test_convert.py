@@ -136,3 +136,25 @@ def test_a_converted_model_trains_its_new_branches_beyond_the_window():
     assert key_grads[0] == 0 and 0 < key_grads[1] < key_grads[-1]  # zero at first, then growing with the values
     for name, p in watched.items():
         assert (p - before[name]).abs().max() > (1e-4 if name == "compress_key" else 1e-3), name
+
+
+def test_a_bf16_checkpoint_converts_in_bf16_without_a_float32_copy(monkeypatch):
+    """The NSA model is built in the dense model's dtype (no float32 temporary of four times the checkpoint), and
+    computes what the dense one computes up to the window within bf16 rounding."""
+    dense = _dense("llama").to(torch.bfloat16)
+    built = []
+    original = NsaForCausalLM.__init__
+
+    def spy(self, config):
+        built.append(torch.get_default_dtype())
+        original(self, config)
+
+    monkeypatch.setattr(NsaForCausalLM, "__init__", spy)
+    nsa = convert_dense_to_nsa(dense, **NSA)
+    assert built == [torch.bfloat16] and torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in nsa.parameters()} == {torch.bfloat16}
+    assert nsa.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE frequencies stay exact
+    ids = torch.randint(0, 97, (1, 32))
+    with torch.no_grad():
+        expected, got = dense(ids).logits.float(), nsa(ids, use_cache=False).logits.float()
+    assert (got - expected).abs().max() / expected.abs().max() < 2e-2
