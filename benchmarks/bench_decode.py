@@ -33,6 +33,14 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms / 1e6  # GB/s, read + write
 
 
+def nsa_keys_read(pattern: SparsePattern, context: int) -> int:
+    """Keys (and values) one NSA query reads at `context` tokens, per key head: its compressed blocks, n selected
+    blocks of l' tokens and the window, each at most the context."""
+    n_cmp = num_compressed_blocks(context, pattern.compress_block_size, pattern.compress_stride)
+    selected = min(context, pattern.num_selected_blocks * pattern.select_block_size)
+    return n_cmp + selected + min(context, pattern.window_size)
+
+
 def decode_step(shape: str, context: int, batch: int):
     """One decoding step over an NsaCache-shaped store (random K/V, every row at `context` tokens):
     the step as a closure, and the tensors dense decode reads."""
@@ -60,7 +68,6 @@ def decode_step(shape: str, context: int, batch: int):
 
 def measure(shape: str, context: int, batch: int) -> dict:
     heads_q, heads_kv, dim = SHAPES[shape]
-    n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
     step, q, k, v = decode_step(shape, context, batch)
     nsa_ms = triton.testing.do_bench(step, return_mode="median")
     # The same step captured in a CUDA graph: kernel time without launch overhead (capture also proves
@@ -77,8 +84,7 @@ def measure(shape: str, context: int, batch: int) -> dict:
         lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True), return_mode="median"
     )
     row_bytes = 2 * heads_kv * dim * 2  # K and V, bf16, per token per row
-    keys_nsa = n_cmp + PATTERN.num_selected_blocks * PATTERN.select_block_size + PATTERN.window_size
-    nsa_bytes, dense_bytes = batch * keys_nsa * row_bytes, batch * context * row_bytes
+    nsa_bytes, dense_bytes = batch * nsa_keys_read(PATTERN, context) * row_bytes, batch * context * row_bytes
     return {
         "shape": shape, "context": context, "batch": batch, "nsa_ms": nsa_ms, "nsa_graph_ms": nsa_graph_ms,
         "dense_ms": dense_ms, "speedup": dense_ms / nsa_ms, "speedup_graph": dense_ms / nsa_graph_ms, "nsa_floor_bytes": nsa_bytes, "dense_bytes": dense_bytes,

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench_decode import copy_bandwidth, nsa_keys_read  # this folder is on the path when run from the repo root
 from nsa_hf import NsaConfig, NsaForCausalLM
-from nsa_hf.ops.layout import num_compressed_blocks
+from nsa_hf.cache_nsa import sparse_pattern
 
 SHAPES = {
     "seed": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2, head_dim=64),
@@ -44,30 +45,12 @@ def build(kind: str, shape: str, max_positions: int) -> torch.nn.Module:
     return model.to("cuda", torch.bfloat16).eval()
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), the floor's yardstick."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - start) / 1e9
-
-
 def nsa_step_bytes(model: NsaForCausalLM, batch: int, context: int) -> int:
     """Bytes one decoding step must read at least: every weight once, and per layer and row the keys and values
     NSA reads at this context (its compressed blocks, n selected blocks of l' tokens, the window)."""
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tokens = (
-        num_compressed_blocks(context, config.compress_block_size, config.compress_stride)
-        + min(context, config.num_selected_blocks * config.select_block_size)
-        + min(context, config.window_size)
-    )
+    tokens = nsa_keys_read(sparse_pattern(config), context)
     per_token = config.num_key_value_heads * 2 * config.head_dim * 2  # K and V, bf16
     return weights + config.num_hidden_layers * batch * tokens * per_token
 

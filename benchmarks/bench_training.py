@@ -60,6 +60,16 @@ def kernel_table(profiler: torch.profiler.profile, rows: int = 40) -> str:
     return "\n".join([f"{sum(ms for ms, _ in totals.values()):9.2f} ms total GPU time", *lines])
 
 
+def optimizer_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> torch.Tensor:
+    """One training step as a user runs it: bf16 autocast forward and loss, backward, optimizer step; the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: bool,
             profile: bool = False) -> dict:
     model = build(kind, length)
@@ -73,11 +83,7 @@ def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: in
     def train_step(ids: torch.Tensor) -> tuple[float, float]:
         """(loss, seconds the host took to queue the step: near the step time, the GPU waits for the host)."""
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = optimizer_step(step_model, optimizer, ids)
         queued = time.perf_counter() - start
         torch.cuda.synchronize()
         return loss.item(), queued

@@ -12,7 +12,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_training import build
+from bench_training import build, optimizer_step
 
 
 def main() -> None:
@@ -28,11 +28,7 @@ def main() -> None:
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(step_model, optimizer, ids)
         return time.perf_counter() - start
 
     for _ in range(6):

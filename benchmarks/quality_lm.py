@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 import quality_common
-from nsa_hf.data import load_demo_corpus
+from nsa_hf.data import NOVEL_SEPARATOR, load_demo_novels
 from nsa_hf.demo import build_tokenizer
-
-NOVEL_SEPARATOR = "\n\n\n\n"  # as examples/pretrain.py splits the corpus
 
 
 def corpus_rows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
@@ -68,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    novels = load_demo_corpus().split(NOVEL_SEPARATOR)
+    novels = load_demo_novels()
     train_text, held_out = NOVEL_SEPARATOR.join(novels[:-1]), novels[-1]
     if args.corpus_chars:
         train_text, held_out = train_text[: args.corpus_chars], held_out[: args.corpus_chars // 4]

@@ -43,9 +43,8 @@ def make_batch(batch: int, length: int, digits: int, vocab: int, generator: torc
     depths = torch.rand(batch, generator=generator) if depths is None else depths
     room = length - 2 * (digits + 1)  # where the needle may start, before the question
     starts = (depths * (room - 1)).long()
-    for row in range(batch):  # one needle per row: a loop over rows (host data prep, not a model hot path)
-        ids[row, starts[row]] = KEY
-        ids[row, starts[row] + 1 : starts[row] + 1 + digits] = key[row]
+    needle = torch.cat([torch.full((batch, 1), KEY), key], dim=1)
+    ids.scatter_(1, starts[:, None] + torch.arange(digits + 1), needle)
     ids[:, -digits - 1] = QUERY
     ids[:, -digits:] = key
     labels = torch.full_like(ids, -100)

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from nsa_hf import NsaConfig, NsaForCausalLM
-from nsa_hf.data import load_demo_corpus
+from nsa_hf.data import load_demo_novels
 from nsa_hf.demo import add_nsa_backend_argument, add_threads_argument, build_tokenizer, set_threads
 
 EPILOG = """\
@@ -43,10 +43,6 @@ examples:
       --num-selected-blocks 16 --window-size 512 --seq-len 8192 --batch-size 4 \\
       --gradient-accumulation-steps 8 --max-steps 20000 --learning-rate 6e-4 --bf16 --nsa-backend triton
 """
-
-# "\n\n\n\n" separates the novels of the bundled corpus (chapters are separated by three newlines).
-NOVEL_SEPARATOR = "\n\n\n\n"
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's flags (`parse_args` checks the values)."""
@@ -172,7 +168,7 @@ def write_bundled_corpus(directory: Path) -> tuple[list[str], list[str]]:
     """
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, novel in enumerate(load_demo_corpus().split(NOVEL_SEPARATOR)):
+    for index, novel in enumerate(load_demo_novels()):
         path = directory / f"austen_{index}.txt"
         path.write_text(novel.strip() + "\n", encoding="utf-8")
         paths.append(str(path))

@@ -119,15 +119,10 @@ def _zero_last_layer(module: nn.Module) -> None:
 
 
 def _build_like(config: NsaConfig, reference: torch.Tensor) -> NsaForCausalLM:
-    """An NsaForCausalLM built directly in the dense model's dtype and on its device, as from_pretrained builds: no
-    float32 copy on the CPU first (four times a bf16 checkpoint's size)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(reference.dtype)
-    try:
-        with torch.device(reference.device):
-            return NsaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    """An NsaForCausalLM built directly in the dense model's dtype and on its device (transformers' `_from_config`),
+    with no float32 copy on the CPU first (four times a bf16 checkpoint's size)."""
+    with torch.device(reference.device):
+        return NsaForCausalLM._from_config(config, dtype=reference.dtype)
 
 
 def convert_dense_to_nsa(

@@ -693,14 +693,14 @@ class NsaModel(NsaPreTrainedModel):
         positions = tokens[None, :] - starts[:, None]  # [B, T]
         cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, positions))
         rows = torch.arange(batch, device=device)
+        key_offsets = rows * layer.max_cache_len + starts
+        window_offsets = key_offsets  # a shared window reads the selection history
         if layer.separate_window:  # after the step, token a sits at ring slot (newest mod R) + R - (newest - a)
             ring = layer.window_ring
             window_offsets = rows * 2 * ring + newest % ring + ring - newest + starts
-        else:
-            window_offsets = rows * layer.max_cache_len + starts
         layout = QueryLayout(
             positions=positions.flatten(),
-            key_offsets=(rows * layer.max_cache_len + starts).repeat_interleave(num_new),
+            key_offsets=key_offsets.repeat_interleave(num_new),
             cmp_offsets=(rows * (layer.num_blocks + 1)).repeat_interleave(num_new),
             window_offsets=window_offsets.repeat_interleave(num_new),
             run_length=num_new,

@@ -20,9 +20,10 @@ import gzip
 import pathlib
 from importlib import resources
 
-__all__ = ["demo_corpus_path", "load_demo_corpus"]
+__all__ = ["NOVEL_SEPARATOR", "demo_corpus_path", "load_demo_corpus", "load_demo_novels"]
 
 _CORPUS_FILENAME = "demo_corpus.txt.gz"
+NOVEL_SEPARATOR = "\n\n\n\n"  # between two novels of the corpus
 
 
 def demo_corpus_path() -> pathlib.Path:
@@ -51,3 +52,8 @@ def load_demo_corpus() -> str:
     resource = resources.files(__name__).joinpath(_CORPUS_FILENAME)
     with resource.open("rb") as fh, gzip.open(fh, "rt", encoding="utf-8", newline="") as text:
         return text.read()
+
+
+def load_demo_novels() -> list[str]:
+    """The six novels of the demo corpus, in order (*Persuasion*, the last, is the one examples hold out)."""
+    return load_demo_corpus().split(NOVEL_SEPARATOR)
