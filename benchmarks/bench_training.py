@@ -70,11 +70,12 @@ def optimizer_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return loss
 
 
-def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: bool,
+def measure(kind: str, length: int, tokens_per_step: int, steps: int, warmup: int, compile: str | None,
             profile: bool = False) -> dict:
+    """One row: `compile` is None (eager) or a torch.compile mode ("default", "reduce-overhead" = CUDA graphs, ...)."""
     model = build(kind, length)
     # NSA compiles as one graph (its attention is custom ops): fullgraph=True fails on any graph break.
-    step_model = torch.compile(model, fullgraph=kind == "nsa") if compile else model
+    step_model = torch.compile(model, fullgraph=kind == "nsa", mode=compile) if compile else model
     counters["graph_break"].clear()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     batch = max(1, tokens_per_step // length)
@@ -139,15 +140,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per row (with 3, the 2k compiled row measured 188 ms per step against 141 ms with 5)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows at the first length")
+    parser.add_argument("--compile-modes", nargs="+", default=["default"],
+                        help="torch.compile modes of the --compile rows (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--models", nargs="+", default=["nsa", "llama"], choices=["nsa", "llama"])
     parser.add_argument("--profile", action="store_true", help="write each row's top GPU kernels of one step")
     parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [(kind, length, False) for length in args.lengths for kind in ("nsa", "llama")]
+    runs = [(kind, length, None) for length in args.lengths for kind in args.models]
     if args.compile:
-        runs += [(kind, args.lengths[0], True) for kind in ("nsa", "llama")]
+        runs += [(kind, args.lengths[0], mode) for mode in args.compile_modes for kind in args.models]
     rows = []
     for kind, length, compile in runs:
         try:
@@ -166,7 +170,7 @@ def main() -> None:
         dense = next((r for r in rows if r["model"] == "llama" and r["length"] == row["length"]
                       and r["compile"] == row["compile"] and "tokens_per_s" in r), None)
         if row["model"] == "nsa" and dense and "tokens_per_s" in row:
-            ratios[f"{row['length']}{'_compiled' if row['compile'] else ''}"] = row["tokens_per_s"] / dense["tokens_per_s"]
+            ratios[f"{row['length']}{'_' + row['compile'] if row['compile'] else ''}"] = row["tokens_per_s"] / dense["tokens_per_s"]
     print("NSA / Llama tokens/s:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
