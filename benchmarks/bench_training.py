@@ -143,13 +143,15 @@ def main() -> None:
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="torch.compile modes of the --compile rows (reduce-overhead: CUDA graphs)")
     parser.add_argument("--models", nargs="+", default=["nsa", "llama"], choices=["nsa", "llama"])
+    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="the eager rows (--no-eager: only the --compile rows)")
     parser.add_argument("--profile", action="store_true", help="write each row's top GPU kernels of one step")
     parser.add_argument("--commit", default=None, help="commit measured (when the tree has no .git)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [(kind, length, None) for length in args.lengths for kind in args.models]
+    runs = [(kind, length, None) for length in args.lengths for kind in args.models] if args.eager else []
     if args.compile:
         runs += [(kind, args.lengths[0], mode) for mode in args.compile_modes for kind in args.models]
     rows = []

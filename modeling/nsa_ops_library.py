@@ -87,6 +87,19 @@ def _recomputed_grads(
         return torch.autograd.grad(used_outs, leaves, used_grads, allow_unused=True, materialize_grads=True)
 
 
+def _op_documents(documents: Tensor | tuple[int, ...] | None) -> tuple[Tensor | None, list[int]]:
+    """A layout's document boundaries as the ops take them: a tensor (boundaries that are data: packed documents
+    found under torch.compile) or host ints, which the compiled graph holds as constants. Host ints keep a CPU
+    tensor out of the graph, whose outputs CUDA graphs (mode="reduce-overhead") need in their own memory pool."""
+    if documents is None or isinstance(documents, Tensor):
+        return documents, []
+    return None, list(documents)
+
+
+def _documents(documents: Tensor | None, bounds: list[int]) -> Tensor | tuple[int, ...] | None:
+    return documents if documents is not None else (tuple(bounds) or None)
+
+
 def kernels_from_primitives(interval: Callable, block: Callable, select: Callable) -> Kernels:
     """The kernels of a backend given as differentiable functions: forward without autograd, backward by
     recomputing the forward under autograd (the reference checkpoints its query chunks, so memory stays linear)."""
@@ -121,39 +134,39 @@ def kernels_from_primitives(interval: Callable, block: Callable, select: Callabl
 @torch.library.custom_op("nsa_hf::interval_attention", mutates_args=())
 def _interval_op(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int, documents: Tensor | None,
-    max_readers: int, backend: str,
+    bounds: list[int], max_readers: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
-        o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length or None, documents)
+        o, lse = _kernels(backend).interval_forward(q, k, v, lo, hi, scale, run_length or None, _documents(documents, bounds))
     return o.contiguous(), lse.contiguous()
 
 
 @_interval_op.register_fake
-def _(q, k, v, lo, hi, scale, run_length, documents, max_readers, backend):
+def _(q, k, v, lo, hi, scale, run_length, documents, bounds, max_readers, backend):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("nsa_hf::interval_attention_backward", mutates_args=())
 def _interval_backward_op(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, lo: Tensor, hi: Tensor, scale: float,
-    run_length: int, documents: Tensor | None, max_readers: int, backend: str,
+    run_length: int, documents: Tensor | None, bounds: list[int], max_readers: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _kernels(backend).interval_backward(
-        do, dlse, q, k, v, o, lse, lo, hi, scale, run_length or None, documents, max_readers or None
+        do, dlse, q, k, v, o, lse, lo, hi, scale, run_length or None, _documents(documents, bounds), max_readers or None
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_interval_backward_op.register_fake
-def _(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents, max_readers, backend):
+def _(do, dlse, q, k, v, o, lse, lo, hi, scale, run_length, documents, bounds, max_readers, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _interval_setup(ctx, inputs, output) -> None:
-    q, k, v, lo, hi, scale, run_length, documents, max_readers, backend = inputs
+    q, k, v, lo, hi, scale, run_length, documents, bounds, max_readers, backend = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, lo, hi, o, lse, documents)
-    ctx.scale, ctx.run_length, ctx.max_readers, ctx.backend = scale, run_length, max_readers, backend
+    ctx.scale, ctx.run_length, ctx.bounds, ctx.max_readers, ctx.backend = scale, run_length, bounds, max_readers, backend
 
 
 def _interval_grad(ctx, do: Tensor | None, dlse: Tensor | None):
@@ -161,9 +174,9 @@ def _interval_grad(ctx, do: Tensor | None, dlse: Tensor | None):
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = _interval_backward_op(
-        do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, documents, ctx.max_readers, ctx.backend
+        do, dlse, q, k, v, o, lse, lo, hi, ctx.scale, ctx.run_length, documents, ctx.bounds, ctx.max_readers, ctx.backend
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _interval_op.register_autograd(_interval_grad, setup_context=_interval_setup)
@@ -208,7 +221,7 @@ def interval_attention(
     (queries per row when decoding) and `documents` (a full pass's host boundaries) are tiling hints; `max_readers`, a
     bound on how many queries see one key (the window's w), spares the backward programs for longer reader ranges."""
     if torch.compiler.is_compiling():
-        return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, documents, max_readers or 0, backend)
+        return _interval_op(q, k, v, lo, hi, float(scale), run_length or 0, *_op_documents(documents), max_readers or 0, backend)
     kernels = _kernels(backend)
     return eager_interval_attention(
         kernels.interval_forward, kernels.interval_backward, q, k, v, lo, hi, float(scale), run_length or None,
@@ -312,15 +325,15 @@ def block_attention(
 @torch.library.custom_op("nsa_hf::select_blocks", mutates_args=())
 def _select_op(
     q: Tensor, k_cmp: Tensor, lse: Tensor, positions: Tensor, cmp_offsets: Tensor, run_length: int,
-    documents: Tensor | None, pattern: list[int], scale: float, backend: str,
+    documents: Tensor | None, bounds: list[int], pattern: list[int], scale: float, backend: str,
 ) -> Tensor:
-    layout = QueryLayout(positions, positions, cmp_offsets, positions, run_length or None, documents)
+    layout = QueryLayout(positions, positions, cmp_offsets, positions, run_length or None, _documents(documents, bounds))
     with torch.no_grad():
         return _kernels(backend).select(q, k_cmp, lse, layout, SparsePattern(*pattern), scale).contiguous()
 
 
 @_select_op.register_fake
-def _(q, k_cmp, lse, positions, cmp_offsets, run_length, documents, pattern, scale, backend):
+def _(q, k_cmp, lse, positions, cmp_offsets, run_length, documents, bounds, pattern, scale, backend):
     return q.new_empty(q.shape[0], k_cmp.shape[1], pattern[3], dtype=torch.int32)
 
 
@@ -338,7 +351,7 @@ def select_blocks(
             return _kernels(backend).select(q, k_cmp, lse, layout, pattern, scale)
     return _select_op(
         q.detach(), k_cmp.detach(), lse.detach(), layout.positions, layout.cmp_offsets, layout.run_length or 0,
-        layout.documents, fields, float(scale), backend,
+        *_op_documents(layout.documents), fields, float(scale), backend,
     )
 
 
@@ -362,7 +375,7 @@ def _document_layout_op(
     pad = num_compressed_blocks(num_tokens, block_size, stride) - blocks.count
     token_starts = torch.nn.functional.pad(blocks.token_starts, (0, pad))
     positions = torch.nn.functional.pad(blocks.positions, (0, pad), value=block_size - 1)
-    documents = torch.nn.functional.pad(layout.documents, (0, num_tokens + 1 - layout.documents.numel()), value=num_tokens)
+    documents = torch.tensor(layout.documents + (num_tokens,) * (num_tokens + 1 - len(layout.documents)), dtype=torch.long)
     return layout.positions, layout.key_offsets, layout.cmp_offsets, token_starts, positions, documents
 
 

@@ -79,6 +79,18 @@ def test_fullgraph_training_step_equals_eager(fresh_dynamo):
         assert (logits - model(input_ids=ids).logits[:, 25:]).abs().max() > 1e-3
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_training_step_under_cuda_graphs_equals_eager(fresh_dynamo):
+    """mode="reduce-overhead" (the compiled step recorded as CUDA graphs, then replayed): every graph output lives
+    in the graphs' memory pool (no CPU tensor such as host document boundaries among them), and the replayed
+    steps equal eager's."""
+    model = _model(layers=2)
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    for seed in range(3):  # warm-up, recording, replay
+        ids = torch.randint(0, 97, (2, 40), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed))
+        _assert_same_step(_step(model, input_ids=ids, labels=ids), _step(compiled, input_ids=ids, labels=ids))
+
+
 def test_fullgraph_forward_on_cu_seq_lens_and_padding_equals_eager(fresh_dynamo):
     """A compiled forward over documents given as cu_seq_lens_q (one packed row) and over a left-padded batch."""
     model = _model().eval()
@@ -138,11 +150,13 @@ def test_custom_ops_pass_opcheck():
     lo = layout.cmp_offsets
     hi = lo + nsa_hf.ops.num_compressed_blocks(layout.positions + 1, 8, 4)
     ops = torch.ops.nsa_hf
-    torch.library.opcheck(ops.interval_attention.default, (q, k_cmp, v_cmp, lo, hi, 0.3, 0, layout.documents, 0, backend))
+    torch.library.opcheck(ops.interval_attention.default, (q, k_cmp, v_cmp, lo, hi, 0.3, 0, None, list(layout.documents), 0, backend))
+    # Boundaries that are data (packed documents found under torch.compile) come as a CPU tensor instead.
+    torch.library.opcheck(ops.interval_attention.default, (q, k_cmp, v_cmp, lo, hi, 0.3, 0, torch.tensor(layout.documents), [], 0, backend))
     _, lse = library.interval_attention(q, k_cmp, v_cmp, lo, hi, 0.3, backend=backend)
     fields = [8, 4, 16, 3, 1, 1, 12]
-    select_args = (q.detach(), k_cmp.detach(), lse.detach(), layout.positions, layout.cmp_offsets, 0, layout.documents,
-                   fields, 0.3, backend)
+    select_args = (q.detach(), k_cmp.detach(), lse.detach(), layout.positions, layout.cmp_offsets, 0, None,
+                   list(layout.documents), fields, 0.3, backend)
     torch.library.opcheck(ops.select_blocks.default, select_args)
     chosen = library.select_blocks(q, k_cmp, lse, layout, pattern, 0.3, backend=backend)
     starts = (chosen.long() * 16 + layout.key_offsets[:, None, None]).masked_fill(chosen < 0, -1)

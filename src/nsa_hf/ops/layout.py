@@ -173,10 +173,11 @@ class QueryLayout:
     cmp_offsets: Tensor  # [Nq] int64
     window_offsets: Tensor  # [Nq] int64
     run_length: int | None = None  # decoding: each row contributes this many consecutive queries (a tiling hint)
-    # Full pass: the document boundaries (cu_seqlens) as an int64 tensor on the host, so that the sizes backends
-    # derive from them (query tiles, the longest document) need no host sync; a tiling hint too. Repeated
-    # boundaries (empty documents) may follow: `host_documents` drops them.
-    documents: Tensor | None = None
+    # Full pass: the document boundaries (cu_seqlens) on the host, so that the sizes backends derive from them
+    # (query tiles, the longest document) need no host sync; a tiling hint too. Host ints where the host knows
+    # them; an int64 CPU tensor where they are data (packed documents under torch.compile, `document_layout`), in
+    # which repeated boundaries (empty documents) may follow: `host_documents` drops them.
+    documents: tuple[int, ...] | Tensor | None = None
 
     @classmethod
     def for_batch(
@@ -196,7 +197,7 @@ class QueryLayout:
         )
         layout = cls(
             positions=tokens - row * seq_len, key_offsets=row * seq_len, cmp_offsets=row * per_row,
-            window_offsets=row * seq_len, documents=torch.arange(batch + 1) * seq_len,
+            window_offsets=row * seq_len, documents=tuple(range(0, (batch + 1) * seq_len, seq_len)),
         )
         return layout, blocks
 
@@ -232,7 +233,7 @@ class QueryLayout:
         )
         layout = cls(
             positions=positions, key_offsets=key_offsets, cmp_offsets=cu_blocks[doc], window_offsets=key_offsets,
-            documents=torch.tensor(documents, dtype=torch.long),
+            documents=documents,
         )
         return layout, blocks
 
