@@ -103,8 +103,8 @@ def measure(shape: str, length: int, backward: bool) -> dict:
                         q, k_cmp, v_cmp)
     row["slc_ms"] = run(lambda *x: triton_ops.block_attention(*x, starts, 64, layout.positions + 1, scale), q, k_slc, v_slc)
     win_lo, win_hi = window_intervals(layout, PATTERN.window_size)
-    row["win_ms"] = run(lambda *x: triton_ops.interval_attention(*x, win_lo, win_hi, scale, documents=layout.documents)[0],
-                        q, k_win, v_win)
+    row["win_ms"] = run(lambda *x: triton_ops.interval_attention(*x, win_lo, win_hi, scale, documents=layout.documents,
+                                                                max_readers=PATTERN.window_size)[0], q, k_win, v_win)
     k, v = rand(length, heads_kv, dim), rand(length, heads_kv, dim)
     row["dense_ms"] = run(lambda *x: dense(*x, cu, length), q, k, v)
     row["window512_ms"] = run(lambda *x: dense(*x, cu, length, window=512), q, k, v)

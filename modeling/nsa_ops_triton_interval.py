@@ -41,18 +41,20 @@ from .nsa_ops_triton_common import (
     _split_runs,
     _tile_rows,
     _tile_tokens,
+    _wide,
     document_pieces,
+    query_runs,
 )
 
 __all__ = ["interval_attention", "interval_backward", "interval_forward"]
 
 
 @triton.jit
-def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
-                   RUN_LENGTH: tl.constexpr):
+def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, run_length, G: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, COMPUTED_TILES: tl.constexpr):
     """The first token of this program's query tile, its rows (token x group head), their key intervals, and the
     tile's key range."""
-    first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
+    first, length = _program_tile(TILE_START, TILE_LEN, run_length, COMPUTED_TILES, BLOCK_T)
     token, group, row_ok = _tile_rows(first, length, G, ROWS, BLOCK_T)
     lo = tl.load(LO + token, mask=row_ok, other=2147483647).to(tl.int32)
     hi = tl.load(HI + token, mask=row_ok, other=0).to(tl.int32)
@@ -69,26 +71,26 @@ def _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G: tl.constexpr, ROWS:
 def _interval_fwd_kernel(
     Q, K, V, LO, HI, TILE_START, TILE_LEN, O, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
-    scale,
+    scale, run_length,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    RUN_LENGTH: tl.constexpr,
+    COMPUTED_TILES: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
     range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS,
-                                                                         BLOCK_T, RUN_LENGTH)
+    first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, run_length,
+                                                                         G, ROWS, BLOCK_T, COMPUTED_TILES)
     span = tl.maximum(key_hi - key_lo, 0)
     share = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     begin = tl.minimum(tl.program_id(2) * share, span)
     end = tl.minimum(begin + share, span)
     # int64 bases at the tile's first query and key; rows past them are counted in int32.
-    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
     split = tl.program_id(2)
-    O = _at_row(_at_row(O, split, stride_os), first, stride_ot)
-    LSE = _at_row(_at_row(LSE, split, stride_ls), first, heads_q)
+    O = _at_row(_at_row(O, split, stride_os, WIDE), first, stride_ot, WIDE)
+    LSE = _at_row(_at_row(LSE, split, stride_ls, WIDE), first, heads_q, WIDE)
     token -= first
     # The intervals counted from the tile's first key, as the key offsets are: comparing `key_lo + offsets` made
     # Triton 3.6 emit a longer inner loop (benchmarks/results/issue14/kernels.txt).
@@ -98,7 +100,7 @@ def _interval_fwd_kernel(
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        _at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+        _at_row(Q, first, stride_qt, WIDE) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
         mask=row_ok[:, None] & (dq < D)[None, :], other=0.0,
     )
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -121,17 +123,18 @@ def _interval_fwd_kernel(
 def _interval_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, LO, HI, TILE_START, TILE_LEN, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    scale,
+    scale, run_length,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, RUN_LENGTH: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTED_TILES: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, G, ROWS,
-                                                                         BLOCK_T, RUN_LENGTH)
-    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q)
-    DQ = _at_row(DQ, first, stride_qt)
-    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, run_length,
+                                                                         G, ROWS, BLOCK_T, COMPUTED_TILES)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q, WIDE)
+    DQ = _at_row(DQ, first, stride_qt, WIDE)
+    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
     token -= first
     dq_idx = tl.arange(0, BLOCK_D)
     q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
@@ -156,7 +159,7 @@ def _interval_bwd_dkv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     num_k, scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
-    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WIDE: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries that see them (chunks meet in atomics)."""
     kv_head = tl.program_id(1)
@@ -173,9 +176,9 @@ def _interval_bwd_dkv_kernel(
     dv_idx = tl.arange(0, BLOCK_DV)
     # int64 bases at the first key and query; rows past them are counted in int32 (dk, dv are laid out as k, v).
     key0 = tl.program_id(0) * BLOCK_N
-    K, V = _key_bases(K, V, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
-    DK, DV = _key_bases(DK, DV, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
-    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, q_lo, stride_qt, stride_dot, heads_q)
+    K, V = _key_bases(K, V, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+    DK, DV = _key_bases(DK, DV, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, q_lo, stride_qt, stride_dot, heads_q, WIDE)
     offsets = tl.arange(0, BLOCK_N)
     k, v = _kv_tile(K, V, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -204,21 +207,22 @@ def _query_tile(groups: int, run_length: int | None) -> tuple[int, int]:
 
 def _query_tiles(
     lo: Tensor, hi: Tensor, tile: int, run_length: int | None, documents: Documents
-) -> tuple[Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, int, int]:
     """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
-    whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count).
-    Runs of `run_length` queries (decoding) need no arrays: the kernels compute their tiles; host
-    `documents` give them without a host sync (and once per boundaries: `document_pieces` keeps them)."""
-    if run_length:
-        return lo, lo, lo.numel() // run_length * triton.cdiv(run_length, tile)
+    whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count, run).
+    Runs of one length (`query_runs`: decoding, a batch's rows) need no arrays: the kernels compute their tiles;
+    other host `documents` give them without a host sync (and once per boundaries: `document_pieces` keeps them)."""
+    run = query_runs(run_length, documents)
+    if run:
+        return lo, lo, lo.numel() // run * triton.cdiv(run, tile), run
     if documents is not None:
-        return document_pieces(documents, tile, lo.device)
+        return *document_pieces(documents, tile, lo.device), 0
     apart = torch.ones_like(lo, dtype=torch.bool)
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()
     run_len = torch.diff(run_first, append=run_first.new_tensor([lo.numel()]))
     first, length = _split_runs(run_first, run_len, tile)
-    return first.to(torch.int32), length.to(torch.int32), first.numel()
+    return first.to(torch.int32), length.to(torch.int32), first.numel(), 0
 
 
 def interval_forward(
@@ -235,7 +239,7 @@ def interval_forward(
         # An empty store (every document shorter than a compressed block): no query sees a key. The kernels
         # never get an empty tensor: measured on the H200, its null pointer faults even behind masks.
         return q.new_zeros(num_q, heads_q, dim_v), q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32)
-    tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length, documents)
+    tile_first, tile_len, num_tiles, run = _query_tiles(lo, hi, block_t, run_length, documents)
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
     if num_q:
@@ -244,7 +248,7 @@ def interval_forward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
             G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-            NUM_SPLITS=splits, RUN_LENGTH=run_length or 0,
+            NUM_SPLITS=splits, run_length=run, COMPUTED_TILES=run > 0, WIDE=_wide(q, k, v, o),
         )
     return _combine_splits(o, lse, q.dtype)
 
@@ -262,7 +266,7 @@ def interval_backward(
     q, k, v, lo, hi, do = q.contiguous(), k.contiguous(), v.contiguous(), lo.contiguous(), hi.contiguous(), do.contiguous()
     groups = heads_q // heads_kv
     block_t, rows = _query_tile(groups, run_length)
-    tile_first, tile_len, num_tiles = _query_tiles(lo, hi, block_t, run_length, documents)
+    tile_first, tile_len, num_tiles, run = _query_tiles(lo, hi, block_t, run_length, documents)
     delta = _softmax_delta(do, o)
     if dlse is not None:  # d lse / d s_j = p_j: it folds into FlashAttention's delta, ds_j = p_j (dp_j - delta + dlse)
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), 0.0)
@@ -271,7 +275,7 @@ def interval_backward(
     dq = torch.empty_like(q)
     _interval_bwd_dq_kernel[(num_tiles, heads_kv)](
         q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, scale, D=dim, DV=dim_v,
-        RUN_LENGTH=run_length or 0, **meta,
+        run_length=run, COMPUTED_TILES=run > 0, WIDE=_wide(q, k, v, do), **meta,
     )
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -282,7 +286,7 @@ def interval_backward(
     readers = num_q if max_readers is None else min(num_q, max_readers + 63)
     _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, triton.cdiv(readers, _READER_CHUNK))](
         q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, scale,
-        Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
+        Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, WIDE=_wide(q, k, v, do, dk, dv), **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -298,7 +302,7 @@ def _key_readers(lo: Tensor, hi: Tensor, num_k: int) -> tuple[Tensor, Tensor]:
 
 def interval_attention(
     q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
-    num_splits: int | None = None, documents: Documents = None,
+    num_splits: int | None = None, documents: Documents = None, max_readers: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton version of `reference.interval_attention`, differentiable in o and lse, with the tuning knobs exposed
     (the model reaches the same `interval_forward` / `interval_backward` through `nsa_hf.ops.library`). Backward
@@ -309,6 +313,8 @@ def interval_attention(
     fill the GPU when there are few tiles, as when decoding).
     `documents`: host boundaries of the documents of a full pass (a tuple or a CPU tensor), each query's interval
     inside its document's part of the store: the query tiles are cut from them without a host sync.
+    `max_readers`: a bound on how many queries see any one key (a window's w), which spares the backward programs
+    for longer reader ranges.
     """
     forward = functools.partial(interval_forward, num_splits=num_splits) if num_splits else interval_forward
-    return eager_interval_attention(forward, interval_backward, q, k, v, lo, hi, scale, run_length, documents)
+    return eager_interval_attention(forward, interval_backward, q, k, v, lo, hi, scale, run_length, documents, max_readers)

@@ -22,7 +22,9 @@ from .nsa_ops_triton_common import (
     _split_runs,
     _tile_tokens,
     _tuning_configs,
+    _wide,
     document_pieces,
+    query_runs,
 )
 
 __all__ = ["select_blocks"]
@@ -33,11 +35,11 @@ __all__ = ["select_blocks"]
 def _select_blocks_kernel(
     Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT, RANKED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_rs,
-    scale,
+    scale, run_length,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    RUN_LENGTH: tl.constexpr,
+    COMPUTED_TILES: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
@@ -55,7 +57,7 @@ def _select_blocks_kernel(
     ROWS: tl.constexpr = BLOCK_T * G_PAD
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
-    first, length = _program_tile(TILE_START, TILE_LEN, RUN_LENGTH, BLOCK_T)
+    first, length = _program_tile(TILE_START, TILE_LEN, run_length, COMPUTED_TILES, BLOCK_T)
     rows = tl.arange(0, ROWS)
     token = first + rows // G_PAD
     group = rows % G_PAD
@@ -69,12 +71,12 @@ def _select_blocks_kernel(
     tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1).to(tl.int32)
     current = tile_pos // SEL  # the block holding each token
     # int64 bases at the tile's first token and its document's first compressed key; offsets past them are int32.
-    KC = _at_row(KC, offset, stride_kt) + kv_head * stride_kh
+    KC = _at_row(KC, offset, stride_kt, WIDE) + kv_head * stride_kh
     token -= first
     dq = tl.arange(0, BLOCK_D)
-    q = tl.load(_at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+    q = tl.load(_at_row(Q, first, stride_qt, WIDE) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
-    lse = tl.load(_at_row(LSE, first, heads_q) + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.load(_at_row(LSE, first, heads_q, WIDE) + token * heads_q + head, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     local_i = tl.arange(0, BLOCK_J * M)
     local_j = tl.arange(0, BLOCK_J)
@@ -131,29 +133,30 @@ def _select_blocks_kernel(
         best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
     if NUM_SPLITS == 1:
         chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-        out = _at_row(OUT, first, stride_ot) + kv_head * stride_oh + tl.arange(0, BLOCK_T)[:, None] * stride_ot
+        out = _at_row(OUT, first, stride_ot, WIDE) + kv_head * stride_oh + tl.arange(0, BLOCK_T)[:, None] * stride_ot
         tl.store(out + local_j[None, :], chosen, mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
     else:  # RANKED [NUM_SPLITS, Nq, H, BLOCK_J]
-        ranked = _at_row(_at_row(RANKED, tl.program_id(2), stride_rs), first, tl.num_programs(1) * BLOCK_J)
+        ranked = _at_row(_at_row(RANKED, tl.program_id(2), stride_rs, WIDE), first, tl.num_programs(1) * BLOCK_J, WIDE)
         ranked += (tl.arange(0, BLOCK_T)[:, None] * tl.num_programs(1) + kv_head) * BLOCK_J
         tl.store(ranked + local_j[None, :], best, mask=t_ok[:, None])
 
 
-def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int]:
-    """Tiles of at most `tile` consecutive queries that never cross a document: (first, length, count);
-    computed in the kernel for runs of `layout.run_length` queries (decoding), from the host document
-    boundaries of a full pass, and only otherwise with a host sync."""
+def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int, int]:
+    """Tiles of at most `tile` consecutive queries that never cross a document: (first, length, count, run);
+    computed in the kernel for runs of one length (`query_runs`: decoding, a batch's rows), from other host
+    document boundaries of a full pass, and only otherwise with a host sync."""
     positions = layout.positions
-    if layout.run_length:
-        return positions, positions, positions.numel() // layout.run_length * triton.cdiv(layout.run_length, tile)
+    run = query_runs(layout.run_length, layout.documents)
+    if run:
+        return positions, positions, positions.numel() // run * triton.cdiv(run, tile), run
     if layout.documents is not None:
-        return document_pieces(layout.documents, tile, positions.device)
+        return *document_pieces(layout.documents, tile, positions.device), 0
     new_doc = torch.ones_like(positions, dtype=torch.bool)
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
     doc_len = torch.diff(doc_start, append=doc_start.new_tensor([positions.numel()]))
     first, length = _split_runs(doc_start, doc_len, tile)
-    return first.to(torch.int32), length.to(torch.int32), first.numel()
+    return first.to(torch.int32), length.to(torch.int32), first.numel(), 0
 
 
 @torch.no_grad()
@@ -186,7 +189,7 @@ def select_blocks(
     # layer with 16 tokens, 1.78 with 8). G = 16 keeps 64 rows: 128 measured slower there.
     block_t = _tile_tokens(g_pad, layout.run_length, rows=max(64, 16 * g_pad) if g_pad <= 8 else 64)
     block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
-    first, length, num_tiles = _document_tiles(layout, block_t)
+    first, length, num_tiles, run = _document_tiles(layout, block_t)
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
     _select_blocks_kernel[(num_tiles, heads_kv, splits)](
@@ -196,7 +199,7 @@ def select_blocks(
         G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
         STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
         NUM_SELECTED=n, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks, NUM_SPLITS=splits,
-        RUN_LENGTH=layout.run_length or 0,
+        run_length=run, COMPUTED_TILES=run > 0, WIDE=_wide(q, k_cmp, out, ranked),
     )
     if splits == 1:
         return out

@@ -7,6 +7,7 @@ float32; on a GPU they run compiled, in bf16/fp16 at sizes that are not multiple
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -173,8 +174,18 @@ def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_
 _CHOSEN: dict[str, Tensor] = {}  # the blocks Triton selected, for the reference backend that reads them
 
 
+@pytest.fixture(params=[False, True], ids=["int32-bases", "int64-bases"])
+def wide(request, monkeypatch):
+    """Both addressings of the attention kernels: int32 row bases (every launch below 2**31 elements) and the int64
+    bases that larger tensors get (`_wide`), forced at small sizes."""
+    if request.param:
+        for module in (triton_common, triton_interval, triton_block, triton_select):
+            monkeypatch.setattr(module, "_wide", lambda *tensors: True)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nsa_attention_backends_agree_on_packed_documents(dtype):
+def test_nsa_attention_backends_agree_on_packed_documents(dtype, wide):
     torch.manual_seed(0)
     pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
     lengths = [900, 10, 1300] if CUDA else [50, 7, 33]
@@ -463,7 +474,7 @@ def test_query_key_and_value_head_dims_may_differ():
             assert_close_rel(g, g_ref, dtype, f"{name} {g_name}")
 
 
-def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
+def test_split_forward_passes_equal_the_reference_on_decoding_layouts(wide):
     """Decoding: few queries over long stores, so the forward kernels split each query's keys (or blocks)
     over several programs and merge the parts; every split count must give the reference's answer."""
     torch.manual_seed(11)
@@ -498,6 +509,51 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
         assert_close_rel(block, block_ref, dtype, f"block o, {splits} splits")
         chosen = triton_select.select_blocks(q, k_cmp, lse_ref, layout, pattern, dim**-0.5, num_splits=splits)
         assert torch.equal(chosen.sort(-1).values, unsplit.sort(-1).values), f"selection, {splits} splits"
+
+
+def test_equal_rows_compute_their_query_tiles_in_the_kernels(wide):
+    """A batch of equal rows (and one document) needs no tile arrays: the interval and selection kernels compute
+    their tiles from the row length, with the outputs and gradients of the tiles read from arrays, and no tile array
+    is built or kept (kept arrays would be memory outside a CUDA graph's pool)."""
+    torch.manual_seed(4)
+    dtype = DTYPES[0]
+    pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    rows, length = (3, 700) if CUDA else (3, 37)  # a row length no tile size divides
+    layout, blocks = QueryLayout.for_batch(rows, length, pattern.compress_block_size, pattern.compress_stride, DEVICE)
+    assert triton_common.query_runs(None, layout.documents) == length
+    assert triton_common.query_runs(None, (0, 5, 9)) == 0 and triton_common.query_runs(None, (0, 9)) == 9
+    total, n_cmp = rows * length, blocks.count
+    heads_q, heads_kv, dim = (8, 2, 64) if CUDA else (4, 2, 16)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
+
+    inputs = [rand(total, heads_q, dim), rand(n_cmp, heads_kv, dim), rand(n_cmp, heads_kv, dim)]
+    inputs += [rand(total, heads_kv, dim) for _ in range(4)]
+    inputs.append(torch.rand(total, heads_q, 3, device=DEVICE, dtype=dtype).requires_grad_())
+    attention = resolve_backend("triton", torch.device(DEVICE))
+    triton_common._document_pieces.cache_clear()
+    computed = attention(*inputs, layout, pattern, dim**-0.5)
+    grad_out = torch.randn_like(computed)
+    computed_grads = torch.autograd.grad(computed, inputs, grad_out)
+    assert triton_common._document_pieces.cache_info().currsize == 0, "tile arrays were built for equal rows"
+    # The same layout without its host boundaries: tiles found on the device (cut where intervals stop chaining,
+    # so at other places: the online softmax then adds in another order) and read from arrays.
+    arrays = dataclasses.replace(layout, documents=None)
+    from_arrays = attention(*inputs, arrays, pattern, dim**-0.5)
+    assert_close_rel(computed, from_arrays, dtype, "o")
+    for i, (g, g_arrays) in enumerate(zip(computed_grads, torch.autograd.grad(from_arrays, inputs, grad_out))):
+        assert_close_rel(g, g_arrays, dtype, f"grad {i}")
+    with torch.no_grad():
+        lse = triton_interval.interval_attention(
+            inputs[0], inputs[1], inputs[2], layout.cmp_offsets,
+            layout.cmp_offsets + num_compressed_blocks(layout.positions + 1, 8 if not CUDA else 32, 4 if not CUDA else 16),
+            dim**-0.5,
+        )[1]
+        chosen = triton_select.select_blocks(inputs[0], inputs[1], lse, layout, pattern, dim**-0.5)
+        expected = reference.select_blocks_varlen(inputs[0].float(), inputs[1].float(), lse, layout, pattern, dim**-0.5)
+    if not CUDA:  # exact in fp32; at low precision a near-tie may differ (the selection test above)
+        assert torch.equal(chosen.sort(-1).values, expected.sort(-1).values)
 
 
 def test_layers_sharing_a_layout_build_its_query_tiles_once():
