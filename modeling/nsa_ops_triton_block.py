@@ -45,7 +45,6 @@ from .nsa_ops_triton_common import (
     _tile_rows,
     _tile_tokens,
     _tuning_configs,
-    _wide,
 )
 
 __all__ = ["block_attention", "block_backward", "block_forward"]
@@ -57,7 +56,7 @@ def _block_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
     stride_st, stride_sh, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS_PER_SPLIT: tl.constexpr, WIDE: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SLOTS_PER_SPLIT: tl.constexpr,
 ):
     """One token x one key head over the slots of split program_id(2) (all slots unless decoding)."""
     token = tl.program_id(0)
@@ -69,27 +68,27 @@ def _block_fwd_kernel(
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     hi = tl.load(HI + token).to(tl.int32)
-    q = tl.load(_at_row(Q, token, stride_qt, WIDE) + head[:, None] * stride_qh + dq[None, :],
+    q = tl.load(_at_row(Q, token, stride_qt) + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     offsets = tl.arange(0, BLOCK_S)
-    starts = _at_row(STARTS, token, stride_st, WIDE) + kv_head * stride_sh
+    starts = _at_row(STARTS, token, stride_st) + kv_head * stride_sh
     for i in range(SLOTS_PER_SPLIT):
         slot = split * SLOTS_PER_SPLIT + i
         start = tl.load(starts + slot, mask=slot < NUM_SLOTS, other=-1).to(tl.int32)
         if start >= 0:
             key_ok = (offsets < BLOCK_SIZE) & (offsets < hi - start)  # offsets, not keys: see `_piece`
-            k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+            k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
             k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out, lse = _softmax_finish(acc, m_i, l_i)
-    tl.store(_at_row(_at_row(O, split, stride_os, WIDE), token, stride_ot, WIDE) + head[:, None] * stride_oh + dv[None, :],
+    tl.store(_at_row(_at_row(O, split, stride_os), token, stride_ot) + head[:, None] * stride_oh + dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
-    tl.store(_at_row(_at_row(LSE, split, stride_ls, WIDE), token, G * tl.num_programs(1), WIDE) + head, lse, mask=row_ok)
+    tl.store(_at_row(_at_row(LSE, split, stride_ls), token, G * tl.num_programs(1)) + head, lse, mask=row_ok)
 
 
 @triton.jit
@@ -126,7 +125,7 @@ def _block_fwd_by_block_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_os, stride_ot, stride_oh, stride_ls,
     heads_kv, num_slots, num_k, scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WIDE: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Block-centric forward: each selected block is loaded once and attended by the queries that chose
     it, BLOCK_Q at a time; every (query, slot) gets its partial (o, lse), merged by `_combine_splits`."""
@@ -135,7 +134,7 @@ def _block_fwd_by_block_kernel(
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):  # persistent: no host sync
         first, length, kv_head, start, offsets, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
                                                                   BLOCK_SIZE, BLOCK_S)
-        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
         k, v = _kv_tile(k_block, v_block, offsets, in_block, stride_kt, stride_vt, D, DV, BLOCK_D, BLOCK_DV)
         for e0 in range(0, length, BLOCK_Q):
             token, slot, head, row_ok, hi = _entry_rows(ENTRY, HI, first, e0, length, kv_head, heads_kv, num_slots,
@@ -159,7 +158,7 @@ def _block_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_st, stride_sh,
     scale,
     G: tl.constexpr, G_PAD: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WIDE: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Query-centric dq (when per-slot dq partials would not fit): one token x the group of one key head."""
     token = tl.program_id(0)
@@ -171,7 +170,7 @@ def _block_bwd_dq_kernel(
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     hi = tl.load(HI + token).to(tl.int32)
-    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, token, stride_qt, stride_dot, heads_q, WIDE)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, token, stride_qt, stride_dot, heads_q)
     q = tl.load(Q + head[:, None] * stride_qh + dq_idx[None, :], mask=row_ok[:, None] & (dq_idx < D)[None, :],
                 other=0.0)
     do = tl.load(DO + head[:, None] * stride_doh + dv_idx[None, :],
@@ -181,17 +180,17 @@ def _block_bwd_dq_kernel(
     delta = tl.load(DELTA + head, mask=row_ok, other=0.0)
     dq = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     offsets = tl.arange(0, BLOCK_S)
-    starts = _at_row(STARTS, token, stride_st, WIDE) + kv_head * stride_sh
+    starts = _at_row(STARTS, token, stride_st) + kv_head * stride_sh
     for slot in range(NUM_SLOTS):
         start = tl.load(starts + slot).to(tl.int32)
         if start >= 0:
             key_ok = (offsets < BLOCK_SIZE) & (offsets < hi - start)  # offsets, not keys: see `_piece`
-            k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+            k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
             k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
             p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(_at_row(DQ, token, stride_qt, WIDE) + head[:, None] * stride_qh + dq_idx[None, :],
+    tl.store(_at_row(DQ, token, stride_qt) + head[:, None] * stride_qh + dq_idx[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dq_idx < D)[None, :])
 
 
@@ -204,7 +203,7 @@ def _block_bwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqs, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_kv, num_slots, num_k, scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
-    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_PARTIALS: tl.constexpr, WIDE: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_PARTIALS: tl.constexpr,
 ):
     """Block-centric backward: dk, dv of one selected block from (a piece of) the queries that chose it,
     accumulated in registers (fp32 atomics only where a long query list is cut into pieces). Each query
@@ -215,7 +214,7 @@ def _block_bwd_kernel(
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):
         first, length, kv_head, start, offsets, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
                                                                   BLOCK_SIZE, BLOCK_S)
-        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
         k, v = _kv_tile(k_block, v_block, offsets, in_block, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
         dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
@@ -229,7 +228,7 @@ def _block_bwd_kernel(
             if DQ_PARTIALS:
                 tl.store(DQ + slot[:, None] * stride_dqs + token[:, None] * stride_dqt + head[:, None] * stride_dqh
                          + dq_idx[None, :], tl.dot(ds.to(k.dtype), k) * scale, mask=row_ok[:, None] & (dq_idx < D)[None, :])
-        dk_block, dv_block = _key_bases(DK, DV, start, kv_head, stride_dkt, stride_dkh, stride_dvt, stride_dvh, WIDE)
+        dk_block, dv_block = _key_bases(DK, DV, start, kv_head, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
         tl.atomic_add(dk_block + offsets[:, None] * stride_dkt + dq_idx[None, :], dk * scale,
                       mask=in_block[:, None] & (dq_idx < D)[None, :])
         tl.atomic_add(dv_block + offsets[:, None] * stride_dvt + dv_idx[None, :], dv,
@@ -377,7 +376,7 @@ def _block_forward_pass(
             q, k, v, hi, *pieces, o, lse,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), o.stride(2), lse.stride(0), heads_kv, slots, num_k, scale,
-            DV=dim_v, WIDE=_wide(q, k, v, o), **_block_centric_tile(groups), **meta,
+            DV=dim_v, **_block_centric_tile(groups), **meta,
         )
     else:
         splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
@@ -389,8 +388,7 @@ def _block_forward_pass(
                 q, k, v, starts, hi, o, lse,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
-                G_PAD=_pow2(groups), NUM_SLOTS=slots, DV=dim_v, SLOTS_PER_SPLIT=per_split, WIDE=_wide(q, k, v, o, starts),
-                **meta,
+                G_PAD=_pow2(groups), NUM_SLOTS=slots, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
             )
     return _combine_splits(o, lse, q.dtype)
 
@@ -416,7 +414,7 @@ def _block_backward_pass(
         _block_bwd_dq_kernel[(num_q, heads_kv)](
             q, k, v, do, lse, delta, starts, hi, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), do.stride(0), do.stride(1), starts.stride(0), starts.stride(1), scale,
-            G_PAD=_pow2(groups), NUM_SLOTS=slots, DV_DIM=dim_v, WIDE=_wide(q, k, v, do, starts), **meta,
+            G_PAD=_pow2(groups), NUM_SLOTS=slots, DV_DIM=dim_v, **meta,
         )
     dq_strides = dq_parts.stride()[:3] if dq_partials else (0, 0, 0)
     _block_bwd_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
@@ -424,8 +422,7 @@ def _block_backward_pass(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         *dq_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         heads_kv, slots, num_k, scale,
-        DV_DIM=dim_v, DQ_PARTIALS=dq_partials, WIDE=_wide(q, k, v, do, dq_parts, dk, dv), **_block_centric_tile(groups),
-        **meta,
+        DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **_block_centric_tile(groups), **meta,
     )
     if dq_partials:
         _sum_dq_parts_kernel[(triton.cdiv(num_q * heads_q, 32),)](

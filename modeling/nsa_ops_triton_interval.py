@@ -41,7 +41,6 @@ from .nsa_ops_triton_common import (
     _split_runs,
     _tile_rows,
     _tile_tokens,
-    _wide,
     document_pieces,
     query_runs,
 )
@@ -74,7 +73,7 @@ def _interval_fwd_kernel(
     scale, run_length,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    COMPUTED_TILES: tl.constexpr, WIDE: tl.constexpr,
+    COMPUTED_TILES: tl.constexpr,
 ):
     """One query tile x one key head; with NUM_SPLITS > 1, program_id(2) takes one share of the tile's key
     range and writes a partial (o, lse) for `_combine_splits` (flash-decoding: few tiles, long ranges)."""
@@ -87,10 +86,10 @@ def _interval_fwd_kernel(
     begin = tl.minimum(tl.program_id(2) * share, span)
     end = tl.minimum(begin + share, span)
     # int64 bases at the tile's first query and key; rows past them are counted in int32.
-    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
     split = tl.program_id(2)
-    O = _at_row(_at_row(O, split, stride_os, WIDE), first, stride_ot, WIDE)
-    LSE = _at_row(_at_row(LSE, split, stride_ls, WIDE), first, heads_q, WIDE)
+    O = _at_row(_at_row(O, split, stride_os), first, stride_ot)
+    LSE = _at_row(_at_row(LSE, split, stride_ls), first, heads_q)
     token -= first
     # The intervals counted from the tile's first key, as the key offsets are: comparing `key_lo + offsets` made
     # Triton 3.6 emit a longer inner loop (benchmarks/results/issue14/kernels.txt).
@@ -100,7 +99,7 @@ def _interval_fwd_kernel(
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        _at_row(Q, first, stride_qt, WIDE) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+        _at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
         mask=row_ok[:, None] & (dq < D)[None, :], other=0.0,
     )
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -126,15 +125,14 @@ def _interval_bwd_dq_kernel(
     scale, run_length,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, COMPUTED_TILES: tl.constexpr,
-    WIDE: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
     first, token, head, row_ok, lo, hi, key_lo, key_hi = _interval_tile(LO, HI, TILE_START, TILE_LEN, kv_head, run_length,
                                                                          G, ROWS, BLOCK_T, COMPUTED_TILES)
-    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q, WIDE)
-    DQ = _at_row(DQ, first, stride_qt, WIDE)
-    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q)
+    DQ = _at_row(DQ, first, stride_qt)
+    K, V = _key_bases(K, V, key_lo, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
     token -= first
     dq_idx = tl.arange(0, BLOCK_D)
     q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
@@ -159,7 +157,7 @@ def _interval_bwd_dkv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     num_k, scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
-    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WIDE: tl.constexpr,
+    D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries that see them (chunks meet in atomics)."""
     kv_head = tl.program_id(1)
@@ -176,9 +174,9 @@ def _interval_bwd_dkv_kernel(
     dv_idx = tl.arange(0, BLOCK_DV)
     # int64 bases at the first key and query; rows past them are counted in int32 (dk, dv are laid out as k, v).
     key0 = tl.program_id(0) * BLOCK_N
-    K, V = _key_bases(K, V, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
-    DK, DV = _key_bases(DK, DV, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE)
-    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, q_lo, stride_qt, stride_dot, heads_q, WIDE)
+    K, V = _key_bases(K, V, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    DK, DV = _key_bases(DK, DV, key0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+    Q, DO, LSE, DELTA = _query_bases(Q, DO, LSE, DELTA, q_lo, stride_qt, stride_dot, heads_q)
     offsets = tl.arange(0, BLOCK_N)
     k, v = _kv_tile(K, V, offsets, key_ok, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -248,7 +246,7 @@ def interval_forward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), o.stride(2), lse.stride(0), scale,
             G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-            NUM_SPLITS=splits, run_length=run, COMPUTED_TILES=run > 0, WIDE=_wide(q, k, v, o),
+            NUM_SPLITS=splits, run_length=run, COMPUTED_TILES=run > 0,
         )
     return _combine_splits(o, lse, q.dtype)
 
@@ -275,7 +273,7 @@ def interval_backward(
     dq = torch.empty_like(q)
     _interval_bwd_dq_kernel[(num_tiles, heads_kv)](
         q, k, v, do, lse, delta, lo, hi, tile_first, tile_len, dq, *strides, scale, D=dim, DV=dim_v,
-        run_length=run, COMPUTED_TILES=run > 0, WIDE=_wide(q, k, v, do), **meta,
+        run_length=run, COMPUTED_TILES=run > 0, **meta,
     )
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -286,7 +284,7 @@ def interval_backward(
     readers = num_q if max_readers is None else min(num_q, max_readers + 63)
     _interval_bwd_dkv_kernel[(triton.cdiv(num_k, 64), heads_kv, triton.cdiv(readers, _READER_CHUNK))](
         q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, scale,
-        Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, WIDE=_wide(q, k, v, do, dk, dv), **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
+        Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

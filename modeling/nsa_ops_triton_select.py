@@ -22,7 +22,6 @@ from .nsa_ops_triton_common import (
     _split_runs,
     _tile_tokens,
     _tuning_configs,
-    _wide,
     document_pieces,
     query_runs,
 )
@@ -39,7 +38,7 @@ def _select_blocks_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    COMPUTED_TILES: tl.constexpr, WIDE: tl.constexpr,
+    COMPUTED_TILES: tl.constexpr,
 ):
     """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
@@ -71,12 +70,12 @@ def _select_blocks_kernel(
     tile_pos = tl.load(POS + tile_tokens, mask=t_ok, other=-1).to(tl.int32)
     current = tile_pos // SEL  # the block holding each token
     # int64 bases at the tile's first token and its document's first compressed key; offsets past them are int32.
-    KC = _at_row(KC, offset, stride_kt, WIDE) + kv_head * stride_kh
+    KC = _at_row(KC, offset, stride_kt) + kv_head * stride_kh
     token -= first
     dq = tl.arange(0, BLOCK_D)
-    q = tl.load(_at_row(Q, first, stride_qt, WIDE) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
+    q = tl.load(_at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
-    lse = tl.load(_at_row(LSE, first, heads_q, WIDE) + token * heads_q + head, mask=row_ok, other=0.0)
+    lse = tl.load(_at_row(LSE, first, heads_q) + token * heads_q + head, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     local_i = tl.arange(0, BLOCK_J * M)
     local_j = tl.arange(0, BLOCK_J)
@@ -133,10 +132,10 @@ def _select_blocks_kernel(
         best, _ = tl.split(tl.permute(tl.reshape(merged, [BLOCK_T, 2, BLOCK_J]), [0, 2, 1]))
     if NUM_SPLITS == 1:
         chosen = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-        out = _at_row(OUT, first, stride_ot, WIDE) + kv_head * stride_oh + tl.arange(0, BLOCK_T)[:, None] * stride_ot
+        out = _at_row(OUT, first, stride_ot) + kv_head * stride_oh + tl.arange(0, BLOCK_T)[:, None] * stride_ot
         tl.store(out + local_j[None, :], chosen, mask=t_ok[:, None] & (local_j[None, :] < NUM_SELECTED))
     else:  # RANKED [NUM_SPLITS, Nq, H, BLOCK_J]
-        ranked = _at_row(_at_row(RANKED, tl.program_id(2), stride_rs, WIDE), first, tl.num_programs(1) * BLOCK_J, WIDE)
+        ranked = _at_row(_at_row(RANKED, tl.program_id(2), stride_rs), first, tl.num_programs(1) * BLOCK_J)
         ranked += (tl.arange(0, BLOCK_T)[:, None] * tl.num_programs(1) + kv_head) * BLOCK_J
         tl.store(ranked + local_j[None, :], best, mask=t_ok[:, None])
 
@@ -199,7 +198,7 @@ def select_blocks(
         G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
         STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
         NUM_SELECTED=n, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks, NUM_SPLITS=splits,
-        run_length=run, COMPUTED_TILES=run > 0, WIDE=_wide(q, k_cmp, out, ranked),
+        run_length=run, COMPUTED_TILES=run > 0,
     )
     if splits == 1:
         return out

@@ -174,18 +174,8 @@ def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_
 _CHOSEN: dict[str, Tensor] = {}  # the blocks Triton selected, for the reference backend that reads them
 
 
-@pytest.fixture(params=[False, True], ids=["int32-bases", "int64-bases"])
-def wide(request, monkeypatch):
-    """Both addressings of the attention kernels: int32 row bases (every launch below 2**31 elements) and the int64
-    bases that larger tensors get (`_wide`), forced at small sizes."""
-    if request.param:
-        for module in (triton_common, triton_interval, triton_block, triton_select):
-            monkeypatch.setattr(module, "_wide", lambda *tensors: True)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nsa_attention_backends_agree_on_packed_documents(dtype, wide):
+def test_nsa_attention_backends_agree_on_packed_documents(dtype):
     torch.manual_seed(0)
     pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
     lengths = [900, 10, 1300] if CUDA else [50, 7, 33]
@@ -474,7 +464,7 @@ def test_query_key_and_value_head_dims_may_differ():
             assert_close_rel(g, g_ref, dtype, f"{name} {g_name}")
 
 
-def test_split_forward_passes_equal_the_reference_on_decoding_layouts(wide):
+def test_split_forward_passes_equal_the_reference_on_decoding_layouts():
     """Decoding: few queries over long stores, so the forward kernels split each query's keys (or blocks)
     over several programs and merge the parts; every split count must give the reference's answer."""
     torch.manual_seed(11)
@@ -511,7 +501,7 @@ def test_split_forward_passes_equal_the_reference_on_decoding_layouts(wide):
         assert torch.equal(chosen.sort(-1).values, unsplit.sort(-1).values), f"selection, {splits} splits"
 
 
-def test_equal_rows_compute_their_query_tiles_in_the_kernels(wide):
+def test_equal_rows_compute_their_query_tiles_in_the_kernels():
     """A batch of equal rows (and one document) needs no tile arrays: the interval and selection kernels compute
     their tiles from the row length, with the outputs and gradients of the tiles read from arrays, and no tile array
     is built or kept (kept arrays would be memory outside a CUDA graph's pool)."""

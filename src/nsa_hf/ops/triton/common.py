@@ -40,27 +40,18 @@ def _row_chunks(num_rows: int, row_elements: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_chunk, num_rows)) for start in range(0, num_rows, per_chunk)]
 
 
-def _wide(*tensors: Tensor | None) -> bool:
-    """Whether a launch addresses a tensor of 2**31 elements or more: its kernel then computes row bases in int64
-    (`WIDE`). Smaller launches keep int32 arithmetic, which spares registers the hot loops need (the block-centric
-    backward spills without it)."""
-    return any(t is not None and t.numel() >= _LAUNCH_ELEMENTS for t in tensors)
+@triton.jit
+def _at_row(X, row, stride):
+    """X advanced by `row` rows of `stride` elements, in int64: the attention kernels address tensors past 2**31
+    elements from one such scalar base per program (or per key block), the offsets added to it staying int32
+    (vectors of int64 offsets miscompiled in Triton 3.6)."""
+    return X + tl.cast(row, tl.int64) * stride
 
 
 @triton.jit
-def _at_row(X, row, stride, WIDE: tl.constexpr):
-    """X advanced by `row` rows of `stride` elements; in int64 where WIDE (`_wide`): the attention kernels address
-    tensors past 2**31 elements from one such scalar base per program (or per key block), the offsets added to it
-    staying int32 (vectors of int64 offsets miscompiled in Triton 3.6)."""
-    if WIDE:
-        return X + tl.cast(row, tl.int64) * stride
-    return X + row * stride
-
-
-@triton.jit
-def _key_bases(K, V, first, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, WIDE: tl.constexpr):
+def _key_bases(K, V, first, kv_head, stride_kt, stride_kh, stride_vt, stride_vh):
     """K and V at key `first` of key head `kv_head`."""
-    return _at_row(K, first, stride_kt, WIDE) + kv_head * stride_kh, _at_row(V, first, stride_vt, WIDE) + kv_head * stride_vh
+    return _at_row(K, first, stride_kt) + kv_head * stride_kh, _at_row(V, first, stride_vt) + kv_head * stride_vh
 
 
 @triton.jit
@@ -136,10 +127,10 @@ def _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh, st
 
 
 @triton.jit
-def _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q, WIDE: tl.constexpr):
+def _query_bases(Q, DO, LSE, DELTA, first, stride_qt, stride_dot, heads_q):
     """Q, DO, LSE and DELTA at query `first`."""
-    return (_at_row(Q, first, stride_qt, WIDE), _at_row(DO, first, stride_dot, WIDE), _at_row(LSE, first, heads_q, WIDE),
-            _at_row(DELTA, first, heads_q, WIDE))
+    return (_at_row(Q, first, stride_qt), _at_row(DO, first, stride_dot), _at_row(LSE, first, heads_q),
+            _at_row(DELTA, first, heads_q))
 
 
 @triton.jit
@@ -154,7 +145,7 @@ def _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv):
 @triton.jit
 def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, stride_ps, stride_ls, DV: tl.constexpr,
                            BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                           BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
+                           BLOCK_R: tl.constexpr):
     """Merge the partial (o, lse) of every split of BLOCK_R (query, head) rows, softmax-weighted by their lse.
     A split's partials lie `stride_ps` (o) and `stride_ls` (lse) elements after the previous split's."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -170,7 +161,7 @@ def _combine_splits_kernel(O_PART, LSE_PART, O, LSE, num_rows, stride_ps, stride
     for split in range(NUM_SPLITS):
         lse_split = tl.load(LSE_PART + split * stride_ls + rows, mask=row_ok, other=float("-inf"))
         # Such a split may not have written its o (block-centric slots without a block): never read it.
-        part = tl.load(_at_row(O_PART, split, stride_ps, WIDE) + rows[:, None] * DV + dv[None, :],
+        part = tl.load(_at_row(O_PART, split, stride_ps) + rows[:, None] * DV + dv[None, :],
                        mask=(lse_split > float("-inf"))[:, None] & (dv < DV)[None, :], other=0.0)
         out += part * tl.exp(lse_split - top_safe)[:, None]
     out = out / tl.where(total > 0, total, 1.0)[:, None]
@@ -221,12 +212,12 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
         return o[0].to(dtype), lse[0]
     out = torch.empty(num_q, heads_q, dim_v, device=o.device, dtype=dtype)
     out_lse = torch.empty(num_q, heads_q, device=o.device, dtype=torch.float32)
-    # Chunks of whole queries: the split offsets come from the kernel's bases (int64 if WIDE), the row offsets stay int32.
+    # Chunks of whole queries: the split offsets come from the kernel's int64 bases, the row offsets stay int32.
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
         _combine_splits_kernel[(triton.cdiv(rows, 32),)](
             o[:, start:end], lse[:, start:end], out[start:end], out_lse[start:end], rows, o.stride(0), lse.stride(0),
-            DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32, WIDE=_wide(o),
+            DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
         )
     return out, out_lse
 
