@@ -2,9 +2,8 @@
 # The GPU work that the CPU suite cannot do, as device calls of at most 10 minutes: PART picks one.
 #   tests     the GPU test files (Triton kernels, compiled training, the static cache's CUDA graphs and host syncs)
 #   generate  benchmarks/bench_generate.py: NSA default and static against Llama default and static
-#   training  eager and compiled training at 2k (the 300k tokens/s target; compiled plain and under CUDA graphs) with a
-#             kernel profile, then the host
-#             profile of one compiled step (profile_host.py: where the time to queue a step goes)
+#   training  eager and compiled training at 2k (the 300k tokens/s target; compiled plain and under CUDA graphs) with
+#             a kernel profile, then the host profile of one compiled step (profile_host.py: where queueing goes)
 #   quality   benchmarks/quality_retrieval.py, then quality_lm.py
 #   convert   benchmarks/quality_retrieval.py --conversion
 # Results go under $OUT (the device tool's output folder) or benchmarks/results/gpu_session.
