@@ -4,6 +4,7 @@ root as `python benchmarks/<script>.py`, so this folder is on the path)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -24,12 +25,14 @@ def build(kind: str, shape: dict, nsa_geometry: dict, nsa_backend: str, seed: in
 
 def train(model: torch.nn.Module, batches: Batches, steps: int, lr: float, seed: int, device: str) -> list[float]:
     """AdamW with a one-cycle schedule over `steps` batches of `batches(generator)` (the same seed gives every model
-    the same batches), bf16 autocast on CUDA, gradients clipped at 1; returns about 20 logged losses."""
+    the same batches), bf16 autocast on CUDA, gradients clipped at 1; returns about 20 logged losses (each printed
+    with the time spent and an estimate of the time left)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     stream = batches(torch.Generator().manual_seed(seed))
     losses = []
+    start = time.perf_counter()
     for step in range(steps):
         ids, labels = (t.to(device) for t in next(stream))
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -41,5 +44,7 @@ def train(model: torch.nn.Module, batches: Batches, steps: int, lr: float, seed:
         optimizer.zero_grad(set_to_none=True)
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             losses.append(loss.item())
-            print(f"{type(model).__name__} step {step} tokens {ids.numel()} loss {losses[-1]:.3f}", flush=True)
+            spent = time.perf_counter() - start
+            print(f"{type(model).__name__} step {step} tokens {ids.numel()} loss {losses[-1]:.3f} "
+                  f"({spent:.0f} s, about {spent / (step + 1) * (steps - step - 1):.0f} s left)", flush=True)
     return losses

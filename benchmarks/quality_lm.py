@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "train_tokens": args.steps * args.batch_size * args.seq_len, "eval_tokens": eval_rows.numel(),
-        "losses": {}, "eval_loss": {}, "train_seconds": {},
+        "losses": {}, "eval_loss": {}, "train_seconds": {}, "complete": False,
     }
+    args.out.mkdir(parents=True, exist_ok=True)
     for kind in ("nsa", "llama"):
         model = quality_common.build(kind, shape, geometry, args.nsa_backend, args.seed)
         start = time.perf_counter()
@@ -103,10 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+        (args.out / "lm.json").write_text(json.dumps(record, indent=1))  # a run cut short keeps the models it finished
+    record["complete"] = True
     record["nsa_over_dense"] = record["eval_loss"]["nsa"] / record["eval_loss"]["llama"]
     print(f"eval loss: NSA {record['eval_loss']['nsa']:.4f}, dense {record['eval_loss']['llama']:.4f}, "
           f"ratio {record['nsa_over_dense']:.4f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lm.json").write_text(json.dumps(record, indent=1))
     plot(record, args.out / "lm.png")
     return record

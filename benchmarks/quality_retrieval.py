@@ -169,8 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "lengths": args.lengths, "depths": args.depths, "chance": 10.0 ** -args.digits,
-        "accuracy": {}, "losses": {}, "train_seconds": {},
+        "accuracy": {}, "losses": {}, "train_seconds": {}, "complete": False,
     }
+    results = "retrieval_conversion" if args.conversion else "retrieval"
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{results}.json").write_text(json.dumps(record, indent=1))
+
     long_batches = passkey_batches(args, args.lengths)
     runs = {"nsa": lambda: build("nsa", args), "llama": lambda: build("llama", args)}
     if args.conversion:
@@ -208,13 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+        save()  # after each model: a run cut short by a time limit keeps the models it finished
     for run, accuracy in record["accuracy"].items():
         mean = sum(accuracy.values()) / len(accuracy)
         print(f"{run}: mean accuracy {mean:.3f} (chance {record['chance']:.0e})", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "retrieval_conversion" if args.conversion else "retrieval"
-    (args.out / f"{name}.json").write_text(json.dumps(record, indent=1))
-    plot(record, args.out / f"{name}.png")
+    record["complete"] = True
+    save()
+    plot(record, args.out / f"{results}.png")
     return record
 
 

@@ -55,11 +55,31 @@ def test_window_only_zeroes_the_compressed_and_selection_gates_then_restores_the
 def test_retrieval_benchmark_runs_and_writes_its_results(tmp_path):
     record = _load("quality_retrieval").main([*TINY, "--out", str(tmp_path), "--commit", "test"])
     saved = json.loads((tmp_path / "retrieval.json").read_text())
-    assert (tmp_path / "retrieval.png").stat().st_size > 0
+    assert (tmp_path / "retrieval.png").stat().st_size > 0 and saved["complete"] is True
     assert set(saved["accuracy"]) == {"nsa", "llama", "nsa window only"} == set(record["accuracy"])
     for accuracy in saved["accuracy"].values():
         assert set(accuracy) == {"48/0.0", "48/0.9", "64/0.0", "64/0.9"}
         assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+def test_a_retrieval_run_cut_short_keeps_the_models_it_finished(tmp_path, monkeypatch):
+    """A GPU run stopped by its time limit during the second model still leaves the first model's results."""
+    retrieval = _load("quality_retrieval")
+    train, calls = retrieval.quality_common.train, []
+
+    def train_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal leaves behind
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval.quality_common, "train", train_then_stop)
+    try:
+        retrieval.main([*TINY, "--out", str(tmp_path)])
+    except KeyboardInterrupt:
+        pass
+    saved = json.loads((tmp_path / "retrieval.json").read_text())
+    assert saved["complete"] is False and set(saved["accuracy"]) == {"nsa", "nsa window only"}
 
 
 def test_retrieval_conversion_mode_trains_short_dense_then_compares_converted_and_continued(tmp_path):
