@@ -3,7 +3,8 @@
     python benchmarks/bench_decode.py --out benchmarks/results [--contexts 8192 ... 131072] [--batches 1 32]
 
 One new token per row attends to a context of S tokens. NSA reads the compressed store, the n selected
-blocks and the window; dense decode (SDPA with GQA, one query per row) reads all S.
+blocks and the window; dense decode (SDPA with GQA, one query per row) reads all S. NSA runs twice: composed from
+the backend's primitives (`nsa_ms`) and as the three-launch decode kernel (`fused_ms`, `ops/triton/decode.py`).
 Reports ms per step, the bytes each must move (K and V read once: the floor), achieved GB/s, and the
 measured device-to-device copy bandwidth for reference.
 """
@@ -21,6 +22,7 @@ import triton
 
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
+from nsa_hf.ops.triton.decode import decode_attention
 
 SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64)}
 PATTERN = SparsePattern(32, 16, 64, 16, 1, 2, 512)
@@ -42,8 +44,8 @@ def nsa_keys_read(pattern: SparsePattern, context: int) -> int:
 
 
 def decode_step(shape: str, context: int, batch: int):
-    """One decoding step over an NsaCache-shaped store (random K/V, every row at `context` tokens):
-    the step as a closure, and the tensors dense decode reads."""
+    """One decoding step over an NsaCache-shaped store (random K/V, every row at `context` tokens): the composed
+    and the fused step as closures, and the tensors dense decode reads."""
     heads_q, heads_kv, dim = SHAPES[shape]
     dtype, device = torch.bfloat16, "cuda"
     n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
@@ -63,20 +65,29 @@ def decode_step(shape: str, context: int, batch: int):
     def step():
         return nsa(q, k_cmp, v_cmp, k, v, k, v, gates, layout, PATTERN, dim**-0.5)
 
-    return step, q, k, v
+    def fused_step():
+        return decode_attention(q, k_cmp, v_cmp, k, v, k, v, gates, layout, PATTERN, dim**-0.5)
+
+    return step, fused_step, q, k, v
 
 
-def measure(shape: str, context: int, batch: int) -> dict:
-    heads_q, heads_kv, dim = SHAPES[shape]
-    step, q, k, v = decode_step(shape, context, batch)
-    nsa_ms = triton.testing.do_bench(step, return_mode="median")
-    # The same step captured in a CUDA graph: kernel time without launch overhead (capture also proves
-    # the decoding path has no host sync).
+def eager_and_graph_ms(step) -> tuple[float, float]:
+    """ms per call of `step` as called, and captured in a CUDA graph: kernel time without launch overhead (capture
+    also proves the step has no host sync)."""
+    eager_ms = triton.testing.do_bench(step, return_mode="median")
     step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    nsa_graph_ms = triton.testing.do_bench(graph.replay, return_mode="median")
+    return eager_ms, triton.testing.do_bench(graph.replay, return_mode="median")
+
+
+def measure(shape: str, context: int, batch: int) -> dict:
+    heads_q, heads_kv, dim = SHAPES[shape]
+    step, fused_step, q, k, v = decode_step(shape, context, batch)
+    nsa_ms, nsa_graph_ms = eager_and_graph_ms(step)
+    fused_ms, fused_graph_ms = eager_and_graph_ms(fused_step)
+    torch.testing.assert_close(fused_step(), step(), rtol=2e-2, atol=2e-2)  # the two paths compute one thing
     # Dense decode over the same cache: SDPA with GQA (no expanded copy of K/V), one query per row.
     qd = q.view(batch, heads_q, 1, dim)
     kd, vd = (x.view(batch, context, heads_kv, dim).transpose(1, 2) for x in (k, v))
@@ -87,6 +98,7 @@ def measure(shape: str, context: int, batch: int) -> dict:
     nsa_bytes, dense_bytes = batch * nsa_keys_read(PATTERN, context) * row_bytes, batch * context * row_bytes
     return {
         "shape": shape, "context": context, "batch": batch, "nsa_ms": nsa_ms, "nsa_graph_ms": nsa_graph_ms,
+        "fused_ms": fused_ms, "fused_graph_ms": fused_graph_ms,
         "dense_ms": dense_ms, "speedup": dense_ms / nsa_ms, "speedup_graph": dense_ms / nsa_graph_ms, "nsa_floor_bytes": nsa_bytes, "dense_bytes": dense_bytes,
         "nsa_GBps": nsa_bytes / nsa_graph_ms / 1e6, "dense_GBps": dense_bytes / dense_ms / 1e6,
     }
@@ -94,7 +106,7 @@ def measure(shape: str, context: int, batch: int) -> dict:
 
 def profile_step(shape: str, context: int, batch: int) -> str:
     """Kernel-by-kernel CUDA time of one eager decode step (torch.profiler), as a table."""
-    step, *_ = decode_step(shape, context, batch)
+    step, *_ = decode_step(shape, context, batch)  # the composed step: its kernels one by one
     for _ in range(3):
         step()
     torch.cuda.synchronize()

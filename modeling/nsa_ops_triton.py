@@ -1,7 +1,8 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
 """Triton kernels, a module per family: `interval` (compressed and window attention), `block` (selection
-attention), `select` (fused block selection), forward and backward, and `pointwise` (RMSNorm, RoPE, SwiGLU, the
-gate mix, cross entropy); `common` holds what they share.
+attention), `select` (fused block selection), forward and backward, `decode` (a decoding step's whole attention in
+three launches), and `pointwise` (RMSNorm, RoPE, SwiGLU, the gate mix, cross entropy); `common` holds what they
+share.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package imports
 without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
@@ -9,6 +10,7 @@ without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1
 
 from .nsa_ops_library import Kernels
 from .nsa_ops_triton_block import block_attention, block_backward, block_forward
+from .nsa_ops_triton_decode import decode_attention
 from .nsa_ops_triton_interval import interval_attention, interval_backward, interval_forward
 from .nsa_ops_triton_pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .nsa_ops_triton_select import select_blocks
@@ -21,6 +23,7 @@ __all__ = [
     "apply_rotary",
     "block_attention",
     "cross_entropy",
+    "decode_attention",
     "gate_branches",
     "interval_attention",
     "rms_norm",

@@ -45,7 +45,7 @@ from .nsa_ops_triton_common import (
     query_runs,
 )
 
-__all__ = ["interval_attention", "interval_backward", "interval_forward"]
+__all__ = ["interval_attention", "interval_backward", "interval_forward", "interval_partials"]
 
 
 @triton.jit
@@ -228,6 +228,15 @@ def interval_forward(
     documents: Documents = None, num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(o, lse) of `reference.interval_attention`; the hints as in `interval_attention`."""
+    return _combine_splits(*interval_partials(q, k, v, lo, hi, scale, run_length, documents, num_splits), q.dtype)
+
+
+def interval_partials(
+    q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, scale: float, run_length: int | None = None,
+    documents: Documents = None, num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`interval_forward` before its splits are merged: (o [S, Nq, HQ, Dv], lse [S, Nq, HQ] fp32) of S shares of
+    each query's keys (o in q's dtype when S = 1, else fp32), for a consumer that merges them itself."""
     num_q, heads_q, dim = q.shape
     heads_kv, dim_v = k.shape[1], v.shape[2]
     groups = heads_q // heads_kv
@@ -236,7 +245,7 @@ def interval_forward(
     if k.shape[0] == 0:
         # An empty store (every document shorter than a compressed block): no query sees a key. The kernels
         # never get an empty tensor: measured on the H200, its null pointer faults even behind masks.
-        return q.new_zeros(num_q, heads_q, dim_v), q.new_full((num_q, heads_q), float("-inf"), dtype=torch.float32)
+        return q.new_zeros(1, num_q, heads_q, dim_v), q.new_full((1, num_q, heads_q), float("-inf"), dtype=torch.float32)
     tile_first, tile_len, num_tiles, run = _query_tiles(lo, hi, block_t, run_length, documents)
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
@@ -248,7 +257,7 @@ def interval_forward(
             G=groups, ROWS=rows, BLOCK_T=block_t, BLOCK_N=64, D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
             NUM_SPLITS=splits, run_length=run, COMPUTED_TILES=run > 0,
         )
-    return _combine_splits(o, lse, q.dtype)
+    return o, lse
 
 
 def interval_backward(

@@ -26,19 +26,19 @@ from .nsa_ops_triton_common import (
     query_runs,
 )
 
-__all__ = ["select_blocks"]
+__all__ = ["ranked_blocks", "select_blocks"]
 
 
 @triton.autotune(configs=_tuning_configs(stages=(1, 2, 3)), key=["G_PAD", "BLOCK_T", "BLOCK_D", "BLOCK_J", "NUM_SPLITS"])
 @triton.jit
 def _select_blocks_kernel(
     Q, KC, LSE, CMP_OFF, POS, TILE_START, TILE_LEN, OUT, RANKED,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_rs,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_rs, stride_ls,
     scale, run_length,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     L: tl.constexpr, STRIDE: tl.constexpr, SEL: tl.constexpr, BLOCK_J: tl.constexpr, HALO: tl.constexpr,
     NUM_SELECTED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    COMPUTED_TILES: tl.constexpr,
+    COMPUTED_TILES: tl.constexpr, LSE_SPLITS: tl.constexpr,
 ):
     """Block selection fused: Eq. 9 and 10 scores, forced blocks and top-n, for BLOCK_T tokens x one key head.
 
@@ -49,7 +49,8 @@ def _select_blocks_kernel(
     Scores are ranked as in `reference.top_blocks`: int64 keys of float32 bits above the reversed block
     index, so ties go to the lower index; forced blocks rank first; non-candidates are -1.
     With NUM_SPLITS > 1 (decoding), program_id(2) ranks one share of the selection blocks and writes its
-    top-BLOCK_J keys to RANKED; the shares' lists are merged afterwards (`select_blocks`).
+    top-BLOCK_J keys to RANKED; the shares' lists are merged afterwards (`select_blocks`). LSE holds LSE_SPLITS
+    partial lse `stride_ls` apart (the compressed branch's shares of the keys, `interval_partials`), merged here.
     """
     R: tl.constexpr = L // STRIDE
     M: tl.constexpr = SEL // STRIDE
@@ -75,7 +76,17 @@ def _select_blocks_kernel(
     dq = tl.arange(0, BLOCK_D)
     q = tl.load(_at_row(Q, first, stride_qt) + token[:, None] * stride_qt + head[:, None] * stride_qh + dq[None, :],
                 mask=row_ok[:, None] & (dq < D)[None, :], other=0.0)
-    lse = tl.load(_at_row(LSE, first, heads_q) + token * heads_q + head, mask=row_ok, other=0.0)
+    LSE = _at_row(LSE, first, heads_q) + token * heads_q + head
+    lse = tl.load(LSE, mask=row_ok, other=float("-inf"))
+    if LSE_SPLITS > 1:  # log-sum-exp of the shares; a share that saw no key adds exp(-inf) = 0
+        top = lse
+        for split in range(1, LSE_SPLITS):
+            top = tl.maximum(top, tl.load(_at_row(LSE, split, stride_ls), mask=row_ok, other=float("-inf")))
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros_like(top_safe)
+        for split in range(LSE_SPLITS):
+            total += tl.exp(tl.load(_at_row(LSE, split, stride_ls), mask=row_ok, other=float("-inf")) - top_safe)
+        lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     local_i = tl.arange(0, BLOCK_J * M)
     local_j = tl.arange(0, BLOCK_J)
@@ -168,19 +179,35 @@ def select_blocks(
     `num_splits`: programs that share each tile's selection blocks, their top lists merged by one top-k
     (None: enough to fill the GPU when there are few tiles, as when decoding).
     """
+    chosen, ranked = ranked_blocks(q, k_cmp, lse, layout, pattern, scale, num_splits)
+    if ranked is None:
+        return chosen
+    # The top n of the union of the shares' top lists is the top n overall.
+    best = torch.topk(ranked.permute(1, 2, 0, 3).reshape(q.shape[0], k_cmp.shape[1], -1), chosen.shape[-1], dim=-1).values
+    return torch.where(best >= 0, 2**31 - 1 - (best & 0xFFFFFFFF), -1).to(torch.int32)
+
+
+def ranked_blocks(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`select_blocks` before the shares' top lists are merged: (chosen [Nq, H, n] int32, None) with one share,
+    else (unwritten, ranked [S, Nq, H, BLOCK_J] int64 keys, -1 for none), for a consumer that merges them itself.
+    `lse`: [Nq, HQ], or the compressed branch's partials [S', Nq, HQ] (`interval_partials`), merged in the kernel."""
     m = pattern.select_block_size // pattern.compress_stride
     if m & (m - 1):
         raise ValueError("the Triton backend needs select_block_size / compress_stride to be a power of two.")
     num_q, heads_q, dim = q.shape
     heads_kv = k_cmp.shape[1]
     groups = heads_q // heads_kv
-    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous()
+    lse_splits = lse.shape[0] if lse.dim() == 3 else 1
     if k_cmp.shape[0] == 0:  # no compressed block yet: every score is 0; a one-row store keeps the pointer valid
         k_cmp = k_cmp.new_zeros(1, *k_cmp.shape[1:])
     n = pattern.num_selected_blocks
     out = torch.empty(num_q, heads_kv, n, device=q.device, dtype=torch.int32)
     if num_q == 0:
-        return out
+        return out, None
     r = pattern.compress_block_size // pattern.compress_stride
     g_pad = triton.next_power_of_2(groups)
     # At least 16 tokens per tile where that stays within 128 rows: the scores then run on the tensor cores
@@ -192,16 +219,12 @@ def select_blocks(
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
     _select_blocks_kernel[(num_tiles, heads_kv, splits)](
-        q, k_cmp, lse.contiguous(), layout.cmp_offsets.contiguous(), layout.positions.contiguous(), first, length, out, ranked,
+        q, k_cmp, lse, layout.cmp_offsets.contiguous(), layout.positions.contiguous(), first, length, out, ranked,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), out.stride(0), out.stride(1),
-        num_q * heads_kv * block_j, scale,
+        num_q * heads_kv * block_j, num_q * heads_q, scale,
         G=groups, G_PAD=g_pad, BLOCK_T=block_t, D=dim, BLOCK_D=_pow2(dim), L=pattern.compress_block_size,
         STRIDE=pattern.compress_stride, SEL=pattern.select_block_size, BLOCK_J=block_j, HALO=_pow2(r - 1),
         NUM_SELECTED=n, NUM_INIT=pattern.num_init_blocks, NUM_LOCAL=pattern.num_local_blocks, NUM_SPLITS=splits,
-        run_length=run, COMPUTED_TILES=run > 0,
+        run_length=run, COMPUTED_TILES=run > 0, LSE_SPLITS=lse_splits,
     )
-    if splits == 1:
-        return out
-    # The top n of the union of the shares' top lists is the top n overall.
-    best = torch.topk(ranked.permute(1, 2, 0, 3).reshape(num_q, heads_kv, -1), n, dim=-1).values
-    return torch.where(best >= 0, 2**31 - 1 - (best & 0xFFFFFFFF), -1).to(torch.int32)
+    return (out, None) if splits == 1 else (out, ranked)

@@ -23,6 +23,7 @@ from nsa_hf.ops import triton as triton_ops
 from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
 from nsa_hf.ops.triton import block as triton_block
+from nsa_hf.ops.triton import decode as triton_decode
 from nsa_hf.ops.triton import common as triton_common
 from nsa_hf.ops.triton import interval as triton_interval
 from nsa_hf.ops.triton import pointwise as triton_pointwise
@@ -544,6 +545,68 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
         expected = reference.select_blocks_varlen(inputs[0].float(), inputs[1].float(), lse, layout, pattern, dim**-0.5)
     if not CUDA:  # exact in fp32; at low precision a near-tie may differ (the selection test above)
         assert torch.equal(chosen.sort(-1).values, expected.sort(-1).values)
+
+
+@pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 16), (2, 2, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits):
+    """Decoding's three-launch attention (compressed partials, selection from their lse, one merge kernel for the
+    selected blocks, the window and the gates) against the reference composition, for rows at different positions
+    (one before its first compressed block, one inside its first selection block, stores of different lengths
+    per row) and with the first two launches split over programs or not."""
+    torch.manual_seed(12)
+    dtype = DTYPES[0]
+    pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    positions = [9000, 4000, 70, 20] if CUDA else [700, 60, 5, 13]  # 700: 173 compressed blocks, three shares
+    capacity = max(positions) + 7  # each row's stores hold more than it has written
+    rows = torch.arange(len(positions), device=DEVICE)
+    n_cmp = num_compressed_blocks(capacity, pattern.compress_block_size, pattern.compress_stride)
+    layout = QueryLayout(
+        positions=torch.tensor(positions, device=DEVICE), key_offsets=rows * capacity, cmp_offsets=rows * n_cmp,
+        window_offsets=rows * capacity, run_length=1,
+    )
+    num_q = len(positions)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+    inputs = [rand(num_q, heads_q, dim), rand(num_q * n_cmp, heads_kv, dim), rand(num_q * n_cmp, heads_kv, dim)]
+    inputs += [rand(num_q * capacity, heads_kv, dim) for _ in range(4)]
+    inputs.append(torch.rand(num_q, heads_q, 3, device=DEVICE, dtype=dtype))
+    fused = triton_decode.decode_attention(*inputs, layout, pattern, dim**-0.5, num_splits=splits)
+    expected = composition.nsa_attention_varlen(*(x.float() for x in inputs), layout, pattern, dim**-0.5)
+    assert_close_rel(fused, expected, dtype, f"decode, {splits} splits")
+    # Each branch and the gates are felt: the output moves when any one of them changes.
+    for i in (2, 4, 6, 7):
+        moved = [x.clone() for x in inputs]
+        moved[i] = moved[i] + 1.0 if i != 7 else moved[i].flip(-1)
+        changed = triton_decode.decode_attention(*moved, layout, pattern, dim**-0.5, num_splits=splits)
+        assert (changed.float() - fused.float()).abs().max() > 1e-3, f"input {i} left the output unchanged"
+
+
+def test_block_selection_merges_partial_lse_of_the_compressed_branch():
+    """Selection given the compressed branch's lse as shares (`interval_partials`) merges them: the same blocks as
+    from the merged lse, with shares that split each head's mass unevenly (a wrong merge reweights the heads)."""
+    torch.manual_seed(13)
+    pattern = SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    layout, blocks = pack_layout([90, 40], pattern.compress_block_size, pattern.compress_stride)
+    q = torch.randn(130, 4, 16, device=DEVICE)
+    k_cmp = torch.randn(blocks.count, 2, 16, device=DEVICE)
+    lo = layout.cmp_offsets
+    hi = lo + num_compressed_blocks(layout.positions + 1, 8, 4)
+    lse = reference.interval_attention(q, k_cmp, k_cmp, lo, hi, 0.25)[1]
+    shares = torch.tensor([0.99, 0.5, 0.2, 0.9], device=DEVICE)  # per head: the first share's part of the mass
+    partials = torch.stack([lse + shares.log(), lse + (1 - shares).log()])
+    merged = triton_select.select_blocks(q, k_cmp, lse, layout, pattern, 0.25)
+    assert torch.equal(triton_select.select_blocks(q, k_cmp, partials, layout, pattern, 0.25), merged)
+    assert not torch.equal(triton_select.select_blocks(q, k_cmp, partials[0], layout, pattern, 0.25), merged)
+
+
+def test_fused_decode_attention_refuses_more_than_one_query_per_row():
+    layout = QueryLayout(*(torch.zeros(2, dtype=torch.long) for _ in range(4)), run_length=2)
+    x = torch.zeros(2, 2, 8)
+    with pytest.raises(ValueError, match="run_length == 1"):
+        triton_decode.decode_attention(x, x, x, x, x, x, x, torch.zeros(2, 2, 3), layout, SparsePattern(), 0.3)
 
 
 def test_layers_sharing_a_layout_build_its_query_tiles_once():

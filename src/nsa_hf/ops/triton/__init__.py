@@ -1,6 +1,7 @@
 """Triton kernels, a module per family: `interval` (compressed and window attention), `block` (selection
-attention), `select` (fused block selection), forward and backward, and `pointwise` (RMSNorm, RoPE, SwiGLU, the
-gate mix, cross entropy); `common` holds what they share.
+attention), `select` (fused block selection), forward and backward, `decode` (a decoding step's whole attention in
+three launches), and `pointwise` (RMSNorm, RoPE, SwiGLU, the gate mix, cross entropy); `common` holds what they
+share.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package imports
 without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
@@ -8,6 +9,7 @@ without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1
 
 from ..library import Kernels
 from .block import block_attention, block_backward, block_forward
+from .decode import decode_attention
 from .interval import interval_attention, interval_backward, interval_forward
 from .pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .select import select_blocks
@@ -20,6 +22,7 @@ __all__ = [
     "apply_rotary",
     "block_attention",
     "cross_entropy",
+    "decode_attention",
     "gate_branches",
     "interval_attention",
     "rms_norm",
