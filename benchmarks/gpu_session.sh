@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work that the CPU suite cannot do, as device calls of at most 10 minutes: PART picks one.
 #   tests     the GPU test files (Triton kernels, compiled training, the static cache's CUDA graphs and host syncs)
+#   decode    benchmarks/bench_decode.py: the three-launch decode kernel beside the composed step (then wire it in)
 #   generate  benchmarks/bench_generate.py: NSA default and static against Llama default and static
 #   training  eager and compiled training at 2k (the 300k tokens/s target; compiled plain and under CUDA graphs) with
 #             a kernel profile, then the host profile of one compiled step (profile_host.py: where queueing goes)
@@ -23,6 +24,9 @@ case "${PART:-tests}" in
     fi
     timeout 560 python3 -m pytest $workers tests/test_triton.py tests/test_compile.py tests/test_static_cache.py -q \
       -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+  decode)
+    timeout 300 python3 benchmarks/bench_decode.py --shapes paper seed --contexts 32768 131072 --batches 1 32 \
+      --out "$OUT" --commit "$COMMIT" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
   generate)
     timeout 560 python3 benchmarks/bench_generate.py --llama --out "$OUT" --commit "$COMMIT" ${GENERATE_ARGS:-} 2>&1 \
       | grep -v Warning | tee "$OUT/generate.txt" ;;
