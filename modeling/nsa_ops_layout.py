@@ -198,7 +198,7 @@ class QueryLayout:
         )
         layout = cls(
             positions=tokens - row * seq_len, key_offsets=row * seq_len, cmp_offsets=row * per_row,
-            window_offsets=row * seq_len, documents=tuple(range(0, (batch + 1) * seq_len, seq_len)),
+            window_offsets=row * seq_len, documents=tuple(row * seq_len for row in range(batch + 1)),
         )
         return layout, blocks
 

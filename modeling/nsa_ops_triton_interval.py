@@ -210,7 +210,7 @@ def _query_tiles(
     whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count, run).
     Runs of one length (`query_runs`: decoding, a batch's rows) need no arrays: the kernels compute their tiles;
     other host `documents` give them without a host sync (and once per boundaries: `document_pieces` keeps them)."""
-    run = query_runs(run_length, documents)
+    run = query_runs(run_length, documents, lo.numel())
     if run:
         return lo, lo, lo.numel() // run * triton.cdiv(run, tile), run
     if documents is not None:

@@ -156,7 +156,7 @@ def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int
     computed in the kernel for runs of one length (`query_runs`: decoding, a batch's rows), from other host
     document boundaries of a full pass, and only otherwise with a host sync."""
     positions = layout.positions
-    run = query_runs(layout.run_length, layout.documents)
+    run = query_runs(layout.run_length, layout.documents, positions.numel())
     if run:
         return positions, positions, positions.numel() // run * triton.cdiv(run, tile), run
     if layout.documents is not None:

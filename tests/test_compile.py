@@ -89,6 +89,7 @@ def test_training_step_under_cuda_graphs_equals_eager(fresh_dynamo):
     for seed in range(3):  # warm-up, recording, replay
         ids = torch.randint(0, 97, (2, 40), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed))
         _assert_same_step(_step(model, input_ids=ids, labels=ids), _step(compiled, input_ids=ids, labels=ids))
+    assert not counters["inductor"]["cudagraph_skips"], "inductor skipped the CUDA graphs (its log says why)"
 
 
 def test_fullgraph_forward_on_cu_seq_lens_and_padding_equals_eager(fresh_dynamo):

@@ -511,8 +511,10 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
     pattern = SparsePattern(32, 16, 64, 4, 1, 1, 96) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
     rows, length = (3, 700) if CUDA else (2, 37)  # a row length no tile size divides
     layout, blocks = QueryLayout.for_batch(rows, length, pattern.compress_block_size, pattern.compress_stride, DEVICE)
-    assert triton_common.query_runs(None, layout.documents) == length
-    assert triton_common.query_runs(None, (0, 5, 9)) == 0 and triton_common.query_runs(None, (0, 9)) == 9
+    assert triton_common.query_runs(None, layout.documents, rows * length) == length
+    assert triton_common.query_runs(None, (0, 5, 9), 9) == 0 and triton_common.query_runs(None, (0, 9), 9) == 9
+    # Boundaries that do not cover the queries from the first are no runs: the tiles then come from arrays.
+    assert triton_common.query_runs(None, (2, 9), 9) == 0 and triton_common.query_runs(None, (0, 9), 12) == 0
     total, n_cmp = rows * length, blocks.count
     heads_q, heads_kv, dim = (8, 2, 64) if CUDA else (4, 2, 16)
 
@@ -535,6 +537,8 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
     assert_close_rel(computed, from_arrays, dtype, "o")
     for i, (g, g_arrays) in enumerate(zip(computed_grads, torch.autograd.grad(from_arrays, inputs, grad_out))):
         assert_close_rel(g, g_arrays, dtype, f"grad {i}")
+    if CUDA:  # at low precision a near-tie may select differently (the selection test above)
+        return
     with torch.no_grad():
         lse = triton_interval.interval_attention(
             inputs[0], inputs[1], inputs[2], layout.cmp_offsets,
@@ -543,8 +547,7 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
         )[1]
         chosen = triton_select.select_blocks(inputs[0], inputs[1], lse, layout, pattern, dim**-0.5)
         expected = reference.select_blocks_varlen(inputs[0].float(), inputs[1].float(), lse, layout, pattern, dim**-0.5)
-    if not CUDA:  # exact in fp32; at low precision a near-tie may differ (the selection test above)
-        assert torch.equal(chosen.sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(chosen.sort(-1).values, expected.sort(-1).values)
 
 
 @pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
@@ -552,8 +555,8 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
 def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits):
     """Decoding's three-launch attention (compressed partials, selection from their lse, one merge kernel for the
     selected blocks, the window and the gates) against the reference composition, for rows at different positions
-    (one before its first compressed block, one inside its first selection block, stores of different lengths
-    per row) and with the first two launches split over programs or not."""
+    (one before its first compressed block, one inside its first selection block, stores holding more than each
+    row has written) and with the first two launches split over programs or not."""
     torch.manual_seed(12)
     dtype = DTYPES[0]
     pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)

@@ -260,17 +260,19 @@ def _split_runs(run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int 
 Documents = Tensor | tuple[int, ...] | None  # a full pass's host document boundaries (`QueryLayout.documents`)
 
 
-def query_runs(run_length: int | None, documents: Documents) -> int:
+def query_runs(run_length: int | None, documents: Documents, num_queries: int) -> int:
     """The length of the runs the queries come in, when they all have one (0 otherwise): decoding's `run_length`,
-    or documents of one length (the rows of a batch, one document). The kernels then compute their query tiles
-    (`_program_tile`): no tile arrays, which cost launches per call and, kept across calls, would be memory a
-    CUDA graph's pool does not own."""
+    or documents of one length that cover the `num_queries` queries from the first (the rows of a batch, one
+    document). The kernels then compute their query tiles (`_program_tile`): no tile arrays, which cost launches
+    per call and, kept across calls, would be memory a CUDA graph's pool does not own."""
     if run_length:
         return run_length
     if documents is None:
         return 0
-    lengths = {end - start for start, end in pairwise(_unique_bounds(documents))}
-    return lengths.pop() if len(lengths) == 1 else 0
+    bounds = _unique_bounds(documents)
+    lengths = {end - start for start, end in pairwise(bounds)}
+    uniform = len(lengths) == 1 and bounds[0] == 0 and bounds[-1] == num_queries
+    return lengths.pop() if uniform else 0
 
 
 def _unique_bounds(documents: Tensor | tuple[int, ...]) -> tuple[int, ...]:
