@@ -552,23 +552,12 @@ class NsaModel(NsaPreTrainedModel):
         batch, seq_len = hidden_states.shape[:2]
         device = hidden_states.device
         kernels = dict(attention=attention, pointwise=pointwise)
-        if isinstance(cache, NsaStaticCache) and cache.prefilled:
-            return self._static_step_plan(hidden_states, cache, kernels)
-        if cache is not None and not isinstance(cache, NsaStaticCache):
+        if isinstance(cache, NsaStaticCache):
+            if cache.prefilled:
+                return self._static_step_plan(hidden_states, cache, kernels)
+            return self._static_prompt_plan(hidden_states, attention_mask, cache, attention, pointwise)
+        if cache is not None:
             return self._step_plan(hidden_states, attention_mask, cache, kernels)
-        if isinstance(cache, NsaStaticCache):  # the prompt: a full pass, whose K/V the layers then store
-            if seq_len > cache.max_cache_len:
-                raise ValueError(f"the prompt has {seq_len} tokens but the static cache holds {cache.max_cache_len} (`max_cache_len`).")
-            plan = self._plan(hidden_states, attention_mask, None, None, None, attention, pointwise)
-            starts = _leading_padding(attention_mask.to(device)) if attention_mask is not None else torch.zeros(batch, dtype=torch.long, device=device)
-            plan.prompt_starts = starts  # the cache takes them once every layer has stored the prompt
-            l, d = self.config.compress_block_size, self.config.compress_stride
-            count = max(num_compressed_blocks(seq_len, l, d), 1)  # a prompt shorter than a block still writes one slot
-            slots = torch.arange(count, device=device).expand(batch, -1)
-            first = (torch.arange(batch, device=device) * seq_len + starts)[:, None] + slots * d
-            cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, slots * d + l - 1))
-            plan.stored_blocks = StoredBlocks(block_tokens(first, l, batch * seq_len), cos, sin, slots, from_ring=False)
-            return plan
 
         l, d, num_tokens = self.config.compress_block_size, self.config.compress_stride, batch * seq_len
         if cu_seqlens is None and doc_starts is None and attention_mask is None:
@@ -634,6 +623,27 @@ class NsaModel(NsaPreTrainedModel):
             block_cos, block_sin = _rope_dtype(*self.rotary_emb(hidden_states, slots * d + l - 1))
             plan.block_tokens = block_tokens(first, l, batch * buffer_len)
             plan.block_cos, plan.block_sin, plan.block_slots = block_cos, block_sin, slots
+        return plan
+
+    def _static_prompt_plan(
+        self, hidden_states: Tensor, attention_mask: Tensor | None, cache: NsaStaticCache, attention: NsaBackend,
+        pointwise: PointwiseKernels | None,
+    ) -> NsaForwardPlan:
+        """A static cache's prompt: a full pass (left padding as documents), whose K/V and every block of each row
+        the layers then store (`stored_blocks`)."""
+        batch, seq_len = hidden_states.shape[:2]
+        device = hidden_states.device
+        if seq_len > cache.max_cache_len:
+            raise ValueError(f"the prompt has {seq_len} tokens but the static cache holds {cache.max_cache_len} (`max_cache_len`).")
+        plan = self._plan(hidden_states, attention_mask, None, None, None, attention, pointwise)
+        starts = _leading_padding(attention_mask.to(device)) if attention_mask is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        plan.prompt_starts = starts  # the cache takes them once every layer has stored the prompt
+        l, d = self.config.compress_block_size, self.config.compress_stride
+        count = max(num_compressed_blocks(seq_len, l, d), 1)  # a prompt shorter than a block still writes one slot
+        slots = torch.arange(count, device=device).expand(batch, -1)
+        first = (torch.arange(batch, device=device) * seq_len + starts)[:, None] + slots * d
+        cos, sin = _rope_dtype(*self.rotary_emb(hidden_states, slots * d + l - 1))
+        plan.stored_blocks = StoredBlocks(block_tokens(first, l, batch * seq_len), cos, sin, slots, from_ring=False)
         return plan
 
     def _static_step_plan(self, hidden_states: Tensor, cache: NsaStaticCache, kernels: dict) -> NsaForwardPlan:

@@ -67,6 +67,20 @@ def pack_layout(lengths: list[int], block_size: int, stride: int):
     return QueryLayout.from_cu_seqlens(cu, block_size, stride)
 
 
+def nsa_inputs(num_q: int, num_cmp: int, num_keys: int, heads_q: int, heads_kv: int, dim: int, dtype: torch.dtype,
+               grad: bool = True) -> list[Tensor]:
+    """Random inputs of `nsa_attention_varlen`: q, the compressed K/V, the selection and window K/V over `num_keys`
+    keys, and gates in (0, 1)."""
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
+
+    inputs = [rand(num_q, heads_q, dim), rand(num_cmp, heads_kv, dim), rand(num_cmp, heads_kv, dim)]
+    inputs += [rand(num_keys, heads_kv, dim) for _ in range(4)]
+    inputs.append(torch.rand(num_q, heads_q, 3, device=DEVICE, dtype=dtype, requires_grad=grad))
+    return inputs
+
+
 SIZES = [(4, 4, 64), (6, 2, 64), (8, 1, 32), (16, 1, 128), (1, 1, 64)] if CUDA else [(4, 2, 16), (3, 1, 16), (1, 1, 8)]
 
 
@@ -183,13 +197,7 @@ def test_nsa_attention_backends_agree_on_packed_documents(dtype):
     layout, blocks = pack_layout(lengths, pattern.compress_block_size, pattern.compress_stride)
     total, n_cmp = sum(lengths), blocks.token_starts.numel()
     heads_q, heads_kv, dim = (8, 2, 64) if CUDA else (4, 2, 16)
-
-    def rand(*shape):
-        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
-
-    inputs = [rand(total, heads_q, dim), rand(n_cmp, heads_kv, dim), rand(n_cmp, heads_kv, dim)]
-    inputs += [rand(total, heads_kv, dim) for _ in range(4)]
-    inputs.append(torch.rand(total, heads_q, 3, device=DEVICE, dtype=dtype).requires_grad_())
+    inputs = nsa_inputs(total, n_cmp, total, heads_q, heads_kv, dim, dtype)
     fast = resolve_backend("triton", torch.device(DEVICE))(*inputs, layout, pattern, dim**-0.5)
     grad_out = torch.randn_like(fast)
     grads = torch.autograd.grad(fast, inputs, grad_out)
@@ -517,13 +525,7 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
     assert triton_common.query_runs(None, (2, 9), 9) == 0 and triton_common.query_runs(None, (0, 9), 12) == 0
     total, n_cmp = rows * length, blocks.count
     heads_q, heads_kv, dim = (8, 2, 64) if CUDA else (4, 2, 16)
-
-    def rand(*shape):
-        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
-
-    inputs = [rand(total, heads_q, dim), rand(n_cmp, heads_kv, dim), rand(n_cmp, heads_kv, dim)]
-    inputs += [rand(total, heads_kv, dim) for _ in range(4)]
-    inputs.append(torch.rand(total, heads_q, 3, device=DEVICE, dtype=dtype).requires_grad_())
+    inputs = nsa_inputs(total, n_cmp, total, heads_q, heads_kv, dim, dtype)
     attention = resolve_backend("triton", torch.device(DEVICE))
     triton_common._document_pieces.cache_clear()
     computed = attention(*inputs, layout, pattern, dim**-0.5)
@@ -569,13 +571,7 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
         window_offsets=rows * capacity, run_length=1,
     )
     num_q = len(positions)
-
-    def rand(*shape):
-        return torch.randn(*shape, device=DEVICE, dtype=dtype)
-
-    inputs = [rand(num_q, heads_q, dim), rand(num_q * n_cmp, heads_kv, dim), rand(num_q * n_cmp, heads_kv, dim)]
-    inputs += [rand(num_q * capacity, heads_kv, dim) for _ in range(4)]
-    inputs.append(torch.rand(num_q, heads_q, 3, device=DEVICE, dtype=dtype))
+    inputs = nsa_inputs(num_q, num_q * n_cmp, num_q * capacity, heads_q, heads_kv, dim, dtype, grad=False)
     fused = triton_decode.decode_attention(*inputs, layout, pattern, dim**-0.5, num_splits=splits)
     expected = composition.nsa_attention_varlen(*(x.float() for x in inputs), layout, pattern, dim**-0.5)
     assert_close_rel(fused, expected, dtype, f"decode, {splits} splits")
@@ -756,13 +752,7 @@ def test_documents_shorter_than_a_compressed_block_have_an_empty_store():
     assert blocks.token_starts.numel() == 0
     heads_q, heads_kv, dim = (12, 2, 64) if CUDA else (4, 2, 16)
     total = layout.positions.numel()
-
-    def rand(*shape):
-        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
-
-    inputs = [rand(total, heads_q, dim), rand(0, heads_kv, dim), rand(0, heads_kv, dim)]
-    inputs += [rand(total, heads_kv, dim) for _ in range(4)]
-    inputs.append(torch.rand(total, heads_q, 3, device=DEVICE, dtype=dtype).requires_grad_())
+    inputs = nsa_inputs(total, 0, total, heads_q, heads_kv, dim, dtype)
     fast = resolve_backend("triton", torch.device(DEVICE))(*inputs, layout, pattern, dim**-0.5)
     grad_out = torch.randn_like(fast)
     grads = torch.autograd.grad(fast, inputs, grad_out)
