@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 
+def _no_residual(q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor) -> int:
+    return 0
+
+
 class Kernels(NamedTuple):
     """What one backend runs inside the ops; `run_length` and `documents` None mean "no hint" (the op schemas
     carry run_length 0 for it, turned back into None before a backend sees it)."""
@@ -47,12 +51,15 @@ class Kernels(NamedTuple):
     interval_forward: Callable[..., tuple[Tensor, Tensor]]
     # (do, dlse or None, q, k, v, o, lse, lo, hi, scale, run_length, documents, max_readers) -> (dq, dk, dv)
     interval_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
-    # (q, k, v, block_starts, block_size, hi, scale) -> (o, lse [Nq, HQ] fp32, a residual for the backward)
-    block_forward: Callable[..., tuple[Tensor, Tensor]]
-    # (do, q, k, v, o, lse, block_starts, block_size, hi, scale) -> (dq, dk, dv)
+    # (q, k, v, block_starts, block_size, hi, scale) -> (o, lse [Nq, HQ] fp32, residual: int32 [R], what the
+    # backward may reuse, of `block_residual_size` elements)
+    block_forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    # (do, q, k, v, o, lse, residual, block_starts, block_size, hi, scale) -> (dq, dk, dv)
     block_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     # (q, k_cmp, lse, layout, pattern, scale) -> [Nq, H, n] int32
     select: Callable[..., Tensor]
+    # (q, k, v, block_starts) -> R, from shapes alone (the op's fake implementation asks)
+    block_residual_size: Callable[[Tensor, Tensor, Tensor, Tensor], int] = _no_residual
 
 
 _KERNELS: dict[str, Kernels] = {}
@@ -118,9 +125,9 @@ def kernels_from_primitives(interval: Callable, block: Callable, select: Callabl
 
     def block_forward(q, k, v, block_starts, block_size, hi, scale):
         lse = q.new_zeros(q.shape[0], q.shape[1], dtype=torch.float32)  # unused: the backward recomputes
-        return block(q, k, v, block_starts, block_size, hi, scale), lse
+        return block(q, k, v, block_starts, block_size, hi, scale), lse, q.new_empty(0, dtype=torch.int32)
 
-    def block_backward(do, q, k, v, o, lse, block_starts, block_size, hi, scale):
+    def block_backward(do, q, k, v, o, lse, residual, block_starts, block_size, hi, scale):
         return _recomputed_grads(lambda *x: block(*x, block_starts, block_size, hi, scale), (q, k, v), do)
 
     return Kernels(interval_forward, interval_backward, block_forward, block_backward, select)
@@ -237,44 +244,48 @@ def interval_attention(
 @torch.library.custom_op("nsa_hf::block_attention", mutates_args=())
 def _block_op(
     q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float, backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        o, lse = _kernels(backend).block_forward(q, k, v, block_starts, block_size, hi, scale)
-    return o.contiguous(), lse.contiguous()
+        o, lse, residual = _kernels(backend).block_forward(q, k, v, block_starts, block_size, hi, scale)
+    return o.contiguous(), lse.contiguous(), residual
 
 
 @_block_op.register_fake
 def _(q, k, v, block_starts, block_size, hi, scale, backend):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+    residual = _kernels(backend).block_residual_size(q, k, v, block_starts)
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32),
+            q.new_empty(residual, dtype=torch.int32))
 
 
 @torch.library.custom_op("nsa_hf::block_attention_backward", mutates_args=())
 def _block_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_starts: Tensor, block_size: int,
-    hi: Tensor, scale: float, backend: str,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, residual: Tensor, block_starts: Tensor,
+    block_size: int, hi: Tensor, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _kernels(backend).block_backward(do, q, k, v, o, lse, block_starts, block_size, hi, scale)
+    dq, dk, dv = _kernels(backend).block_backward(do, q, k, v, o, lse, residual, block_starts, block_size, hi, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_block_backward_op.register_fake
-def _(do, q, k, v, o, lse, block_starts, block_size, hi, scale, backend):
+def _(do, q, k, v, o, lse, residual, block_starts, block_size, hi, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _block_setup(ctx, inputs, output) -> None:
     q, k, v, block_starts, block_size, hi, scale, backend = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, block_starts, hi)
+    o, lse, residual = output
+    ctx.save_for_backward(q, k, v, o, lse, residual, block_starts, hi)
     ctx.block_size, ctx.scale, ctx.backend = block_size, scale, backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, residual)
 
 
-def _block_grad(ctx, do: Tensor | None, _dlse: Tensor | None):
-    q, k, v, o, lse, block_starts, hi = ctx.saved_tensors
+def _block_grad(ctx, do: Tensor | None, _dlse: Tensor | None, _dresidual: Tensor | None):
+    q, k, v, o, lse, residual, block_starts, hi = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = _block_backward_op(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale, ctx.backend)
+    dq, dk, dv = _block_backward_op(
+        do, q, k, v, o, lse, residual, block_starts, ctx.block_size, hi, ctx.scale, ctx.backend
+    )
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -286,20 +297,20 @@ class _BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_starts, block_size, hi, scale, forward, backward):
-        o, lse = forward(q, k, v, block_starts, block_size, hi, scale)
-        ctx.save_for_backward(q, k, v, o, lse, block_starts, hi)
+        o, lse, residual = forward(q, k, v, block_starts, block_size, hi, scale)
+        ctx.save_for_backward(q, k, v, o, lse, residual, block_starts, hi)
         ctx.block_size, ctx.scale, ctx.backward = block_size, scale, backward
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        q, k, v, o, lse, block_starts, hi = ctx.saved_tensors
-        dq, dk, dv = ctx.backward(do, q, k, v, o, lse, block_starts, ctx.block_size, hi, ctx.scale)
+        q, k, v, o, lse, residual, block_starts, hi = ctx.saved_tensors
+        dq, dk, dv = ctx.backward(do, q, k, v, o, lse, residual, block_starts, ctx.block_size, hi, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def eager_block_attention(
-    forward: Callable[..., tuple[Tensor, Tensor]], backward: Callable[..., tuple[Tensor, Tensor, Tensor]], q: Tensor,
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor]], backward: Callable[..., tuple[Tensor, Tensor, Tensor]], q: Tensor,
     k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
 ) -> Tensor:
     """Differentiable block attention from a `Kernels.block_forward` / `block_backward` pair."""

@@ -9,14 +9,14 @@ without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1
 """
 
 from .nsa_ops_library import Kernels
-from .nsa_ops_triton_block import block_attention, block_backward, block_forward
+from .nsa_ops_triton_block import block_attention, block_backward, block_forward, block_residual_size
 from .nsa_ops_triton_decode import decode_attention
 from .nsa_ops_triton_interval import interval_attention, interval_backward, interval_forward
 from .nsa_ops_triton_pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .nsa_ops_triton_select import select_blocks
 
 # What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
-KERNELS = Kernels(interval_forward, interval_backward, block_forward, block_backward, select_blocks)
+KERNELS = Kernels(interval_forward, interval_backward, block_forward, block_backward, select_blocks, block_residual_size)
 
 __all__ = [
     "KERNELS",

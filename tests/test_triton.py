@@ -186,6 +186,35 @@ def test_block_attention_matches_reference(heads_q, heads_kv, dim, dtype, block_
         assert_close_rel(g, g_ref, dtype, name)
 
 
+@pytest.mark.parametrize("num_q", [256, 40], ids=["block-centric", "query-centric"])
+def test_the_block_forward_keeps_its_inverted_selection_for_the_backward(num_q, monkeypatch):
+    """A block-centric forward (256 queries or more) keeps its inverted selection for the backward, which then does not
+    sort again; a query-centric one keeps none. Either way the residual has the size the op's fake declares
+    (opcheck), and the backward given it equals the backward that inverts the selection itself."""
+    if not CUDA:
+        monkeypatch.setattr(triton_block, "_PIECE", 7)
+    torch.manual_seed(num_q)
+    backend = backends.resolve_primitives("triton", torch.device(DEVICE))
+    q, k, v = (torch.randn(num_q, heads, 16, device=DEVICE, requires_grad=True) for heads in (2, 1, 1))
+    hi = torch.arange(1, num_q + 1, device=DEVICE)
+    blocks = torch.rand(num_q, 1, 2, device=DEVICE).argsort(-1)
+    starts = torch.where(blocks <= ((hi - 1) // 16)[:, None, None], blocks * 16, -1)
+    o, lse, residual = triton_block.block_forward(q, k, v, starts, 16, hi, 0.25)
+    assert residual.numel() == (4 * starts.numel() + 1 if num_q >= 256 else 0)
+    assert residual.numel() == triton_block.block_residual_size(q, k, v, starts)
+    sorts, invert = [], triton_block._queries_per_block
+    monkeypatch.setattr(triton_block, "_queries_per_block", lambda *args, **kw: sorts.append(1) or invert(*args, **kw))
+    grad_out = torch.randn_like(o)
+    kept = triton_block.block_backward(grad_out, q, k, v, o, lse, residual, starts, 16, hi, 0.25)
+    assert len(sorts) == (0 if num_q >= 256 else 1)
+    again = triton_block.block_backward(grad_out, q, k, v, o, lse, residual[:0], starts, 16, hi, 0.25)
+    for name, a, b in zip(("dq", "dk", "dv"), kept, again):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    if num_q >= 256:
+        torch.library.opcheck(torch.ops.nsa_hf.block_attention.default, (q, k, v, starts, 16, hi, 0.25, backend),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 _CHOSEN: dict[str, Tensor] = {}  # the blocks Triton selected, for the reference backend that reads them
 
 

@@ -8,14 +8,14 @@ without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1
 """
 
 from ..library import Kernels
-from .block import block_attention, block_backward, block_forward
+from .block import block_attention, block_backward, block_forward, block_residual_size
 from .decode import decode_attention
 from .interval import interval_attention, interval_backward, interval_forward
 from .pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .select import select_blocks
 
 # What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
-KERNELS = Kernels(interval_forward, interval_backward, block_forward, block_backward, select_blocks)
+KERNELS = Kernels(interval_forward, interval_backward, block_forward, block_backward, select_blocks, block_residual_size)
 
 __all__ = [
     "KERNELS",

@@ -43,7 +43,7 @@ from .common import (
     _tuning_configs,
 )
 
-__all__ = ["block_attention", "block_backward", "block_forward"]
+__all__ = ["block_attention", "block_backward", "block_forward", "block_residual_size"]
 
 
 @triton.jit
@@ -287,15 +287,16 @@ def _block_pieces_kernel(SORTED_KEY, COUNT, PIECE_FIRST, PIECE_LEN, num_entries,
     tl.store(PIECE_LEN + slot, tl.minimum(end_lo - index, PIECE), mask=starts)
 
 
-def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple[Tensor, ...]:
+def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> Tensor:
     """Invert the selection without a host sync: entries (query, key head, slot) sorted by the block they
     read, and the pieces of at most `piece` entries of one block that the block-centric kernels take.
 
-    Returns (count [1], piece_first [E], piece_len [E], sorted_key [E], entry [E]) with E = Nq * H * n:
-    pieces below `count` are valid, in no particular order; a piece's key is key head * num_keys + block start;
-    an entry is (query * H + key head) * n + slot. Every array has a size known on the host, so nothing waits
-    for the GPU (the kernels read `count` themselves). Two small kernels around one sort: the host queues
-    five launches per layer where PyTorch ops took some thirty, each about 20 us on the H200 machine's host.
+    Returns one int32 buffer [4 E + 1], E = Nq * H * n, that `_inverted_views` cuts into (count [1], piece_first [E],
+    piece_len [E], sorted_key [E], entry [E]): pieces below `count` are valid, in no particular order; a piece's key
+    is key head * num_keys + block start; an entry is (query * H + key head) * n + slot. Every array has a size
+    known on the host, so nothing waits for the GPU (the kernels read `count` themselves). One buffer, so that the
+    forward can keep it for the backward as one tensor. Two small kernels around one sort: the host queues five
+    launches per layer where PyTorch ops took some thirty, each about 20 us on the H200 machine's host.
     """
     _, heads_kv, slots = block_starts.shape
     num_entries = block_starts.numel()
@@ -306,19 +307,26 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> tuple
             f"block attention sorts its (key head, key) pairs as int32: the store may hold at most 2**31 - 1 of "
             f"them, got {heads_kv} key heads x {num_keys} keys."
         )
-    keys = torch.empty(num_entries, device=device, dtype=torch.int32)
-    count = torch.zeros(1, device=device, dtype=torch.int32)
-    piece_first = torch.empty(num_entries, device=device, dtype=torch.int32)
-    piece_len = torch.empty(num_entries, device=device, dtype=torch.int32)
+    inverted = torch.empty(4 * num_entries + 1, device=device, dtype=torch.int32)
+    count, piece_first, piece_len, sorted_key, entry = _inverted_views(inverted)
+    count.zero_()
     if num_entries == 0:
-        return count, piece_first, piece_len, keys, keys
+        return inverted
+    keys = torch.empty(num_entries, device=device, dtype=torch.int32)
     grid = (triton.cdiv(num_entries, 1024),)
     _block_keys_kernel[grid](block_starts, keys, num_entries, heads_kv, slots, num_keys, BLOCK=1024)
-    sorted_key, entry = torch.sort(keys, stable=True)
+    _, order = torch.sort(keys, stable=True, out=(sorted_key, torch.empty(0, device=device, dtype=torch.long)))
+    entry.copy_(order)
     _block_pieces_kernel[grid](
         sorted_key, count, piece_first, piece_len, num_entries, none, num_entries.bit_length(), PIECE=piece, BLOCK=1024,
     )
-    return count, piece_first, piece_len, sorted_key, entry.int()
+    return inverted
+
+
+def _inverted_views(inverted: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(count, piece_first, piece_len, sorted_key, entry) of a `_queries_per_block` buffer."""
+    entries = (inverted.numel() - 1) // 4
+    return inverted[:1], *inverted[1:].view(4, entries).unbind(0)
 
 
 def _persistent_programs(device: torch.device, work: int) -> int:
@@ -357,15 +365,18 @@ def _use_block_centric(num_q: int, heads_q: int, slots: int, dim_v: int, dtype: 
 def _block_forward_pass(
     q: Tensor, k: Tensor, v: Tensor, starts: Tensor, block_size: int, hi: Tensor, scale: float, num_splits: int | None,
     block_centric: bool,
-) -> tuple[Tensor, Tensor]:
-    """(o, lse) of one launch's queries (fewer than `_LAUNCH_ELEMENTS` gathered elements)."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(o, lse, the inverted selection when block-centric) of one launch's queries (fewer than `_LAUNCH_ELEMENTS`
+    gathered elements)."""
     num_q, heads_q, dim = q.shape
     num_k, heads_kv, dim_v = v.shape
     groups = heads_q // heads_kv
     slots = starts.shape[-1]
     meta = _block_meta(groups, block_size, dim, dim_v)
+    inverted = None
     if block_centric and num_q:
-        pieces = _queries_per_block(starts, num_k, piece=_PIECE)
+        inverted = _queries_per_block(starts, num_k, piece=_PIECE)
+        pieces = _inverted_views(inverted)
         o = torch.empty(slots, num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
         lse = torch.full((slots, num_q, heads_q), float("-inf"), device=q.device, dtype=torch.float32)
         _block_fwd_by_block_kernel[(_persistent_programs(q.device, pieces[1].numel()),)](
@@ -386,14 +397,15 @@ def _block_forward_pass(
                 o.stride(0), o.stride(1), o.stride(2), lse.stride(0), starts.stride(0), starts.stride(1), scale,
                 G_PAD=_pow2(groups), NUM_SLOTS=slots, DV=dim_v, SLOTS_PER_SPLIT=per_split, **meta,
             )
-    return _combine_splits(o, lse, q.dtype)
+    return *_combine_splits(o, lse, q.dtype), inverted
 
 
 def _block_backward_pass(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, starts: Tensor, block_size: int, hi: Tensor,
-    scale: float, dk: Tensor, dv: Tensor,
+    scale: float, dk: Tensor, dv: Tensor, inverted: Tensor | None,
 ) -> Tensor:
-    """dq of one launch's queries; their dk and dv are added into the fp32 `dk` and `dv`."""
+    """dq of one launch's queries; their dk and dv are added into the fp32 `dk` and `dv`. `inverted`: the forward's
+    inverted selection of these queries, or None to invert it again."""
     num_q, heads_q, dim = q.shape
     num_k, heads_kv, dim_v = v.shape
     groups = heads_q // heads_kv
@@ -405,7 +417,7 @@ def _block_backward_pass(
         return dq
     # Per-slot dq parts, summed below; unused slots are never written, so no zero fill.
     dq_parts = torch.empty(slots, *q.shape, device=q.device, dtype=q.dtype) if dq_partials else dq
-    pieces = _queries_per_block(starts, num_k, piece=_PIECE)
+    pieces = _inverted_views(_queries_per_block(starts, num_k, piece=_PIECE) if inverted is None else inverted)
     if not dq_partials:
         _block_bwd_dq_kernel[(num_q, heads_kv)](
             q, k, v, do, lse, delta, starts, hi, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -442,8 +454,10 @@ def _launches(q: Tensor, v: Tensor, slots: int, block_centric: bool) -> list[tup
 def block_forward(
     q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
     num_splits: int | None = None, block_centric: bool | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(o, lse) of `reference.block_attention`; `num_splits` and `block_centric` as in `block_attention`."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, residual) of `reference.block_attention`; `num_splits` and `block_centric` as in `block_attention`.
+    The residual (int32) is the inverted selection when the forward ran block-centric in one launch, which
+    `block_backward` then takes instead of sorting again; empty otherwise (`block_residual_size`)."""
     num_q, heads_q, _ = q.shape
     dim_v = v.shape[2]
     slots = block_starts.shape[-1]
@@ -456,27 +470,44 @@ def block_forward(
         _block_forward_pass(q[a:b], k, v, starts[a:b], block_size, hi[a:b], scale, num_splits, block_centric)
         for a, b in _launches(q, v, slots, block_centric)
     ]
+    no_residual = q.new_empty(0, dtype=torch.int32)
     if len(parts) == 1:
-        return parts[0]
+        o, lse, inverted = parts[0]
+        return o, lse, no_residual if inverted is None else inverted
     if not parts:
-        return q.new_zeros(0, heads_q, dim_v), q.new_zeros(0, heads_q, dtype=torch.float32)
-    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+        return q.new_zeros(0, heads_q, dim_v), q.new_zeros(0, heads_q, dtype=torch.float32), no_residual
+    return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), no_residual
+
+
+def block_residual_size(q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor) -> int:
+    """Elements of the residual that `block_forward` returns with its default settings (for the op's fake)."""
+    num_q, heads_q, _ = q.shape
+    slots = block_starts.shape[-1]
+    if not num_q or not _use_block_centric(num_q, heads_q, slots, v.shape[2], q.dtype, None):
+        return 0
+    return 4 * block_starts.numel() + 1 if len(_launches(q, v, slots, block_centric=True)) == 1 else 0
 
 
 def block_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, block_starts: Tensor, block_size: int,
-    hi: Tensor, scale: float,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, residual: Tensor, block_starts: Tensor,
+    block_size: int, hi: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of `block_forward` for the output gradient `do` (block-centric, whichever forward ran)."""
+    """(dq, dk, dv) of `block_forward` for the output gradient `do` (block-centric, whichever forward ran);
+    `residual` as `block_forward` returned it."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     starts, hi = block_starts.contiguous(), hi.contiguous()
     delta = _softmax_delta(do, o)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    launches = _launches(q, v, starts.shape[-1], block_centric=False)
+    # A forward in one launch means a backward in one (its launches gather fewer elements per query).
+    inverted = residual if residual.numel() and len(launches) == 1 else None
     # The launches' k and v gradients add up in dk and dv.
     dq = [
-        _block_backward_pass(do[a:b], q[a:b], k, v, lse[a:b], delta[a:b], starts[a:b], block_size, hi[a:b], scale, dk, dv)
-        for a, b in _launches(q, v, starts.shape[-1], block_centric=False)
+        _block_backward_pass(
+            do[a:b], q[a:b], k, v, lse[a:b], delta[a:b], starts[a:b], block_size, hi[a:b], scale, dk, dv, inverted
+        )
+        for a, b in launches
     ]
     dq = dq[0] if len(dq) == 1 else (torch.cat(dq) if dq else torch.zeros_like(q))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
