@@ -18,6 +18,8 @@ from torch import Tensor
 
 from .nsa_ops_library import (
     block_attention as library_block_attention,
+    decode_attention as library_decode_attention,
+    fuses_decoding as library_fuses_decoding,
     interval_attention as library_interval_attention,
     kernels_from_primitives as library_kernels_from_primitives,
     register_kernels as library_register_kernels,
@@ -85,6 +87,10 @@ def sliding_window_attention_varlen(
     )[0]
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def nsa_attention_varlen(
     q: Tensor,
     k_cmp: Tensor,
@@ -103,8 +109,12 @@ def nsa_attention_varlen(
 ) -> Tensor:
     """All three branches and the gates on flat tensors. gates [Nq, HQ, 3] (cmp, slc, win), already in (0, 1).
     `ranges`: the pass's `BranchRanges` when its layers share them; `gate`: the backend's gate mix (PyTorch's under
-    torch.compile, which fuses it)."""
+    torch.compile, which fuses it). A decoding step (one query per row) without gradients runs as one fused function
+    on backends that have one (`library.fuses_decoding`)."""
     ranges = branch_ranges(layout, pattern) if ranges is None else ranges
+    inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    if layout.run_length == 1 and library_fuses_decoding(backend) and not _needs_grad(*inputs):
+        return library_decode_attention(*inputs, layout, pattern, scale, ranges, backend=backend)
     o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, backend, ranges)
     block_indices = library_select_blocks(q, k_cmp, lse, layout, pattern, scale, backend=backend)
     o_slc = selection_attention_varlen(

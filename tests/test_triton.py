@@ -18,10 +18,10 @@ triton = pytest.importorskip("triton")
 
 from nsa_hf import NsaCache
 from nsa_hf.modeling_nsa import apply_rotary
-from nsa_hf.ops import backends, composition, reference
+from nsa_hf.ops import backends, composition, library, reference
 from nsa_hf.ops import triton as triton_ops
 from nsa_hf.ops.backends import resolve_backend
-from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
+from nsa_hf.ops.layout import QueryLayout, SparsePattern, branch_ranges, num_compressed_blocks
 from nsa_hf.ops.triton import block as triton_block
 from nsa_hf.ops.triton import decode as triton_decode
 from nsa_hf.ops.triton import common as triton_common
@@ -610,6 +610,36 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
         moved[i] = moved[i] + 1.0 if i != 7 else moved[i].flip(-1)
         changed = triton_decode.decode_attention(*moved, layout, pattern, dim**-0.5, num_splits=splits)
         assert (changed.float() - fused.float()).abs().max() > 1e-3, f"input {i} left the output unchanged"
+
+
+def test_decoding_steps_without_gradients_run_the_fused_op(monkeypatch):
+    """The composition sends a step of one query per row without gradients to the backend's fused decode, whose
+    op passes opcheck; a step that needs gradients, or has more queries per row, runs the differentiable
+    primitives, to the same output."""
+    torch.manual_seed(14)
+    pattern = SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    backend = backends.resolve_primitives("triton", torch.device(DEVICE))
+    positions, capacity = [40, 9], 48
+    rows = torch.arange(2, device=DEVICE)
+    n_cmp = num_compressed_blocks(capacity, 8, 4)
+    layout = QueryLayout(torch.tensor(positions, device=DEVICE), rows * capacity, rows * n_cmp, rows * capacity,
+                         run_length=1)
+    inputs = nsa_inputs(2, 2 * n_cmp, 2 * capacity, 4, 2, 16, DTYPES[0])
+    calls, kernels = [], library._KERNELS[backend]
+    monkeypatch.setitem(library._KERNELS, backend, kernels._replace(decode=lambda *a: calls.append(1) or kernels.decode(*a)))
+    with torch.no_grad():
+        fused = composition.nsa_attention_varlen(*inputs, layout, pattern, 0.25, backend=backend)
+    assert calls == [1]
+    composed = composition.nsa_attention_varlen(*inputs, layout, pattern, 0.25, backend=backend)
+    several = composition.nsa_attention_varlen(*inputs, dataclasses.replace(layout, run_length=None), pattern, 0.25,
+                                               backend=backend)
+    assert calls == [1] and composed.requires_grad
+    torch.testing.assert_close(fused, composed.detach())
+    torch.testing.assert_close(several, composed)
+    ranges = branch_ranges(layout, pattern)
+    args = [x.detach() for x in inputs] + [layout.positions, layout.key_offsets, layout.cmp_offsets, *ranges[:4],
+                                           ranges.key_ends, [8, 4, 16, 3, 1, 1, 12], 0.25, backend]
+    torch.library.opcheck(torch.ops.nsa_hf.decode_attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_block_selection_merges_partial_lse_of_the_compressed_branch():

@@ -23,14 +23,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .layout import CompressionBlocks, QueryLayout, SparsePattern, cu_seqlens_from_starts, num_compressed_blocks
+from .layout import (
+    BranchRanges,
+    CompressionBlocks,
+    QueryLayout,
+    SparsePattern,
+    cu_seqlens_from_starts,
+    num_compressed_blocks,
+)
 
 __all__ = [
     "Kernels",
     "block_attention",
+    "decode_attention",
     "document_layout",
     "eager_block_attention",
     "eager_interval_attention",
+    "fuses_decoding",
     "interval_attention",
     "kernels_from_primitives",
     "register_kernels",
@@ -59,6 +68,10 @@ class Kernels(NamedTuple):
     select: Callable[..., Tensor]
     # (q, k, v, block_starts) -> R, from shapes alone (the op's fake implementation asks)
     block_residual_size: Callable[[Tensor, Tensor, Tensor, Tensor], int] = _no_residual
+    # A decoding step's whole attention, gates included, where every row has one query (`layout.run_length == 1`),
+    # not differentiable: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale, ranges) -> o.
+    # None: the composition of the primitives runs instead.
+    decode: Callable[..., Tensor] | None = None
 
 
 _KERNELS: dict[str, Kernels] = {}
@@ -352,16 +365,63 @@ def select_blocks(
 ) -> Tensor:
     """Top-n selection blocks per (query, key head) on `backend`: [Nq, H, n] int32, relative to each query's
     document, -1 for empty slots (`reference.select_blocks_varlen`'s rule). Not differentiable."""
-    fields = [
-        pattern.compress_block_size, pattern.compress_stride, pattern.select_block_size, pattern.num_selected_blocks,
-        pattern.num_init_blocks, pattern.num_local_blocks, pattern.window_size,
-    ]
     if not torch.compiler.is_compiling():
         with torch.no_grad():
             return _kernels(backend).select(q, k_cmp, lse, layout, pattern, scale)
     return _select_op(
         q.detach(), k_cmp.detach(), lse.detach(), layout.positions, layout.cmp_offsets, layout.run_length or 0,
-        *_op_documents(layout.documents), fields, float(scale), backend,
+        *_op_documents(layout.documents), _pattern_fields(pattern), float(scale), backend,
+    )
+
+
+def _pattern_fields(pattern: SparsePattern) -> list[int]:
+    """A pattern as an op argument (`SparsePattern(*fields)` rebuilds it)."""
+    return [
+        pattern.compress_block_size, pattern.compress_stride, pattern.select_block_size, pattern.num_selected_blocks,
+        pattern.num_init_blocks, pattern.num_local_blocks, pattern.window_size,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding: a step's whole attention in one op, for backends that fuse it
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nsa_hf::decode_attention", mutates_args=())
+def _decode_op(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor, gates: Tensor,
+    positions: Tensor, key_offsets: Tensor, cmp_offsets: Tensor, cmp_lo: Tensor, cmp_hi: Tensor, win_lo: Tensor,
+    win_hi: Tensor, key_ends: Tensor, pattern: list[int], scale: float, backend: str,
+) -> Tensor:
+    layout = QueryLayout(positions, key_offsets, cmp_offsets, positions, run_length=1)
+    ranges = BranchRanges(cmp_lo, cmp_hi, win_lo, win_hi, key_ends)
+    return _kernels(backend).decode(
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, SparsePattern(*pattern), scale, ranges
+    ).contiguous()
+
+
+@_decode_op.register_fake
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, positions, key_offsets, cmp_offsets, cmp_lo, cmp_hi, win_lo,
+      win_hi, key_ends, pattern, scale, backend):
+    return q.new_empty(q.shape[0], q.shape[1], v_slc.shape[2])
+
+
+def fuses_decoding(backend: str) -> bool:
+    """Whether `backend` runs a decoding step's attention as one fused function (`Kernels.decode`)."""
+    return _kernels(backend).decode is not None
+
+
+def decode_attention(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor, gates: Tensor,
+    layout: QueryLayout, pattern: SparsePattern, scale: float, ranges: BranchRanges, *, backend: str,
+) -> Tensor:
+    """`composition.nsa_attention_varlen` for one query per row on a backend that fuses it (`fuses_decoding`): the
+    same arguments, gates included; not differentiable."""
+    if not torch.compiler.is_compiling():
+        return _kernels(backend).decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale, ranges)
+    return _decode_op(
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout.positions, layout.key_offsets, layout.cmp_offsets,
+        *ranges[:4], ranges.key_ends, _pattern_fields(pattern), float(scale), backend,
     )
 
 

@@ -15,7 +15,9 @@ from .pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, sil
 from .select import select_blocks
 
 # What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
-KERNELS = Kernels(interval_forward, interval_backward, block_forward, block_backward, select_blocks, block_residual_size)
+KERNELS = Kernels(
+    interval_forward, interval_backward, block_forward, block_backward, select_blocks, block_residual_size, decode_attention,
+)
 
 __all__ = [
     "KERNELS",
