@@ -140,11 +140,13 @@ def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
 _ZEROS: dict[tuple, Tensor] = {}
 
 
-def stacked_projection(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> Tensor | None:
+def stacked_projection(
+    hidden_states: Tensor, projections: tuple[nn.Module, ...], with_bias: bool = True
+) -> Tensor | None:
     """The outputs of projections of the same input side by side, from one GEMM over their stacked weights
     (under autocast the input is cast once and its gradient comes back as one tensor, not one per
     projection), possibly followed by zero padding columns; None unless all are plain nn.Linear (LoRA,
-    quantized and hooked modules keep their own forward)."""
+    quantized and hooked modules keep their own forward). `with_bias=False` leaves the biases to the caller."""
     if not all(_plain_linear(p) for p in projections):
         return None
     sizes = [p.out_features for p in projections]
@@ -154,19 +156,26 @@ def stacked_projection(hidden_states: Tensor, projections: tuple[nn.Module, ...]
     weight = projections[0].weight
     weights = [p.weight for p in projections] + ([_zeros((padding, weight.shape[1]), weight)] if padding else [])
     bias = None
-    if any(p.bias is not None for p in projections):
+    if with_bias and any(p.bias is not None for p in projections):
         biases = [_zeros((p.out_features,), weight) if p.bias is None else p.bias for p in projections]
         bias = torch.cat(biases + ([_zeros((padding,), weight)] if padding else []))
     return F.linear(hidden_states, torch.cat(weights), bias)
 
 
 def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
-    """Every projection of the same input: one stacked GEMM where `stacked_projection` allows, split."""
-    stacked = stacked_projection(hidden_states, projections) if len(projections) > 1 else None
+    """Every projection of the same input: one stacked GEMM where `stacked_projection` allows, split. When only
+    some projections have a bias (NSA's gate among bias-free q/k/v), the GEMM runs without one and each bias is
+    added to its own output: a stacked bias would be copied into the whole output before the GEMM, and its
+    gradient summed over every column."""
+    with_bias = all(p.bias is not None for p in projections)
+    stacked = stacked_projection(hidden_states, projections, with_bias) if len(projections) > 1 else None
     if stacked is None:
         return tuple(p(hidden_states) for p in projections)
     sizes = [p.out_features for p in projections]
-    return stacked.split(sizes + [stacked.shape[-1] - sum(sizes)], dim=-1)[: len(projections)]
+    outputs = stacked.split(sizes + [stacked.shape[-1] - sum(sizes)], dim=-1)[: len(projections)]
+    if with_bias:
+        return outputs
+    return tuple(out if p.bias is None else out + p.bias for out, p in zip(outputs, projections, strict=True))
 
 
 class NsaMLP(nn.Module):
