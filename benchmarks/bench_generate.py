@@ -1,7 +1,7 @@
 """generate() end to end, as a user calls it: NsaForCausalLM against LlamaForCausalLM of the same shape, on a GPU.
 
     python benchmarks/bench_generate.py --out benchmarks/results [--shapes seed 1b] [--contexts 4096 32768 131072]
-        [--batches 1 8] [--new-tokens 32] [--llama] [--extra seed:32768:32]
+        [--batches 1 8] [--new-tokens 32] [--llama] [--runs nsa llama ...] [--extra seed:32768:32]
 
 As ../shared/BENCHMARKS.md describes: random weights, bf16, greedy, `eos_token_id=None`, `min_new_tokens =
 max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask. Prefill = generate(max_new_tokens=1);
@@ -33,6 +33,9 @@ SHAPES = {
     "seed": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2, head_dim=64),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, head_dim=128),
 }
+
+
+RUNS = ("nsa", "nsa-static", "llama", "llama-static")
 
 
 def build(kind: str, shape: str, max_positions: int) -> torch.nn.Module:
@@ -90,12 +93,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--llama", action="store_true", help="also Llama's default and static-cache generate()")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=None,
+                        help="the generate() paths to measure (default: NSA's two, and Llama's two with --llama)")
     parser.add_argument("--label", default="", help="a name for this tree in the results (e.g. old/new commit)")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    static = {"cache_implementation": "static"}
-    runs = [("nsa", {}), ("nsa-static", static)] + ([("llama", {}), ("llama-static", static)] if args.llama else [])
+    chosen = args.runs or ["nsa", "nsa-static"] + (["llama", "llama-static"] if args.llama else [])
+    runs = [(kind, {"cache_implementation": "static"} if kind.endswith("-static") else {}) for kind in chosen]
     extra = [tuple(item.split(":")) for item in args.extra]
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
