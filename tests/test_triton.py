@@ -634,8 +634,10 @@ def test_decoding_steps_without_gradients_run_the_fused_op(monkeypatch):
     several = composition.nsa_attention_varlen(*inputs, dataclasses.replace(layout, run_length=None), pattern, 0.25,
                                                backend=backend)
     assert calls == [1] and composed.requires_grad
-    torch.testing.assert_close(fused, composed.detach())
-    torch.testing.assert_close(several, composed)
+    # Each path splits and merges differently, so each is held to the fp32 reference, not to the others' rounding.
+    expected = composition.nsa_attention_varlen(*(x.detach().float() for x in inputs), layout, pattern, 0.25)
+    for name, out in (("fused", fused), ("composed", composed), ("several queries per row", several)):
+        assert_close_rel(out, expected, DTYPES[0], name)
     ranges = branch_ranges(layout, pattern)
     args = [x.detach() for x in inputs] + [layout.positions, layout.key_offsets, layout.cmp_offsets, *ranges[:4],
                                            ranges.key_ends, [8, 4, 16, 3, 1, 1, 12], 0.25, backend]
