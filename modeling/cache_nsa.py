@@ -71,6 +71,12 @@ class StepGeometry:
     num_new_blocks: int  # upper bound on the blocks the new tokens complete in any row (host-side, no sync)
 
 
+def _ends_a_block(past: int, num_new: int, start_residues: frozenset[int], l: int, d: int) -> bool:
+    """Whether a row whose document starts at r (mod d) may end a compressed block at one of the positions
+    past .. past + num_new - 1: block i of a document ends at its position i * d + l - 1."""
+    return any((past + t + 1 - l - r) % d == 0 for t in range(num_new) for r in start_residues)
+
+
 def _last(x: Tensor, count: int) -> Tensor:
     """The last `count` tokens of [B, S, ...] (all of them when S <= count; none when count is 0)."""
     return x[:, x.shape[1] - min(count, x.shape[1]) :]
@@ -211,8 +217,10 @@ class NsaCacheLayer(CacheLayerMixin):
     def _buffer_keep(self) -> int:
         return self.pattern.compress_block_size - 1 + self.max_rollback
 
-    def geometry_after(self, num_new: int) -> StepGeometry:
-        """The sizes of this layer's stores once `num_new` tokens are appended (host ints, no device sync)."""
+    def geometry_after(self, num_new: int, start_residues: frozenset[int] | None = None) -> StepGeometry:
+        """The sizes of this layer's stores once `num_new` tokens are appended (host ints, no device sync).
+        `start_residues`: the rows' document starts modulo the compression stride, when the host knows them; a
+        step in which no row ends a compressed block then has no new blocks."""
         l, d = self.pattern.compress_block_size, self.pattern.compress_stride
         seq_len = self.seq_len + num_new
         history_capacity = _grown_history(self.keys.shape[1] if self.is_initialized else 0, seq_len)
@@ -224,6 +232,8 @@ class NsaCacheLayer(CacheLayerMixin):
         # T new tokens complete at most ceil(T / d) blocks in any row, and no row (its document starts at >= 0)
         # has more blocks than the whole row.
         num_new_blocks = min(num_compressed_blocks(seq_len, l, d), -(-num_new // d))
+        if start_residues is not None and num_new < d and not _ends_a_block(self.seq_len, num_new, start_residues, l, d):
+            num_new_blocks = 0
         capacity = self.cmp_keys.shape[1] if self.is_initialized else 0
         if num_new_blocks:
             capacity = _grown_capacity(capacity, num_compressed_blocks(self.seq_len, l, d) + num_new_blocks)
@@ -300,7 +310,9 @@ class NsaCacheLayer(CacheLayerMixin):
 
 class NsaCache(Cache):
     """The cache `generate()` uses for NSA models: one `NsaCacheLayer` per decoder layer, and where each row's
-    document starts (`doc_starts` [B], set by the first step: left padding).
+    document starts (`doc_starts` [B], set by the first step: left padding), with those starts modulo the
+    compression stride on the host (`start_residues`), so that steps in which no row ends a compressed block skip
+    compression.
 
     Args:
         config: the model's `NsaConfig`.
@@ -314,15 +326,24 @@ class NsaCache(Cache):
         separate_window = config.branch_kv == "independent"
         layers = [NsaCacheLayer(pattern, separate_window, max_rollback) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
+        self.stride = pattern.compress_stride
         self.doc_starts: Tensor | None = None
+        # A superset of the rows' starts modulo the stride: reordering or selecting rows keeps it a superset.
+        self.start_residues: frozenset[int] | None = None
+
+    def set_doc_starts(self, starts: Tensor) -> None:
+        """Where each row's document starts [B]: read to the host once (at the first step), for `step_geometry`."""
+        self.doc_starts = starts
+        self.start_residues = frozenset((starts % self.stride).tolist())
 
     def step_geometry(self, num_new: int) -> StepGeometry:
         """The stores' sizes after a step of `num_new` tokens, the same in every layer."""
-        return self.layers[0].geometry_after(num_new)
+        return self.layers[0].geometry_after(num_new, self.start_residues)
 
     def reset(self) -> None:
         super().reset()
         self.doc_starts = None
+        self.start_residues = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -596,7 +596,7 @@ class NsaModel(NsaPreTrainedModel):
         l, d = self.config.compress_block_size, self.config.compress_stride
         past = cache.get_seq_length()
         if past == 0 or cache.doc_starts is None:  # the first step: documents start after the left padding
-            cache.doc_starts = (
+            cache.set_doc_starts(
                 _leading_padding(attention_mask).to(device)
                 if attention_mask is not None
                 else torch.zeros(batch, dtype=torch.long, device=device)

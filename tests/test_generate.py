@@ -193,6 +193,25 @@ def test_left_padded_batch_rows_equal_prompts_alone(model):
         assert torch.equal(out[row, width:], alone[0, prompt.shape[1] :])
 
 
+def test_left_padded_rows_decode_the_logits_of_each_row_alone(model):
+    """Logits, not only tokens: rows whose documents start at every offset modulo the compression stride end their
+    compressed blocks at different steps, and each row's decoding equals its cache-free forward alone."""
+    stride = model.config.compress_stride
+    prompts = [prompt_of(model, 1, 21 + pad) for pad in range(stride)]
+    width = max(p.shape[1] for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - prompt.shape[1] :] = prompt
+        mask[row, width - prompt.shape[1] :] = 1
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    for row, prompt in enumerate(prompts):
+        alone = full_logits(model, torch.cat([prompt[0], out.sequences[row, width:]])[None])
+        for step, logits in enumerate(out.logits):
+            torch.testing.assert_close(logits[row], alone[0, prompt.shape[1] - 1 + step], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", ["offloaded", "quantized"])
 def test_dense_cache_implementations_are_refused(model, implementation):
     prompt = prompt_of(model, 1, 5)
