@@ -43,6 +43,17 @@ def prompt_of(model: NsaForCausalLM, batch: int, length: int) -> torch.Tensor:
     return torch.randint(1, model.config.vocab_size, (batch, length))
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [1, n_i] as one left-padded batch (pad id 0) and its attention mask."""
+    width = max(p.shape[1] for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - prompt.shape[1] :] = prompt
+        mask[row, width - prompt.shape[1] :] = 1
+    return batch, mask
+
+
 def full_logits(model: NsaForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids, use_cache=False).logits
@@ -181,12 +192,8 @@ def test_logits_to_keep_slices_the_full_logits(model, keep):
 
 def test_left_padded_batch_rows_equal_prompts_alone(model):
     prompts = [prompt_of(model, 1, n) for n in (13, 40, 27)]
-    width = max(p.shape[1] for p in prompts)
-    batch = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, prompt in enumerate(prompts):
-        batch[row, width - prompt.shape[1] :] = prompt
-        mask[row, width - prompt.shape[1] :] = 1
+    batch, mask = left_padded(prompts)
+    width = batch.shape[1]
     out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     for row, prompt in enumerate(prompts):
         alone = greedy_without_cache(model, prompt, NEW_TOKENS)
@@ -198,12 +205,8 @@ def test_left_padded_rows_decode_the_logits_of_each_row_alone(model):
     compressed blocks at different steps, and each row's decoding equals its cache-free forward alone."""
     stride = model.config.compress_stride
     prompts = [prompt_of(model, 1, 21 + pad) for pad in range(stride)]
-    width = max(p.shape[1] for p in prompts)
-    batch = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, prompt in enumerate(prompts):
-        batch[row, width - prompt.shape[1] :] = prompt
-        mask[row, width - prompt.shape[1] :] = 1
+    batch, mask = left_padded(prompts)
+    width = batch.shape[1]
     out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
     for row, prompt in enumerate(prompts):
