@@ -352,11 +352,8 @@ class NsaAttention(nn.Module):
             q, k_proj = self.q_norm(q, fused), self.k_norm(k_proj, fused)
             if self.independent_kv:
                 branch_kv[0], branch_kv[2] = self.k_norm(branch_kv[0], fused), self.k_norm(branch_kv[2], fused)
-        # Values are slices of the stacked projection: one copy each here, not one in every kernel wrapper.
-        v_slc = v_slc.contiguous()
         if self.independent_kv:
             k_win, v_win, k_raw, v_raw = branch_kv
-            v_win = v_win.contiguous()
             q, k_slc, k_win = rotate_all((q, k_proj, k_win), cos, sin, fused)
         else:  # one K/V for all branches; compression reads the keys before RoPE
             q, k_slc = rotate_all((q, k_proj), cos, sin, fused)
@@ -383,6 +380,12 @@ class NsaAttention(nn.Module):
             k_cmp, v_cmp = stores.k_cmp, stores.v_cmp
             k_slc, v_slc, k_win, v_win = stores.k_slc, stores.v_slc, stores.k_win, stores.v_win
         else:  # a full pass (also a static cache's prompt): attention over the step's own K/V
+            # Values are slices of the stacked projection: one copy each here, not one in every kernel wrapper
+            # (a cache copies them into its stores instead).
+            if separate:
+                v_slc, v_win = v_slc.contiguous(), v_win.contiguous()
+            else:
+                v_slc = v_win = v_raw = v_slc.contiguous()
             k_slc, v_slc, k_win, v_win = (t.flatten(0, 1) for t in (k_slc, v_slc, k_win, v_win))
             k_cmp, v_cmp = self._compress(k_raw.flatten(0, 1), v_raw.flatten(0, 1), plan)
 
