@@ -10,7 +10,9 @@ default generate() (NsaCache, eager) and its static one (`cache_implementation="
 generate() compiles with fullgraph=True and CUDA graphs); `--llama` adds Llama's default (DynamicCache, eager) and
 its static path. Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
 (compressed keys, the selected blocks, the window, per layer and row) over the measured copy bandwidth, and the
-fraction of the measured ms/token that floor is. Writes generate.json and generate.png.
+fraction of the measured ms/token that floor is. `--profile` adds the GPU kernel time per token (a step whose
+ms/token is far above it waits on the host) and the kernels of one generate() call. Writes generate.json and
+generate.png.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench_decode import copy_bandwidth, nsa_keys_read  # this folder is on the path when run from the repo root
+from bench_training import kernel_table
 from nsa_hf import NsaConfig, NsaForCausalLM
 from nsa_hf.cache_nsa import sparse_pattern
 
@@ -70,16 +73,29 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> fl
     return time.perf_counter() - start
 
 
-def measure(model, batch: int, context: int, new_tokens: int, repeats: int, **kwargs) -> dict:
+def kernel_ms(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, str]:
+    """GPU kernel time of one generate() call (ms) and its kernel table."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        timed_generate(model, prompt, new_tokens, **kwargs)
+    table = kernel_table(profiler)
+    return float(table.split()[0]), table
+
+
+def measure(model, batch: int, context: int, new_tokens: int, repeats: int, profile: bool = False, **kwargs) -> dict:
     prompt = torch.randint(1, 32000, (batch, context), device="cuda")
     timed_generate(model, prompt, 1 + new_tokens, **kwargs)  # warm-up, compilation included
     torch.cuda.reset_peak_memory_stats()
     prefill = min(timed_generate(model, prompt, 1, **kwargs) for _ in range(repeats))
     full = min(timed_generate(model, prompt, 1 + new_tokens, **kwargs) for _ in range(repeats))
-    return dict(
+    row = dict(
         prefill_s=prefill, ms_per_token=1e3 * (full - prefill) / new_tokens,
         peak_gib=torch.cuda.max_memory_allocated() / 2**30,
     )
+    if profile:  # the GPU's share of a token: kernel time of the decoding steps (generate(1 + N) minus generate(1))
+        prefill_ms, _ = kernel_ms(model, prompt, 1, **kwargs)
+        full_ms, table = kernel_ms(model, prompt, 1 + new_tokens, **kwargs)
+        row.update(kernel_ms_per_token=(full_ms - prefill_ms) / new_tokens, kernels=table)
+    return row
 
 
 def main() -> None:
@@ -96,6 +112,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=None,
                         help="the generate() paths to measure (default: NSA's two, and Llama's two with --llama)")
     parser.add_argument("--label", default="", help="a name for this tree in the results (e.g. old/new commit)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also each row's GPU kernel time per token and the kernels of one generate() call")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -112,15 +130,17 @@ def main() -> None:
             model = build(kind.split("-")[0], shape, max(c for c, _ in cases) + args.new_tokens + 8)
             for context, batch in cases:
                 try:
-                    row = measure(model, batch, context, args.new_tokens, args.repeats, **kwargs)
+                    row = measure(model, batch, context, args.new_tokens, args.repeats, args.profile, **kwargs)
                 except torch.OutOfMemoryError as error:
                     row = dict(error=str(error).splitlines()[0])
                 if kind.startswith("nsa") and "ms_per_token" in row:
                     floor_ms = nsa_step_bytes(model, batch, context) / bandwidth / 1e6
                     row.update(floor_ms=floor_ms, fraction_of_floor=floor_ms / row["ms_per_token"])
                 rows.append(dict(model=kind, shape=shape, context=context, batch=batch, label=args.label, **row))
-                shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}
+                shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items() if k != "kernels"}
                 print(json.dumps(shown), flush=True)
+                if "kernels" in row:
+                    print(row["kernels"], flush=True)
             del model
             gc.collect()
             torch.cuda.empty_cache()
