@@ -61,7 +61,7 @@ class Kernels(NamedTuple):
     # (do, dlse or None, q, k, v, o, lse, lo, hi, scale, run_length, documents, max_readers) -> (dq, dk, dv)
     interval_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     # (q, k, v, block_starts, block_size, hi, scale) -> (o, lse [Nq, HQ] fp32, residual: int32 [R], what the
-    # backward may reuse, of `block_residual_size` elements)
+    # backward may reuse, of `block_residual_size` elements: a backend that returns one overrides that too)
     block_forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     # (do, q, k, v, o, lse, residual, block_starts, block_size, hi, scale) -> (dq, dk, dv)
     block_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -391,10 +391,10 @@ def _pattern_fields(pattern: SparsePattern) -> list[int]:
 @torch.library.custom_op("nsa_hf::decode_attention", mutates_args=())
 def _decode_op(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor, gates: Tensor,
-    positions: Tensor, key_offsets: Tensor, cmp_offsets: Tensor, cmp_lo: Tensor, cmp_hi: Tensor, win_lo: Tensor,
-    win_hi: Tensor, key_ends: Tensor, pattern: list[int], scale: float, backend: str,
+    positions: Tensor, key_offsets: Tensor, cmp_offsets: Tensor, window_offsets: Tensor, cmp_lo: Tensor,
+    cmp_hi: Tensor, win_lo: Tensor, win_hi: Tensor, key_ends: Tensor, pattern: list[int], scale: float, backend: str,
 ) -> Tensor:
-    layout = QueryLayout(positions, key_offsets, cmp_offsets, positions, run_length=1)
+    layout = QueryLayout(positions, key_offsets, cmp_offsets, window_offsets, run_length=1)
     ranges = BranchRanges(cmp_lo, cmp_hi, win_lo, win_hi, key_ends)
     return _kernels(backend).decode(
         q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, SparsePattern(*pattern), scale, ranges
@@ -402,8 +402,8 @@ def _decode_op(
 
 
 @_decode_op.register_fake
-def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, positions, key_offsets, cmp_offsets, cmp_lo, cmp_hi, win_lo,
-      win_hi, key_ends, pattern, scale, backend):
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, positions, key_offsets, cmp_offsets, window_offsets, cmp_lo,
+      cmp_hi, win_lo, win_hi, key_ends, pattern, scale, backend):
     return q.new_empty(q.shape[0], q.shape[1], v_slc.shape[2])
 
 
@@ -422,7 +422,7 @@ def decode_attention(
         return _kernels(backend).decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout, pattern, scale, ranges)
     return _decode_op(
         q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, layout.positions, layout.key_offsets, layout.cmp_offsets,
-        *ranges[:4], ranges.key_ends, _pattern_fields(pattern), float(scale), backend,
+        layout.window_offsets, *ranges[:4], ranges.key_ends, _pattern_fields(pattern), float(scale), backend,
     )
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from nsa_hf import NsaCache, NsaConfig, NsaForCausalLM, NsaModel
+from nsa_hf.modeling_nsa import project
 from nsa_hf.ops.layout import num_compressed_blocks
 
 from .factories import make_model, tiny_config
@@ -191,6 +192,20 @@ def test_stacked_projections_equal_module_forwards(branch_kv, gate_intermediate_
         layer.mlp.up_proj.register_forward_hook(lambda *args: None)
     separate = logits_and_grads()
     torch.testing.assert_close(stacked, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stacked_projection_adds_a_lone_bias_in_the_autocast_dtype():
+    """Projections of which only some have a bias (the gate among q/k/v) run as one GEMM plus each bias: under
+    autocast every output has the autocast dtype, as each module's own forward gives it."""
+    torch.manual_seed(0)
+    projections = (torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 4, bias=True))
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stacked = project(x, projections)
+        alone = tuple(p(x) for p in projections)
+    assert [t.dtype for t in stacked] == [t.dtype for t in alone] == [torch.bfloat16] * 2
+    for a, b in zip(stacked, alone):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 def test_save_load_round_trip_is_bit_identical(tmp_path):

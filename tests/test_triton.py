@@ -215,6 +215,29 @@ def test_the_block_forward_keeps_its_inverted_selection_for_the_backward(num_q, 
                               test_utils=("test_schema", "test_faketensor"))
 
 
+def test_block_attention_compiles_once_for_every_query_count():
+    """Under torch.compile with dynamic shapes, the op's fake (its residual's size included) keeps the query count
+    symbolic: three block-centric query counts share one graph."""
+    from torch._dynamo.utils import counters
+
+    backend = backends.resolve_primitives("triton", torch.device(DEVICE))
+    torch._dynamo.reset()
+    counters.clear()
+
+    def attend(q, k, v, starts, hi):
+        return torch.ops.nsa_hf.block_attention(q, k, v, starts, 16, hi, 0.25, backend)[0]
+
+    compiled = torch.compile(attend, dynamic=True, backend="eager", fullgraph=True)
+    for num_q in (256, 272, 288):
+        q, k, v = (torch.randn(num_q, heads, 16, device=DEVICE) for heads in (2, 1, 1))
+        hi = torch.arange(1, num_q + 1, device=DEVICE)
+        starts = torch.full((num_q, 1, 2), -1, dtype=torch.long, device=DEVICE)
+        starts[:, :, 0] = 0
+        torch.testing.assert_close(compiled(q, k, v, starts, hi), attend(q, k, v, starts, hi))
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 _CHOSEN: dict[str, Tensor] = {}  # the blocks Triton selected, for the reference backend that reads them
 
 
@@ -639,8 +662,9 @@ def test_decoding_steps_without_gradients_run_the_fused_op(monkeypatch):
     for name, out in (("fused", fused), ("composed", composed), ("several queries per row", several)):
         assert_close_rel(out, expected, DTYPES[0], name)
     ranges = branch_ranges(layout, pattern)
-    args = [x.detach() for x in inputs] + [layout.positions, layout.key_offsets, layout.cmp_offsets, *ranges[:4],
-                                           ranges.key_ends, [8, 4, 16, 3, 1, 1, 12], 0.25, backend]
+    args = [x.detach() for x in inputs] + [layout.positions, layout.key_offsets, layout.cmp_offsets,
+                                           layout.window_offsets, *ranges[:4], ranges.key_ends, [8, 4, 16, 3, 1, 1, 12],
+                                           0.25, backend]
     torch.library.opcheck(torch.ops.nsa_hf.decode_attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 

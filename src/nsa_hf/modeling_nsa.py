@@ -166,7 +166,7 @@ def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[
     some projections have a bias (NSA's gate among bias-free q/k/v), the GEMM runs without one and each bias is
     added to its own output: a stacked bias would be copied into the whole output before the GEMM, and its
     gradient summed over every column."""
-    with_bias = all(p.bias is not None for p in projections)
+    with_bias = all(getattr(p, "bias", None) is not None for p in projections)
     stacked = stacked_projection(hidden_states, projections, with_bias) if len(projections) > 1 else None
     if stacked is None:
         return tuple(p(hidden_states) for p in projections)
@@ -174,7 +174,8 @@ def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[
     outputs = stacked.split(sizes + [stacked.shape[-1] - sum(sizes)], dim=-1)[: len(projections)]
     if with_bias:
         return outputs
-    return tuple(out if p.bias is None else out + p.bias for out, p in zip(outputs, projections, strict=True))
+    # The bias in the output's dtype, as F.linear adds it under autocast.
+    return tuple(out if p.bias is None else out + p.bias.to(out.dtype) for out, p in zip(outputs, projections, strict=True))
 
 
 class NsaMLP(nn.Module):

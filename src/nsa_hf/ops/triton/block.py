@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..library import eager_block_attention
+from . import common
 from .common import (
     _at_row,
     _combine_splits,
@@ -480,12 +481,16 @@ def block_forward(
 
 
 def block_residual_size(q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor) -> int:
-    """Elements of the residual that `block_forward` returns with its default settings (for the op's fake)."""
-    num_q, heads_q, _ = q.shape
+    """Elements of the residual that `block_forward` returns with its default settings (for the op's fake): as
+    `_launches` decides, but by comparisons only, so that a symbolic query count stays symbolic under
+    torch.compile (dynamic shapes)."""
+    num_q, heads_q, dim = q.shape
+    heads_kv, dim_v = v.shape[1:]
     slots = block_starts.shape[-1]
-    if not num_q or not _use_block_centric(num_q, heads_q, slots, v.shape[2], q.dtype, None):
+    if not _use_block_centric(num_q, heads_q, slots, dim_v, q.dtype, None):
         return 0
-    return 4 * block_starts.numel() + 1 if len(_launches(q, v, slots, block_centric=True)) == 1 else 0
+    per_query = _gathered_per_query(heads_q, heads_kv, dim, dim_v, slots, block_centric=True)
+    return 4 * block_starts.numel() + 1 if num_q * per_query <= common._LAUNCH_ELEMENTS else 0
 
 
 def block_backward(
