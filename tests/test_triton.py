@@ -668,6 +668,37 @@ def test_decoding_steps_without_gradients_run_the_fused_op(monkeypatch):
     torch.library.opcheck(torch.ops.nsa_hf.decode_attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_a_compiled_static_decoding_step_runs_the_fused_decode_op():
+    """The static cache's decoding step under torch.compile (fullgraph) on the Triton backend: the fused decode op is
+    in the graph, whose logits equal the eager step's."""
+    from torch._dynamo.utils import counters
+
+    from nsa_hf import NsaStaticCache
+
+    model = make_model(tiny_config(nsa_backend="triton", fused_kernels="none", num_hidden_layers=1)).to(DEVICE)
+    prompt = torch.randint(1, model.config.vocab_size, (2, 21), device=DEVICE)
+    ops_seen = []
+
+    def capture(gm, example_inputs):
+        ops_seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(model, fullgraph=True, backend=capture)
+    logits = {}
+    for name, forward in (("eager", model), ("compiled", step)):
+        cache = NsaStaticCache(model.config, max_cache_len=30)
+        with torch.no_grad():
+            token = model(input_ids=prompt, cache=cache).logits[:, -1:].argmax(-1)
+            logits[name] = [forward(input_ids=token, cache=cache).logits for _ in range(3)]
+    assert any("decode_attention" in target for target in ops_seen), sorted(set(ops_seen))
+    assert not counters["graph_break"]
+    for eager, compiled in zip(logits["eager"], logits["compiled"]):
+        torch.testing.assert_close(compiled, eager)
+    torch._dynamo.reset()
+
+
 def test_block_selection_merges_partial_lse_of_the_compressed_branch():
     """Selection given the compressed branch's lse as shares (`interval_partials`) merges them: the same blocks as
     from the merged lse, with shares that split each head's mass unevenly (a wrong merge reweights the heads)."""
