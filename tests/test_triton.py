@@ -81,6 +81,14 @@ def nsa_inputs(num_q: int, num_cmp: int, num_keys: int, heads_q: int, heads_kv: 
     return inputs
 
 
+def causal_blocks(num_q: int, heads_kv: int, slots: int, block: int) -> tuple[Tensor, Tensor]:
+    """(hi, starts) of block attention for queries at positions 0 .. num_q - 1 of one store: each (query, key head)
+    picks `slots` distinct blocks, those past the query's own block left empty (-1)."""
+    hi = torch.arange(1, num_q + 1, device=DEVICE)
+    blocks = torch.rand(num_q, heads_kv, slots, device=DEVICE).argsort(-1)
+    return hi, torch.where(blocks <= ((hi - 1) // block)[:, None, None], blocks * block, -1)
+
+
 SIZES = [(4, 4, 64), (6, 2, 64), (8, 1, 32), (16, 1, 128), (1, 1, 64)] if CUDA else [(4, 2, 16), (3, 1, 16), (1, 1, 8)]
 
 
@@ -196,9 +204,7 @@ def test_the_block_forward_keeps_its_inverted_selection_for_the_backward(num_q, 
     torch.manual_seed(num_q)
     backend = backends.resolve_primitives("triton", torch.device(DEVICE))
     q, k, v = (torch.randn(num_q, heads, 16, device=DEVICE, requires_grad=True) for heads in (2, 1, 1))
-    hi = torch.arange(1, num_q + 1, device=DEVICE)
-    blocks = torch.rand(num_q, 1, 2, device=DEVICE).argsort(-1)
-    starts = torch.where(blocks <= ((hi - 1) // 16)[:, None, None], blocks * 16, -1)
+    hi, starts = causal_blocks(num_q, 1, 2, 16)
     o, lse, residual = triton_block.block_forward(q, k, v, starts, 16, hi, 0.25)
     assert residual.numel() == (4 * starts.numel() + 1 if num_q >= 256 else 0)
     assert residual.numel() == triton_block.block_residual_size(q, k, v, starts)
@@ -789,9 +795,7 @@ def _chunking_case(name: str):
                 lambda *x: triton_interval.interval_attention(*x, lo, hi, 0.25, num_splits=3)[0],
                 lambda *x: reference.interval_attention(*x, lo, hi, 0.25)[0], 1000)
     # Block attention: queries in chunks, each a pass of its own; both forward strategies.
-    hi = torch.arange(1, 41, device=DEVICE)
-    blocks = torch.rand(40, 2, 3, device=DEVICE).argsort(-1)
-    starts = torch.where(blocks <= ((hi - 1) // 16)[:, None, None], blocks * 16, -1)
+    hi, starts = causal_blocks(40, 2, 3, 16)
     block_centric = name == "block-centric"
     return ([rand(40, 4, 16), rand(40, 2, 16), rand(40, 2, 16)],
             lambda *x: triton_block.block_attention(*x, starts, 16, hi, 0.25, block_centric=block_centric),

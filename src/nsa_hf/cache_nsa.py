@@ -325,7 +325,6 @@ class NsaCache(Cache):
         separate_window = config.branch_kv == "independent"
         layers = [NsaCacheLayer(pattern, separate_window, max_rollback) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
-        self.stride = pattern.compress_stride
         self.doc_starts: Tensor | None = None
         # A superset of the rows' starts modulo the stride: reordering or selecting rows keeps it a superset.
         self.start_residues: frozenset[int] | None = None
@@ -333,7 +332,7 @@ class NsaCache(Cache):
     def set_doc_starts(self, starts: Tensor) -> None:
         """Where each row's document starts [B]: read to the host once (at the first step), for `step_geometry`."""
         self.doc_starts = starts
-        self.start_residues = frozenset((starts % self.stride).tolist())
+        self.start_residues = frozenset((starts % self.layers[0].pattern.compress_stride).tolist())
 
     def step_geometry(self, num_new: int) -> StepGeometry:
         """The stores' sizes after a step of `num_new` tokens, the same in every layer."""

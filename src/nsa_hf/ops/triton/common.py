@@ -279,6 +279,22 @@ def _unique_bounds(documents: Tensor | tuple[int, ...]) -> tuple[int, ...]:
     return host_documents(documents) if isinstance(documents, Tensor) else tuple(dict.fromkeys(documents))
 
 
+def known_tiles(
+    run_length: int | None, documents: Documents, placeholder: Tensor, tile: int
+) -> tuple[Tensor, Tensor, int, int] | None:
+    """Query tiles of `placeholder.numel()` queries that the host knows without a sync, as (first, length, count,
+    run): runs of one length (`query_runs`: decoding, a batch's rows), which the kernels compute themselves (the
+    tile arrays are then `placeholder`, never read), or cut from other host `documents` (`document_pieces`, kept
+    once per boundaries); None when neither applies."""
+    num_queries = placeholder.numel()
+    run = query_runs(run_length, documents, num_queries)
+    if run:
+        return placeholder, placeholder, num_queries // run * triton.cdiv(run, tile), run
+    if documents is not None:
+        return *document_pieces(documents, tile, placeholder.device), 0
+    return None
+
+
 def document_pieces(documents: Tensor | tuple[int, ...], tile: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
     """Tiles of at most `tile` consecutive queries cut from host document boundaries: (first, length, count),
     built once per boundaries, tile and device (the layers of a pass, and the passes of a training run with one

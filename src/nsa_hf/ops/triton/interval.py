@@ -37,8 +37,7 @@ from .common import (
     _split_runs,
     _tile_rows,
     _tile_tokens,
-    document_pieces,
-    query_runs,
+    known_tiles,
 )
 
 __all__ = ["interval_attention", "interval_backward", "interval_forward", "interval_partials"]
@@ -204,13 +203,10 @@ def _query_tiles(
 ) -> tuple[Tensor, Tensor, int, int]:
     """Tiles of consecutive queries whose key intervals chain (a tile never spans two rows or documents,
     whose stores lie apart: a decoding batch would otherwise read every row's keys): (first, length, count, run).
-    Runs of one length (`query_runs`: decoding, a batch's rows) need no arrays: the kernels compute their tiles;
-    other host `documents` give them without a host sync (and once per boundaries: `document_pieces` keeps them)."""
-    run = query_runs(run_length, documents, lo.numel())
-    if run:
-        return lo, lo, lo.numel() // run * triton.cdiv(run, tile), run
-    if documents is not None:
-        return *document_pieces(documents, tile, lo.device), 0
+    Without a host sync where the host knows them (`known_tiles`), else from the intervals."""
+    known = known_tiles(run_length, documents, lo, tile)
+    if known is not None:
+        return known
     apart = torch.ones_like(lo, dtype=torch.bool)
     apart[1:] = (lo[1:] >= hi[:-1]) | (lo[1:] < lo[:-1])
     run_first = torch.nonzero(apart).flatten()

@@ -18,8 +18,7 @@ from .common import (
     _split_runs,
     _tile_tokens,
     _tuning_configs,
-    document_pieces,
-    query_runs,
+    known_tiles,
 )
 
 __all__ = ["ranked_blocks", "select_blocks"]
@@ -149,14 +148,11 @@ def _select_blocks_kernel(
 
 def _document_tiles(layout: QueryLayout, tile: int) -> tuple[Tensor, Tensor, int, int]:
     """Tiles of at most `tile` consecutive queries that never cross a document: (first, length, count, run);
-    computed in the kernel for runs of one length (`query_runs`: decoding, a batch's rows), from other host
-    document boundaries of a full pass, and only otherwise with a host sync."""
+    without a host sync where the host knows them (`known_tiles`), and only otherwise with one."""
     positions = layout.positions
-    run = query_runs(layout.run_length, layout.documents, positions.numel())
-    if run:
-        return positions, positions, positions.numel() // run * triton.cdiv(run, tile), run
-    if layout.documents is not None:
-        return *document_pieces(layout.documents, tile, positions.device), 0
+    known = known_tiles(layout.run_length, layout.documents, positions, tile)
+    if known is not None:
+        return known
     new_doc = torch.ones_like(positions, dtype=torch.bool)
     new_doc[1:] = (layout.cmp_offsets[1:] != layout.cmp_offsets[:-1]) | (positions[1:] != positions[:-1] + 1)
     doc_start = torch.nonzero(new_doc).flatten()
