@@ -1,11 +1,13 @@
 """Language modelling, NSA against dense: the same shape, data, tokens and schedule, eval loss side by side.
 
-    python benchmarks/quality_lm.py --out benchmarks/results/quality [--seq-len 2048] [--window 512] [--steps 2000]
+    python benchmarks/quality_lm.py --out benchmarks/results/quality [--seq-len 2048] [--window 512] [--epochs 4]
 
 The bundled Austen corpus (nsa_hf.data): a byte-level BPE tokenizer trained on it, the first five novels cut into
 --seq-len rows (longer than the window, so the sparse branches matter) for training, *Persuasion* held out. NSA and a
 Llama with SDPA of the same shape train on the same batches (quality_common.train), then each is scored by its mean
-next-token loss on the held-out rows. Writes lm.json (losses, eval losses, their ratio) and lm.png (training curves).
+next-token loss on the held-out rows. The training novels are about 0.9M tokens, so training is counted in epochs
+(--epochs; --steps overrides): a model of tens of millions of parameters overfits them after a few. Writes lm.json
+(losses, eval losses, their ratio) and lm.png (training curves).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    parser.add_argument("--epochs", type=float, default=4.0, help="passes over the training rows")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-eval-rows", type=int, default=64)
     parser.add_argument("--corpus-chars", type=int, default=None, help="use only this much of the corpus (smoke runs)")
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_rows = eval_rows[: args.max_eval_rows]
     if not len(train_rows) or not len(eval_rows):
         raise SystemExit(f"--seq-len {args.seq_len} leaves no training or held-out row")
+    if args.steps is None:
+        args.steps = max(1, round(args.epochs * len(train_rows) / args.batch_size))
     shape = dict(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                  num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                  head_dim=args.hidden // args.heads, max_position_embeddings=args.seq_len)
