@@ -1,12 +1,12 @@
 """Retrieval beyond the window: does an NSA model learn to use context its sliding window cannot see?
 
     python benchmarks/quality_retrieval.py --out benchmarks/results/quality [--lengths 2048 4096 8192 16384]
-        [--window 512] [--steps 1500] [--hidden 256 --layers 4]
+        [--train-lengths 256 512 1024 2048 4096 8192 16384] [--window 512] [--steps 2000] [--hidden 256 --layers 4]
 
 A synthetic passkey task, generated on the fly (no tokenizer, no data files): random filler tokens, a KEY marker
 followed by k random digits at a chosen depth, and at the end a QUERY marker followed by the same digits, which are
 the only tokens with a loss. NSA and a Llama of the same shape (SDPA) train on the same batches (lengths drawn from
---lengths, depths uniform), then both are scored by context length and depth: a sample counts when every digit is
+--train-lengths, depths uniform), then both are scored at --lengths by depth: a sample counts when every digit is
 the argmax after the correct prefix (chance 10**-k). The NSA model is scored a second time with only its window
 branch (the compressed and selection gates forced to 0): beyond the window it should be at chance, which shows the
 retrieval comes from the sparse branches. Writes retrieval.json and retrieval.png (accuracy heatmaps).
@@ -55,7 +55,7 @@ def make_batch(batch: int, length: int, digits: int, vocab: int, generator: torc
 def shape_and_geometry(args: argparse.Namespace) -> tuple[dict, dict]:
     shape = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                  num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                 head_dim=args.hidden // args.heads, max_position_embeddings=max(args.lengths))
+                 head_dim=args.hidden // args.heads, max_position_embeddings=max(args.lengths + args.train_lengths))
     geometry = dict(compress_block_size=args.block, compress_stride=args.block // 2, select_block_size=2 * args.block,
                     num_selected_blocks=args.selected, num_init_blocks=1, num_local_blocks=2, window_size=args.window)
     return shape, geometry
@@ -132,7 +132,11 @@ def plot(record: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="scored contexts")
+    # Each row has one answer (--digits labels), so rows of 16k alone give a step a few dozen labels; the short rows
+    # of the mix carry most of them and teach the lookup that the long rows then have to stretch.
+    parser.add_argument("--train-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384],
+                        help="training contexts, drawn uniformly per step")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--block", type=int, default=32, help="compressed block l (stride l/2, selection block 2l)")
@@ -143,14 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--digits", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--tokens-per-step", type=int, default=65536)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--samples", type=int, default=32, help="scored samples per (length, depth)")
     parser.add_argument("--nsa-backend", default="auto")
     parser.add_argument("--conversion", action="store_true",
                         help="instead: a dense model trained at --short-lengths (<= the window) for --conversion-steps, "
-                        "then converted to NSA and continued at --lengths, against the dense model continued alike")
+                        "then converted to NSA and continued at --train-lengths, against the dense model continued alike")
     parser.add_argument("--short-lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--conversion-steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -160,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if min(args.lengths) <= 2 * (args.digits + 1) + 1:
-        raise SystemExit(f"--lengths must exceed {2 * (args.digits + 1) + 1} (the needle and the question)")
+    for name in ("lengths", "train_lengths", "short_lengths"):
+        if min(getattr(args, name)) <= 2 * (args.digits + 1) + 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must exceed {2 * (args.digits + 1) + 1} "
+                             "(the needle and the question)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{results}.json").write_text(json.dumps(record, indent=1))
 
-    long_batches = passkey_batches(args, args.lengths)
+    long_batches = passkey_batches(args, args.train_lengths)
     runs = {"nsa": lambda: build("nsa", args), "llama": lambda: build("llama", args)}
     if args.conversion:
         # A dense model trained at short context only (no length past the window), then converted to NSA: both

@@ -23,7 +23,8 @@ def _load(name: str):
     return module
 
 
-TINY = ["--lengths", "48", "64", "--depths", "0", "0.9", "--window", "16", "--block", "8", "--selected", "3",
+TINY = ["--lengths", "48", "64", "--train-lengths", "32", "64", "--depths", "0", "0.9", "--window", "16", "--block", "8",
+        "--selected", "3",
         "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--digits", "2",
         "--steps", "2", "--tokens-per-step", "128", "--samples", "2", "--nsa-backend", "reference"]
 
