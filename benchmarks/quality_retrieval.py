@@ -1,15 +1,15 @@
 """Retrieval beyond the window: does an NSA model learn to use context its sliding window cannot see?
 
     python benchmarks/quality_retrieval.py --out benchmarks/results/quality [--lengths 2048 4096 8192 16384]
-        [--train-lengths 256 512 1024 2048 4096 8192 16384] [--window 512] [--steps 2000] [--hidden 256 --layers 4]
+        [--train-lengths 256 512 1024 2048 4096 8192 16384] [--short-steps 600] [--steps 2600] [--window 512]
 
 A synthetic passkey task, generated on the fly (no tokenizer, no data files): random filler tokens, a KEY marker
 followed by k random digits at a chosen depth, and at the end a QUERY marker followed by the same digits, which are
 the only tokens with a loss. NSA and a Llama of the same shape (SDPA) train on the same batches (lengths drawn from
---train-lengths, depths uniform), then both are scored at --lengths by depth: a sample counts when every digit is
-the argmax after the correct prefix (chance 10**-k). The NSA model is scored a second time with only its window
-branch (the compressed and selection gates forced to 0): beyond the window it should be at chance, which shows the
-retrieval comes from the sparse branches. Writes retrieval.json and retrieval.png (accuracy heatmaps).
+--short-lengths for the first --short-steps, then from --train-lengths; depths uniform), then both are scored at
+--lengths by depth: a sample counts when every digit is the argmax after the correct prefix (chance 10**-k). The NSA
+model is scored a second time with only its window branch (the compressed and selection gates forced to 0): beyond
+the window it should be at chance, which shows the retrieval comes from the sparse branches. Writes retrieval.json and retrieval.png (accuracy heatmaps).
 
 `--conversion` asks the dense-to-NSA question instead: a dense model trained at short context (no length past
 the window) is converted (`convert_dense_to_nsa`) and continued at long context for --steps, beside the same dense
@@ -19,6 +19,7 @@ model continued with the same budget (retrieval_conversion.json / .png).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import subprocess
@@ -65,11 +66,13 @@ def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
     return quality_common.build(kind, *shape_and_geometry(args), args.nsa_backend, args.seed)
 
 
-def passkey_batches(args: argparse.Namespace, lengths: list[int]):
-    """Training batches of about --tokens-per-step tokens, lengths drawn from `lengths`, depths uniform."""
+def passkey_batches(args: argparse.Namespace, lengths: list[int], short_steps: int = 0):
+    """Training batches of about --tokens-per-step tokens, depths uniform, lengths drawn from --short-lengths for
+    the first `short_steps` batches, then from `lengths`."""
     def stream(generator: torch.Generator):
-        while True:
-            length = lengths[int(torch.randint(len(lengths), (1,), generator=generator))]
+        for step in itertools.count():
+            pool = args.short_lengths if step < short_steps else lengths
+            length = pool[int(torch.randint(len(pool), (1,), generator=generator))]
             yield make_batch(max(1, args.tokens_per_step // length), length, args.digits, args.vocab, generator)
     return stream
 
@@ -133,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="scored contexts")
-    # Each row has one answer (--digits labels), so rows of 16k alone give a step a few dozen labels; the short rows
-    # of the mix carry most of them and teach the lookup that the long rows then have to stretch.
+    # Each row has one answer (--digits labels), so rows of 16k alone give a step a few dozen labels: the short rows
+    # (first alone, then in the mix) carry most of them and teach the lookup that the long rows have to stretch.
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384],
                         help="training contexts, drawn uniformly per step")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
@@ -147,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--digits", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=2600, help="training steps, --short-steps included")
+    parser.add_argument("--short-steps", type=int, default=600,
+                        help="first steps at --short-lengths only (models trained from scratch)")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--samples", type=int, default=32, help="scored samples per (length, depth)")
@@ -183,8 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{results}.json").write_text(json.dumps(record, indent=1))
 
+    if not 0 <= args.short_steps <= args.steps:
+        raise SystemExit(f"--short-steps must be between 0 and --steps ({args.steps}), got {args.short_steps}")
     long_batches = passkey_batches(args, args.train_lengths)
+    scratch_batches = passkey_batches(args, args.train_lengths, args.short_steps)
     runs = {"nsa": lambda: build("nsa", args), "llama": lambda: build("llama", args)}
+    batches = scratch_batches
     if args.conversion:
         # A dense model trained at short context only (no length past the window), then converted to NSA: both
         # continue at long context with the same --steps, so the retrieval beyond w compares like with like.
@@ -208,10 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
             return model
 
         runs = {"converted nsa": converted, "continued dense": continued_dense}
+        batches = long_batches  # both already had their short training
     for name, make in runs.items():
         model = make()
         start = time.perf_counter()
-        record["losses"][name] = quality_common.train(model, long_batches, args.steps, args.lr, args.seed, device)
+        record["losses"][name] = quality_common.train(model, batches, args.steps, args.lr, args.seed, device)
         record["train_seconds"][name] = time.perf_counter() - start
         record["accuracy"][name] = score(model, args, device)
         if isinstance(model, NsaForCausalLM):

@@ -23,8 +23,8 @@ def _load(name: str):
     return module
 
 
-TINY = ["--lengths", "48", "64", "--train-lengths", "32", "64", "--depths", "0", "0.9", "--window", "16", "--block", "8",
-        "--selected", "3",
+TINY = ["--lengths", "48", "64", "--train-lengths", "32", "64", "--short-lengths", "16", "--short-steps", "1",
+        "--depths", "0", "0.9", "--window", "16", "--block", "8", "--selected", "3",
         "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--digits", "2",
         "--steps", "2", "--tokens-per-step", "128", "--samples", "2", "--nsa-backend", "reference"]
 
@@ -38,6 +38,14 @@ def test_passkey_batches_hide_the_key_at_the_depth_and_ask_for_it_at_the_end():
     for row, start in enumerate((0, (40 - 8 - 1) // 2, 40 - 8 - 1)):
         assert ids[row, start] == retrieval.KEY and torch.equal(ids[row, start + 1 : start + 4], key[row])
     assert ((key >= retrieval.FIRST_DIGIT) & (key < retrieval.FIRST_DIGIT + 10)).all()
+
+
+def test_training_starts_with_short_rows_only_then_draws_from_the_training_lengths():
+    retrieval = _load("quality_retrieval")
+    args = retrieval.build_parser().parse_args([*TINY, "--short-steps", "3"])
+    stream = retrieval.passkey_batches(args, args.train_lengths, args.short_steps)(torch.Generator().manual_seed(0))
+    lengths = [next(stream)[0].shape[1] for _ in range(40)]
+    assert lengths[:3] == [16, 16, 16] and set(lengths[3:]) == {32, 64}
 
 
 def test_window_only_zeroes_the_compressed_and_selection_gates_then_restores_them():
