@@ -9,7 +9,8 @@ the only tokens with a loss. NSA and a Llama of the same shape (SDPA) train on t
 --short-lengths for the first --short-steps, then from --train-lengths; depths uniform), then both are scored at
 --lengths by depth: a sample counts when every digit is the argmax after the correct prefix (chance 10**-k). The NSA
 model is scored a second time with only its window branch (the compressed and selection gates forced to 0): beyond
-the window it should be at chance, which shows the retrieval comes from the sparse branches. Writes retrieval.json and retrieval.png (accuracy heatmaps).
+the window it should be at chance, which shows the retrieval comes from the sparse branches. Writes retrieval.json
+and retrieval.png (accuracy heatmaps).
 
 `--conversion` asks the dense-to-NSA question instead: a dense model trained at short context (no length past
 the window) is converted (`convert_dense_to_nsa`) and continued at long context for --steps, beside the same dense
