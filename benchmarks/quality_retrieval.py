@@ -64,7 +64,8 @@ def shape_and_geometry(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
-    return quality_common.build(kind, *shape_and_geometry(args), args.nsa_backend, args.seed)
+    shape, geometry = shape_and_geometry(args)
+    return quality_common.build(kind, shape, {**geometry, "branch_kv": args.branch_kv}, args.nsa_backend, args.seed)
 
 
 def passkey_batches(args: argparse.Namespace, lengths: list[int], short_steps: int = 0):
@@ -120,14 +121,14 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = list(record["accuracy"])
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs) + 1, 4), squeeze=False, layout="constrained")
     for ax, run in zip(axes[0], runs):
         grid = [[record["accuracy"][run][f"{length}/{depth}"] for length in record["lengths"]] for depth in record["depths"]]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(record["lengths"])), record["lengths"])
         ax.set_yticks(range(len(record["depths"])), record["depths"])
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("needle depth")
+        ax.set_ylabel("needle depth" if ax is axes[0][0] else "")
         ax.set_title(run)
     fig.colorbar(image, ax=axes[0].tolist())
     fig.savefig(path, dpi=100)
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--samples", type=int, default=32, help="scored samples per (length, depth)")
     parser.add_argument("--nsa-backend", default="auto")
+    parser.add_argument("--branch-kv", default="independent", choices=["independent", "shared"],
+                        help="NsaConfig.branch_kv of the NSA model trained from scratch (conversion always shares)")
     parser.add_argument("--conversion", action="store_true",
                         help="instead: a dense model trained at --short-lengths (<= the window) for --conversion-steps, "
                         "then converted to NSA and continued at --train-lengths, against the dense model continued alike")
