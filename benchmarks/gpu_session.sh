@@ -7,6 +7,9 @@
 #             a kernel profile, then the host profile of one compiled step (profile_host.py: where queueing goes)
 #   quality   benchmarks/quality_retrieval.py, then quality_lm.py
 #   convert   benchmarks/quality_retrieval.py --conversion
+#   retrieval-check  a small passkey run (w = 64, 512-token rows) on the reference backend in fp32, then on Triton in
+#             fp32 and bf16, then the full-size run with branch_kv="shared": does the Triton training path learn what
+#             the reference learns (it does on CPU at this size), and does sharing K/V help NSA from scratch?
 # Results go under $OUT (the device tool's output folder) or benchmarks/results/gpu_session.
 # pytest-xdist, where carried as wheels in .whl/, runs the tests on 12 workers.
 set -uo pipefail
@@ -40,5 +43,16 @@ case "${PART:-tests}" in
   convert)
     timeout 560 python3 benchmarks/quality_retrieval.py --conversion --out "$OUT" --commit "$COMMIT" ${RETRIEVAL_ARGS:-} \
       2>&1 | tail -8 ;;
+  retrieval-check)
+    small="--lengths 256 512 --train-lengths 64 128 256 512 --short-lengths 32 64 --short-steps 200 --steps 700
+      --window 64 --block 8 --selected 6 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --vocab 64 --tokens-per-step 4096
+      --lr 3e-3"
+    for run in "reference --fp32" "triton --fp32" "triton"; do
+      name=$(echo "$run" | tr -d ' -')
+      timeout 120 python3 benchmarks/quality_retrieval.py $small --nsa-backend $run --out "$OUT/check_$name" \
+        --commit "$COMMIT" 2>&1 | tail -3
+    done
+    timeout 300 python3 benchmarks/quality_retrieval.py --branch-kv shared --out "$OUT/shared" --commit "$COMMIT" 2>&1 \
+      | tail -3 ;;
   *) echo "unknown PART=${PART}"; exit 2 ;;
 esac

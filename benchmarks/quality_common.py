@@ -23,10 +23,11 @@ def build(kind: str, shape: dict, nsa_geometry: dict, nsa_backend: str, seed: in
     return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
 
 
-def train(model: torch.nn.Module, batches: Batches, steps: int, lr: float, seed: int, device: str) -> list[float]:
+def train(model: torch.nn.Module, batches: Batches, steps: int, lr: float, seed: int, device: str,
+          bf16: bool = True) -> list[float]:
     """AdamW with a one-cycle schedule over `steps` batches of `batches(generator)` (the same seed gives every model
-    the same batches), bf16 autocast on CUDA, gradients clipped at 1; returns about 20 logged losses (each printed
-    with the time spent and an estimate of the time left)."""
+    the same batches), bf16 autocast on CUDA (unless `bf16=False`), gradients clipped at 1; returns about 20 logged
+    losses (each printed with the time spent and an estimate of the time left)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
@@ -35,7 +36,7 @@ def train(model: torch.nn.Module, batches: Batches, steps: int, lr: float, seed:
     start = time.perf_counter()
     for step in range(steps):
         ids, labels = (t.to(device) for t in next(stream))
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16 and device == "cuda"):
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -107,7 +107,7 @@ def score(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict
         for depth in args.depths:
             ids, labels = make_batch(args.samples, length, args.digits, args.vocab, generator,
                                      depths=torch.full((args.samples,), depth))
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.fp32 and device == "cuda"):
                 logits = model(input_ids=ids.to(device), use_cache=False).logits[:, -args.digits - 1 : -1]
             correct = (logits.argmax(-1).cpu() == labels[:, -args.digits :]).all(-1)
             results[f"{length}/{depth}"] = correct.float().mean().item()
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "then converted to NSA and continued at --train-lengths, against the dense model continued alike")
     parser.add_argument("--short-lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--conversion-steps", type=int, default=1000)
+    parser.add_argument("--fp32", action="store_true", help="train and score in float32 on CUDA (default: bf16 autocast)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--commit", default=None)
     return parser
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         dense = build("llama", args)
         start = time.perf_counter()
         record["losses"]["dense short"] = quality_common.train(dense, passkey_batches(args, short), args.conversion_steps,
-                                                              args.lr, args.seed, device)
+                                                              args.lr, args.seed, device, bf16=not args.fp32)
         record["train_seconds"]["dense short"] = time.perf_counter() - start
         state = {k: v.detach().cpu().clone() for k, v in dense.state_dict().items()}
         _, geometry = shape_and_geometry(args)
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, make in runs.items():
         model = make()
         start = time.perf_counter()
-        record["losses"][name] = quality_common.train(model, batches, args.steps, args.lr, args.seed, device)
+        record["losses"][name] = quality_common.train(model, batches, args.steps, args.lr, args.seed, device,
+                                                      bf16=not args.fp32)
         record["train_seconds"][name] = time.perf_counter() - start
         record["accuracy"][name] = score(model, args, device)
         if isinstance(model, NsaForCausalLM):
