@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "train_tokens": args.steps * args.batch_size * args.seq_len, "eval_tokens": eval_rows.numel(),
+        "train_rows": len(train_rows), "train_tokens": args.steps * args.batch_size * args.seq_len,
+        "eval_tokens": eval_rows.numel(),
         "losses": {}, "eval_loss": {}, "train_seconds": {}, "complete": False,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -110,3 +110,14 @@ def test_lm_benchmark_trains_both_models_on_the_same_data_and_reports_eval_losse
     assert all(0 < loss < 20 for loss in record["eval_loss"].values())
     assert record["nsa_over_dense"] == record["eval_loss"]["nsa"] / record["eval_loss"]["llama"]
     assert (tmp_path / "lm.json").is_file() and (tmp_path / "lm.png").is_file()
+
+
+def test_lm_benchmark_counts_training_in_epochs_unless_steps_are_given(tmp_path):
+    lm = _load("quality_lm")
+    tiny = ["--seq-len", "64", "--window", "16", "--block", "8", "--selected", "3", "--hidden", "32", "--layers", "1",
+            "--heads", "2", "--kv-heads", "1", "--vocab", "300", "--batch-size", "4", "--max-eval-rows", "2",
+            "--corpus-chars", "20000", "--nsa-backend", "reference", "--out", str(tmp_path)]
+    record = lm.main([*tiny, "--epochs", "0.5"])
+    assert record["train_rows"] > 8 and record["args"]["steps"] == round(0.5 * record["train_rows"] / 4)
+    assert record["train_tokens"] == record["args"]["steps"] * 4 * 64
+    assert lm.main([*tiny, "--epochs", "0.5", "--steps", "3"])["args"]["steps"] == 3
