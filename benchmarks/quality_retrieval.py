@@ -9,8 +9,8 @@ the only tokens with a loss. NSA and a Llama of the same shape (SDPA) train on t
 --short-lengths for the first --short-steps, then from --train-lengths; depths uniform), then both are scored at
 --lengths by depth: a sample counts when every digit is the argmax after the correct prefix (chance 10**-k). The NSA
 model is scored a second time with only its window branch (the compressed and selection gates forced to 0): beyond
-the window it should be at chance, which shows the retrieval comes from the sparse branches. Writes retrieval.json
-and retrieval.png (accuracy heatmaps).
+the stacked windows' reach (layers x --window tokens) it should be at chance, which shows the retrieval comes from
+the sparse branches. Writes retrieval.json and retrieval.png (accuracy heatmaps).
 
 `--conversion` asks the dense-to-NSA question instead: a dense model trained at short context (no length past
 the window) is converted (`convert_dense_to_nsa`) and continued at long context for --steps, beside the same dense
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         if min(getattr(args, name)) <= 2 * (args.digits + 1) + 1:
             raise SystemExit(f"--{name.replace('_', '-')} must exceed {2 * (args.digits + 1) + 1} "
                              "(the needle and the question)")
+    if not 0 <= args.short_steps <= args.steps:
+        raise SystemExit(f"--short-steps must be between 0 and --steps ({args.steps}), got {args.short_steps}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -193,8 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{results}.json").write_text(json.dumps(record, indent=1))
 
-    if not 0 <= args.short_steps <= args.steps:
-        raise SystemExit(f"--short-steps must be between 0 and --steps ({args.steps}), got {args.short_steps}")
     long_batches = passkey_batches(args, args.train_lengths)
     scratch_batches = passkey_batches(args, args.train_lengths, args.short_steps)
     runs = {"nsa": lambda: build("nsa", args), "llama": lambda: build("llama", args)}

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -121,3 +122,10 @@ def test_lm_benchmark_counts_training_in_epochs_unless_steps_are_given(tmp_path)
     assert record["train_rows"] > 8 and record["args"]["steps"] == round(0.5 * record["train_rows"] / 4)
     assert record["train_tokens"] == record["args"]["steps"] * 4 * 64
     assert lm.main([*tiny, "--epochs", "0.5", "--steps", "3"])["args"]["steps"] == 3
+
+
+def test_retrieval_benchmark_refuses_more_short_steps_than_steps_by_name(tmp_path):
+    retrieval = _load("quality_retrieval")
+    with pytest.raises(SystemExit, match="--short-steps"):
+        retrieval.main([*TINY, "--short-steps", "5", "--out", str(tmp_path)])
+    assert not (tmp_path / "retrieval.json").exists()
