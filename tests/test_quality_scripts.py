@@ -129,3 +129,10 @@ def test_retrieval_benchmark_refuses_more_short_steps_than_steps_by_name(tmp_pat
     with pytest.raises(SystemExit, match="--short-steps"):
         retrieval.main([*TINY, "--short-steps", "5", "--out", str(tmp_path)])
     assert not (tmp_path / "retrieval.json").exists()
+
+
+def test_retrieval_benchmark_builds_the_nsa_model_with_the_branch_kv_it_is_given():
+    retrieval = _load("quality_retrieval")
+    for mode in ("independent", "shared"):
+        model = retrieval.build("nsa", retrieval.build_parser().parse_args([*TINY, "--branch-kv", mode]))
+        assert model.config.branch_kv == mode and model.config.window_size == 16
