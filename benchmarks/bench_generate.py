@@ -8,7 +8,8 @@ max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask
 decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up. NSA runs its
 default generate() (NsaCache, eager) and its static one (`cache_implementation="static"`: NsaStaticCache, which
 generate() compiles with fullgraph=True and CUDA graphs); `--llama` adds Llama's default (DynamicCache, eager) and
-its static path. Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
+its static path. The `-static-kept` runs pass one static cache made once per row and reset before every call, where
+generate() makes a new one per call (whose new buffers make CUDA graphs record the step again). Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
 (compressed keys, the selected blocks, the window, per layer and row) over the measured copy bandwidth, and the
 fraction of the measured ms/token that floor is. `--profile` adds the GPU kernel time per token (a step whose
 ms/token is far above it waits on the host) and the kernels of one generate() call. Writes generate.json and
@@ -25,12 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from bench_decode import copy_bandwidth, nsa_keys_read  # this folder is on the path when run from the repo root
 from bench_training import kernel_table
-from nsa_hf import NsaConfig, NsaForCausalLM
+from nsa_hf import NsaConfig, NsaForCausalLM, NsaStaticCache
 from nsa_hf.cache_nsa import sparse_pattern
+from nsa_hf.compat import CACHE_KWARG
 
 SHAPES = {
     "seed": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2, head_dim=64),
@@ -38,7 +40,7 @@ SHAPES = {
 }
 
 
-RUNS = ("nsa", "nsa-static", "llama", "llama-static")
+RUNS = ("nsa", "nsa-static", "nsa-static-kept", "llama", "llama-static", "llama-static-kept")
 
 
 def build(kind: str, shape: str, max_positions: int) -> torch.nn.Module:
@@ -61,7 +63,17 @@ def nsa_step_bytes(model: NsaForCausalLM, batch: int, context: int) -> int:
     return weights + config.num_hidden_layers * batch * tokens * per_token
 
 
-def timed_generate(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> float:
+def kept_cache(model, max_cache_len: int):
+    """A static cache for every generate() call of one row (`-static-kept` runs)."""
+    if isinstance(model, NsaForCausalLM):
+        return NsaStaticCache(model.config, max_cache_len=max_cache_len)
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, kept=None, **kwargs) -> float:
+    if kept is not None:  # a fresh generation in the same buffers
+        kept.reset()
+        kwargs[CACHE_KWARG] = kept
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
@@ -81,8 +93,11 @@ def kernel_ms(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> tuple[f
     return sum(event.device_time_total for event in kernels) / 1e3, kernel_table(profiler)
 
 
-def measure(model, batch: int, context: int, new_tokens: int, repeats: int, profile: bool = False, **kwargs) -> dict:
+def measure(model, batch: int, context: int, new_tokens: int, repeats: int, profile: bool = False, keep: bool = False,
+            **kwargs) -> dict:
     prompt = torch.randint(1, 32000, (batch, context), device="cuda")
+    if keep:
+        kwargs["kept"] = kept_cache(model, context + 1 + new_tokens)
     timed_generate(model, prompt, 1 + new_tokens, **kwargs)  # warm-up, compilation included
     torch.cuda.reset_peak_memory_stats()
     prefill = min(timed_generate(model, prompt, 1, **kwargs) for _ in range(repeats))
@@ -118,7 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     chosen = args.runs or ["nsa", "nsa-static"] + (["llama", "llama-static"] if args.llama else [])
-    runs = [(kind, {"cache_implementation": "static"} if kind.endswith("-static") else {}) for kind in chosen]
+    options = {"static": {"cache_implementation": "static"}, "kept": {"keep": True}}
+    runs = [(kind, options.get(kind.split("-")[-1], {})) for kind in chosen]
     extra = [tuple(item.split(":")) for item in args.extra]
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
