@@ -9,7 +9,8 @@ decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs 
 default generate() (NsaCache, eager) and its static one (`cache_implementation="static"`: NsaStaticCache, which
 generate() compiles with fullgraph=True and CUDA graphs); `--llama` adds Llama's default (DynamicCache, eager) and
 its static path. The `-static-kept` runs pass one static cache made once per row and reset before every call, where
-generate() makes a new one per call (whose new buffers make CUDA graphs record the step again). Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
+generate() makes a new one per call (whose new buffers should make CUDA graphs record the step again). Each NSA row
+also gives its step's bytes floor: the weights plus the cache bytes one token reads
 (compressed keys, the selected blocks, the window, per layer and row) over the measured copy bandwidth, and the
 fraction of the measured ms/token that floor is. `--profile` adds the GPU kernel time per token (a step whose
 ms/token is far above it waits on the host) and the kernels of one generate() call. Writes generate.json and

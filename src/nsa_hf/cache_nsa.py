@@ -72,8 +72,9 @@ class StepGeometry:
 
 def _ends_a_block(past: int, num_new: int, start_residues: frozenset[int], l: int, d: int) -> bool:
     """Whether a row whose document starts at r (mod d) may end a compressed block at one of the positions
-    past .. past + num_new - 1: block i of a document ends at its position i * d + l - 1."""
-    return any((past + t + 1 - l - r) % d == 0 for t in range(num_new) for r in start_residues)
+    past .. past + num_new - 1 (num_new < d): block i of a document ends at its position i * d + l - 1, so the first
+    such token is (l - 1 + r - past) mod d tokens into the step."""
+    return any((l - 1 + r - past) % d < num_new for r in start_residues)
 
 
 def _last(x: Tensor, count: int) -> Tensor:
