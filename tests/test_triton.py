@@ -611,12 +611,17 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
 
 
 @pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits):
+@pytest.mark.parametrize("splits,tile_keys", [(1, None), (3, None), (3, 32)])
+def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits, tile_keys, monkeypatch):
     """Decoding's three-launch attention (compressed partials, selection from their lse, one merge kernel for the
     selected blocks, the window and the gates) against the reference composition, for rows at different positions
     (one before its first compressed block, one inside its first selection block, stores holding more than each
-    row has written) and with the first two launches split over programs or not."""
+    row has written), with the first two launches split over programs or not, and with the merge kernel's key tile
+    holding all selected blocks or two per step (the last step half empty)."""
+    if tile_keys is not None:
+        if CUDA:
+            tile_keys = 128
+        monkeypatch.setattr(triton_decode, "_merge_tile_keys", lambda dim, dim_v: tile_keys)
     torch.manual_seed(12)
     dtype = DTYPES[0]
     pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
