@@ -43,9 +43,9 @@ def nsa_keys_read(pattern: SparsePattern, context: int) -> int:
     return n_cmp + selected + min(context, pattern.window_size)
 
 
-def decode_step(shape: str, context: int, batch: int):
-    """One decoding step over an NsaCache-shaped store (random K/V, every row at `context` tokens): the composed
-    and the fused step as closures, and the tensors dense decode reads."""
+def decode_inputs(shape: str, context: int, batch: int) -> tuple:
+    """(q, k_cmp, v_cmp, k, v, gates, layout) of one decoding step over an NsaCache-shaped store: random K/V, every
+    row at `context` tokens, the selection and window branches reading the same K/V."""
     heads_q, heads_kv, dim = SHAPES[shape]
     dtype, device = torch.bfloat16, "cuda"
     n_cmp = num_compressed_blocks(context, PATTERN.compress_block_size, PATTERN.compress_stride)
@@ -60,7 +60,15 @@ def decode_step(shape: str, context: int, batch: int):
     k_cmp = torch.randn(batch * n_cmp, heads_kv, dim, device=device, dtype=dtype)
     v_cmp = torch.randn_like(k_cmp)
     gates = torch.rand(batch, heads_q, 3, device=device, dtype=dtype)
-    nsa = resolve_backend("triton", torch.device(device))
+    return q, k_cmp, v_cmp, k, v, gates, layout
+
+
+def decode_step(shape: str, context: int, batch: int):
+    """One decoding step (`decode_inputs`): the composed and the fused step as closures, and the tensors dense
+    decode reads."""
+    q, k_cmp, v_cmp, k, v, gates, layout = decode_inputs(shape, context, batch)
+    dim = q.shape[-1]
+    nsa = resolve_backend("triton", torch.device("cuda"))
 
     def step():
         return nsa(q, k_cmp, v_cmp, k, v, k, v, gates, layout, PATTERN, dim**-0.5)

@@ -10,6 +10,9 @@
 #   retrieval-check  a small passkey run (w = 64, 512-token rows) on the reference backend in fp32, then on Triton in
 #             fp32 and bf16, then the full-size run with branch_kv="shared": does the Triton training path learn what
 #             the reference learns (it does on CPU at this size), and does sharing K/V help NSA from scratch?
+#   merge-compare  this tree's fused decode against benchmarks/.probe_decode_ref.py (write it first:
+#             git show main:src/nsa_hf/ops/triton/decode.py > benchmarks/.probe_decode_ref.py, and carry it), then
+#             the decode tests
 # Results go under $OUT (the device tool's output folder) or benchmarks/results/gpu_session.
 # pytest-xdist, where carried as wheels in .whl/, runs the tests on 12 workers.
 set -uo pipefail
@@ -54,5 +57,9 @@ case "${PART:-tests}" in
     done
     timeout 300 python3 benchmarks/quality_retrieval.py --branch-kv shared --out "$OUT/shared" --commit "$COMMIT" 2>&1 \
       | tail -3 ;;
+  merge-compare)
+    timeout 200 python3 benchmarks/compare_decode_merge.py --ref-file benchmarks/.probe_decode_ref.py \
+      --out "$OUT/compare_decode_merge.jsonl" 2>&1 | grep -v Warning
+    timeout 200 python3 -m pytest tests/test_triton.py -k decode -q -p no:cacheprovider 2>&1 | tail -3 ;;
   *) echo "unknown PART=${PART}"; exit 2 ;;
 esac
