@@ -38,7 +38,7 @@ def _decode_merge_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, CMP_SPLITS: tl.constexpr, SEL_SPLITS: tl.constexpr, SEL_SPLITS_PAD: tl.constexpr,
     BLOCK_J: tl.constexpr, NUM_SELECTED: tl.constexpr, N_PAD: tl.constexpr, SEL: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    TILE_KEYS: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr,
 ):
     """One query (row) x one key head: its G heads in ROWS rows (padded to 16 for the tensor cores).
     SEL_SPLITS = 0: CHOSEN holds the selected blocks; else RANKED holds SEL_SPLITS top lists of BLOCK_J keys."""
@@ -85,21 +85,26 @@ def _decode_merge_kernel(
             block = tl.where(best >= 0, 2147483647 - (best & 0xFFFFFFFF), -1).to(tl.int32)
             chosen = tl.where(slot == i, block, chosen)
             keys = tl.where(keys == best, -1, keys)
-    key_off = tl.load(KEY_OFF + token).to(tl.int32)
-    key_end = tl.load(KEY_END + token).to(tl.int32)
-    offsets = tl.arange(0, BLOCK_S)
+    # The selected blocks, BLOCKS_PER_TILE of them per step of TILE_KEYS keys: their keys are gathered by offsets
+    # from the row's first key (int32, as any document's keys are: see common.py), so one step loads several
+    # blocks at once and the loop has no branch (a step per block left a batch-1 step waiting on memory latency).
+    key_off = tl.load(KEY_OFF + token)
+    row_keys = (tl.load(KEY_END + token) - key_off).to(tl.int32)
+    k_row, v_row = _key_bases(KS, VS, key_off, kv_head, stride_ks_t, stride_ks_h, stride_vs_t, stride_vs_h)
+    column = tl.arange(0, TILE_KEYS)
+    tile_slot = column // BLOCK_S
+    in_block = column % BLOCK_S
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    for i in range(NUM_SELECTED):
-        block = tl.sum(tl.where(slot == i, chosen, 0), axis=0)
-        if block >= 0:
-            start = key_off + block * SEL
-            key_ok = (offsets < SEL) & (offsets < key_end - start)  # offsets, not keys: see `_piece`
-            k_block, v_block = _key_bases(KS, VS, start, kv_head, stride_ks_t, stride_ks_h, stride_vs_t, stride_vs_h)
-            k, v = _kv_tile(k_block, v_block, offsets, key_ok, stride_ks_t, stride_vs_t, D, DV, BLOCK_D, BLOCK_DV)
-            s = tl.where(row_ok[:, None] & key_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    for first_slot in range(0, NUM_SELECTED, BLOCKS_PER_TILE):
+        slot_of_column = first_slot + tile_slot
+        block = tl.sum(tl.where(slot_of_column[:, None] == slot[None, :], chosen[None, :], 0), axis=1)
+        keys_at = block * SEL + in_block
+        key_ok = (slot_of_column < NUM_SELECTED) & (block >= 0) & (in_block < SEL) & (keys_at < row_keys)
+        k, v = _kv_tile(k_row, v_row, keys_at, key_ok, stride_ks_t, stride_vs_t, D, DV, BLOCK_D, BLOCK_DV)
+        s = tl.where(row_ok[:, None] & key_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     o_slc, _ = _softmax_finish(acc, m_i, l_i)
 
     # The window: keys [lo, hi) of the window store.
@@ -109,8 +114,8 @@ def _decode_merge_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    for start in range(0, span, BLOCK_N):
-        keys_at = start + tl.arange(0, BLOCK_N)
+    for start in range(0, span, TILE_KEYS):
+        keys_at = start + column
         key_ok = keys_at < span
         k, v = _kv_tile(k_base, v_base, keys_at, key_ok, stride_kw_t, stride_vw_t, D, DV, BLOCK_D, BLOCK_DV)
         s = tl.where(row_ok[:, None] & key_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
@@ -125,6 +130,12 @@ def _decode_merge_kernel(
     out = o_cmp * g_cmp[:, None] + o_slc * g_slc[:, None] + o_win * g_win[:, None]
     tl.store(_at_row(OUT, token, stride_outt) + head[:, None] * stride_outh + dv[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+def _merge_tile_keys(dim: int, dim_v: int) -> int:
+    """Keys per step of the merge kernel: K and V tiles of 8K elements each (128 keys at head dim 64, 64 at 128), as
+    many as 8 warps hold without spilling registers (sm_90, compiled ahead of time)."""
+    return max(16, min(256, 8192 // _pow2(max(dim, dim_v))))
 
 
 @torch.no_grad()
@@ -150,6 +161,8 @@ def decode_attention(
     q, k_slc, v_slc, k_win, v_win, gates = (x.contiguous() for x in (q, k_slc, v_slc, k_win, v_win, gates))
     sel_splits = 0 if ranked is None else ranked.shape[0]
     ranked = chosen if ranked is None else ranked  # a valid pointer where the kernel reads none
+    block_s = _pow2(pattern.select_block_size)
+    tile_keys = max(block_s, _merge_tile_keys(dim, dim_v))
     _decode_merge_kernel[(num_q, heads_kv)](
         q, o_cmp, lse_cmp, chosen, ranked, k_slc, v_slc, k_win, v_win, gates,
         layout.key_offsets.contiguous(), ranges.key_ends.contiguous(), ranges.win_lo.contiguous(),
@@ -162,6 +175,6 @@ def decode_attention(
         CMP_SPLITS=o_cmp.shape[0], SEL_SPLITS=sel_splits, SEL_SPLITS_PAD=_pow2(max(sel_splits, 1), 1),
         BLOCK_J=ranked.shape[-1] if sel_splits else 1, NUM_SELECTED=pattern.num_selected_blocks,
         N_PAD=_pow2(pattern.num_selected_blocks, 1), SEL=pattern.select_block_size,
-        BLOCK_S=_pow2(pattern.select_block_size), BLOCK_N=64,
+        BLOCK_S=block_s, TILE_KEYS=tile_keys, BLOCKS_PER_TILE=tile_keys // block_s, num_warps=8,
     )
     return out
