@@ -836,8 +836,9 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         self, generation_config: GenerationConfig, model_kwargs: dict, generation_mode, batch_size: int,
         max_cache_length: int,
     ) -> None:
-        """generate() decodes through an `NsaCache`, or an `NsaStaticCache` for cache_implementation="static" (sized
-        for the tokens this call needs: prompt, embeddings and new tokens), put in `model_kwargs` under the key the
+        """generate() decodes through an `NsaCache`, or an `NsaStaticCache` for cache_implementation="static" (holding
+        at least the tokens this call needs: prompt, embeddings and new tokens; kept between calls, see
+        `_static_cache_for`), put in `model_kwargs` under the key the
         installed transformers reads (`cache` from 5.24, `past_key_values` before); a DynamicCache would drop the
         NSA state. A static cache the user passes must hold what this call needs."""
         given = model_kwargs.get(CACHE_KWARG)
@@ -863,11 +864,29 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
                 "the prompt in one pass (use the default cache to prefill in chunks)."
             )
         if implementation == "static":
+            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
             # Room for a verification step's drafts past the last kept token (assisted decoding), as many as
             # the cache can roll back.
-            model_kwargs[CACHE_KWARG] = NsaStaticCache(self.config, max_cache_len=needed + DEFAULT_ROLLBACK)
+            model_kwargs[CACHE_KWARG] = self._static_cache_for(rows, needed + DEFAULT_ROLLBACK)
         else:
             model_kwargs[CACHE_KWARG] = NsaCache(self.config)
+
+    def _static_cache_for(self, rows: int, max_cache_len: int) -> NsaStaticCache:
+        """The static cache of the previous static generate() call, reset, when it can hold this one (same rows,
+        dtype and device, at least as long); else a new one, kept for the next call. Reused buffers keep their
+        addresses, so the compiled decoding step's CUDA graphs replay instead of being recorded again at every call
+        (transformers' own StaticCache is new at each call). The cache a call returns is thus overwritten by the next
+        static call; pass your own `NsaStaticCache` to keep one, and `release_static_cache()` frees it."""
+        kept = getattr(self, "_kept_static_cache", None)
+        if kept is not None and kept.can_hold(self.config, rows, max_cache_len, self.dtype, self.device):
+            kept.reset()
+            return kept
+        self._kept_static_cache = NsaStaticCache(self.config, max_cache_len=max_cache_len)
+        return self._kept_static_cache
+
+    def release_static_cache(self) -> None:
+        """Free the static cache that generate(cache_implementation="static") keeps between calls."""
+        self._kept_static_cache = None
 
     def forward(
         self,

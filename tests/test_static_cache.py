@@ -278,3 +278,26 @@ def test_multi_token_steps_and_crops_equal_the_default_cache(model):
             static.crop(-(step % 5))
             default.crop(-(step % 5))
         assert static.get_seq_length() == default.get_seq_length()
+
+
+def test_static_generate_keeps_its_cache_between_calls(model):
+    """generate(cache_implementation="static") reuses its cache, reset, while it fits (the same buffers: CUDA graphs
+    replay them), and decodes with it what cache-free recomputation gives; another batch size, a longer call or
+    `release_static_cache` gets a new one."""
+    model.release_static_cache()
+    kwargs = dict(do_sample=False, cache_implementation="static")
+    long_prompt, short_prompt = torch.randint(1, 97, (1, 21)), torch.randint(1, 97, (1, 5))
+    model.generate(long_prompt, max_new_tokens=NEW_TOKENS, **kwargs)
+    kept = model._kept_static_cache
+    address = kept.layers[0].keys.data_ptr()
+    out = model.generate(short_prompt, max_new_tokens=NEW_TOKENS, **kwargs)  # shorter: fits
+    assert model._kept_static_cache is kept and kept.layers[0].keys.data_ptr() == address
+    assert torch.equal(out, greedy_without_cache(model, short_prompt, NEW_TOKENS))
+    assert kept.get_seq_length() == 5 + NEW_TOKENS - 1
+    model.generate(long_prompt.repeat(2, 1), max_new_tokens=NEW_TOKENS, **kwargs)  # two rows
+    assert model._kept_static_cache is not kept
+    kept = model._kept_static_cache
+    model.generate(long_prompt.repeat(2, 1), max_new_tokens=3 * NEW_TOKENS, **kwargs)  # longer than it holds
+    assert model._kept_static_cache is not kept
+    model.release_static_cache()
+    assert model._kept_static_cache is None
