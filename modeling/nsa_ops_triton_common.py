@@ -44,6 +44,12 @@ def _row_chunks(num_rows: int, row_elements: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_chunk, num_rows)) for start in range(0, num_rows, per_chunk)]
 
 
+def _rows_of(tensor: Tensor, start: int, end: int) -> Tensor:
+    """tensor[start:end] for one `_row_chunks` launch, or the tensor itself when the chunk is all of it: a slice is
+    a host op, and a decoding step's wrappers run a few per layer."""
+    return tensor if start == 0 and end == tensor.shape[0] else tensor[start:end]
+
+
 @triton.jit
 def _at_row(X, row, stride):
     """X advanced by `row` rows of `stride` elements, in int64: the attention kernels address tensors past 2**31
@@ -220,7 +226,7 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
         _combine_splits_kernel[(triton.cdiv(rows, 32),)](
-            o[:, start:end], lse[:, start:end], out[start:end], out_lse[start:end], rows, o.stride(0), lse.stride(0),
+            o[:, start:end], lse[:, start:end], _rows_of(out, start, end), _rows_of(out_lse, start, end), rows, o.stride(0), lse.stride(0),
             DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
         )
     return out, out_lse
@@ -235,7 +241,7 @@ def _softmax_delta(do: Tensor, o: Tensor) -> Tensor:
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
         _row_dot_kernel[(triton.cdiv(rows, 64),)](
-            do[start:end], o[start:end], delta[start:end], rows, D=dim_v, BLOCK_D=_pow2(dim_v), BLOCK_R=64,
+            _rows_of(do, start, end), _rows_of(o, start, end), _rows_of(delta, start, end), rows, D=dim_v, BLOCK_D=_pow2(dim_v), BLOCK_R=64,
         )
     return delta
 

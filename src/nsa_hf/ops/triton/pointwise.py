@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import _multiprocessors, _row_chunks
+from .common import _multiprocessors, _row_chunks, _rows_of
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
@@ -71,13 +71,15 @@ def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dt
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     num_rows, width = rows.shape
-    out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
+    # Compared first: torch.promote_types is a dispatched op, one more per call on the host.
+    out_dtype = out_dtype or (x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype))
     out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
     rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
     block, block_r = triton.next_power_of_2(width), _norm_rows(width)
     for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
         _rms_norm_fwd_kernel[(triton.cdiv(end - start, block_r),)](
-            rows[start:end], weight, out[start:end], rstd[start:end], end - start, width, rows.stride(0),
+            _rows_of(rows, start, end), weight, _rows_of(out, start, end), _rows_of(rstd, start, end), end - start, width,
+            rows.stride(0),
             out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
         )
     return out.view(*x.shape[:-1], width), rstd
@@ -96,7 +98,10 @@ def _rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) ->
     if num_rows == 0:
         return dx.view(x.shape), torch.zeros_like(weight)
     chunks = _row_chunks(num_rows, max(rows.stride(0), grad.stride(0), width))
-    dw_parts = [_rms_norm_bwd_launch(rows[a:b], weight, rstd[a:b], grad[a:b], dx[a:b]) for a, b in chunks]
+    dw_parts = [
+        _rms_norm_bwd_launch(_rows_of(rows, a, b), weight, _rows_of(rstd, a, b), _rows_of(grad, a, b), _rows_of(dx, a, b))
+        for a, b in chunks
+    ]
     dw_part = dw_parts[0] if len(dw_parts) == 1 else torch.cat(dw_parts)
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype)
 
@@ -241,7 +246,8 @@ def _rotate(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor, inverse: bool) -> 
     outs = [torch.empty(r.shape, device=r.device, dtype=r.dtype) for r in rows]
     token_elements = max(t.stride(0) for t in (*rows, *outs, cos, sin))
     for a, b in _row_chunks(cos.shape[0], token_elements):
-        _rotary_launch([r[a:b] for r in rows], [out[a:b] for out in outs], cos[a:b], sin[a:b], inverse)
+        _rotary_launch([_rows_of(r, a, b) for r in rows], [_rows_of(out, a, b) for out in outs], _rows_of(cos, a, b),
+                       _rows_of(sin, a, b), inverse)
     return tuple(out.view(x.shape) for out, x in zip(outs, xs))
 
 
@@ -342,7 +348,8 @@ def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: i
     row_elements = max(gate_up.stride(0), grad_or_input.stride(0), out.stride(0))
     for a, b in _row_chunks(out.shape[0], row_elements):
         _silu_mul_kernel[(b - a, triton.cdiv(width, block))](
-            gate_up[a:b], grad_or_input[a:b], out[a:b], width, gate_up.stride(0), grad_or_input.stride(0),
+            _rows_of(gate_up, a, b), _rows_of(grad_or_input, a, b), _rows_of(out, a, b), width, gate_up.stride(0),
+            grad_or_input.stride(0),
             out.stride(0), BLOCK=block, BACKWARD=grad is not None,
         )
 
@@ -456,7 +463,7 @@ def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Te
     for a, b in _row_chunks(num_q, heads * max(dim, 3)):
         num_rows = (b - a) * heads
         _gate_kernel[(triton.cdiv(num_rows, block_r),)](
-            *(t[a:b] for t in tensors), num_rows, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r,
+            *(_rows_of(t, a, b) for t in tensors), num_rows, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r,
             BACKWARD=grad is not None,
         )
 
