@@ -5,6 +5,7 @@
 #   generate  benchmarks/bench_generate.py: NSA default and static against Llama default and static
 #   training  eager and compiled training at 2k (the 300k tokens/s target; compiled plain and under CUDA graphs) with
 #             a kernel profile, then the host profile of one compiled step (profile_host.py: where queueing goes)
+#   decode-host  benchmarks/profile_decode_host.py: the default generate() path's host work per token, NSA and Llama
 #   quality   benchmarks/quality_retrieval.py, then quality_lm.py
 #   convert   benchmarks/quality_retrieval.py --conversion
 #   retrieval-check  a small passkey run (w = 64, 512-token rows) on the reference backend in fp32, then on Triton in
@@ -40,6 +41,8 @@ case "${PART:-tests}" in
     timeout 400 python3 benchmarks/bench_training.py --lengths 2048 --compile --compile-modes reduce-overhead default \
       --profile --steps 6 --warmup 5 --commit "$COMMIT" --out "$OUT" 2>&1 | grep -v Warning | tail -8
     (cd benchmarks && timeout 150 python3 profile_host.py > "$OUT/host_profile.txt" 2>&1; head -3 "$OUT/host_profile.txt") ;;
+  decode-host)
+    (cd benchmarks && timeout 300 python3 profile_decode_host.py > "$OUT/decode_host.txt" 2>&1; grep "^##" "$OUT/decode_host.txt") ;;
   quality)
     timeout 330 python3 benchmarks/quality_retrieval.py --out "$OUT" --commit "$COMMIT" ${RETRIEVAL_ARGS:-} 2>&1 | tail -8
     timeout 230 python3 benchmarks/quality_lm.py --out "$OUT" --commit "$COMMIT" ${LM_ARGS:-} 2>&1 | tail -4 ;;
