@@ -23,8 +23,14 @@ from torch import Tensor
 from ..layout import host_documents, host_to_device
 
 
+def _next_pow2(x: int) -> int:
+    """`triton.next_power_of_2` in plain Python: Triton's is a jit-level function whose every call costs the host
+    over a microsecond, and the launch wrappers of one decoding step make dozens of them."""
+    return 0 if x <= 0 else 1 << (x - 1).bit_length()
+
+
 def _pow2(x: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(x))
+    return max(minimum, _next_pow2(x))
 
 
 # The most elements one launch of a row-wise kernel addresses. Kernel offsets are int32 (vectors of int64
@@ -249,7 +255,7 @@ def _tile_tokens(width: int, run_length: int | None, rows: int = 64) -> int:
     tokens = max(1, rows // width)
     if run_length is None:
         return tokens
-    return min(tokens, max(1, 16 // width, triton.next_power_of_2(run_length)))
+    return min(tokens, max(1, 16 // width, _next_pow2(run_length)))
 
 
 def _split_runs(run_first: Tensor, run_len: Tensor, piece: int, num_pieces: int | None = None) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import _multiprocessors, _row_chunks, _rows_of
+from .common import _multiprocessors, _next_pow2, _row_chunks, _rows_of
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
@@ -75,7 +75,7 @@ def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dt
     out_dtype = out_dtype or (x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype))
     out = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
     rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
-    block, block_r = triton.next_power_of_2(width), _norm_rows(width)
+    block, block_r = _next_pow2(width), _norm_rows(width)
     for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
         _rms_norm_fwd_kernel[(triton.cdiv(end - start, block_r),)](
             _rows_of(rows, start, end), weight, _rows_of(out, start, end), _rows_of(rstd, start, end), end - start, width,
@@ -157,7 +157,7 @@ _rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 def _rms_norm_bwd_launch(rows: Tensor, weight: Tensor, rstd: Tensor, grad: Tensor, dx: Tensor) -> Tensor:
     """dx of `rows` into `dx`; returns their fp32 partials of dw, one row per program."""
     num_rows, width = rows.shape
-    block, block_r = triton.next_power_of_2(width), _norm_rows(width)
+    block, block_r = _next_pow2(width), _norm_rows(width)
     # A few programs per multiprocessor, each over a contiguous range of rows: dw has one partial per
     # program (off CUDA, the interpreter, still a few: tests then cover the partials' sum).
     limit = 4 * _multiprocessors(rows.device) if rows.device.type == "cuda" else 3
@@ -174,7 +174,7 @@ def _rms_norm_bwd_launch(rows: Tensor, weight: Tensor, rstd: Tensor, grad: Tenso
 
 def _norm_rows(width: int) -> int:
     """Rows per RMSNorm tile: about 4096 elements (a 768-wide row pads to 1024: 4 rows)."""
-    return max(1, 4096 // triton.next_power_of_2(width))
+    return max(1, 4096 // _next_pow2(width))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -260,7 +260,7 @@ def _rotary_launch(rows: list[Tensor], outs: list[Tensor], cos: Tensor, sin: Ten
     strides = [stride for r in padded_rows for stride in (r.stride(0), r.stride(1))]
     _rotary_kernel[(triton.cdiv(num_tokens * max(heads), block_r), len(rows))](
         *padded_rows, *padded_outs, cos, sin, num_tokens, *strides, cos.stride(0), sin.stride(0),
-        H0=heads[0], H1=heads[1], H2=heads[2], HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2),
+        H0=heads[0], H1=heads[1], H2=heads[2], HALF=dim // 2, BLOCK_HALF=_next_pow2(dim // 2),
         BLOCK_R=block_r, INVERSE=inverse,
     )
 
@@ -343,7 +343,7 @@ def _silu_mul_kernel(GATE_UP, GRAD, OUT, width, stride_row, stride_grad, stride_
 
 
 def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: int) -> None:
-    block = min(1024, triton.next_power_of_2(width))
+    block = min(1024, _next_pow2(width))
     grad_or_input = grad if grad is not None else gate_up  # the forward never reads GRAD
     row_elements = max(gate_up.stride(0), grad_or_input.stride(0), out.stride(0))
     for a, b in _row_chunks(out.shape[0], row_elements):
@@ -463,7 +463,7 @@ def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Te
     for a, b in _row_chunks(num_q, heads * max(dim, 3)):
         num_rows = (b - a) * heads
         _gate_kernel[(triton.cdiv(num_rows, block_r),)](
-            *(_rows_of(t, a, b) for t in tensors), num_rows, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r,
+            *(_rows_of(t, a, b) for t in tensors), num_rows, DIM=dim, BLOCK_D=_next_pow2(dim), BLOCK_R=block_r,
             BACKWARD=grad is not None,
         )
 
@@ -590,7 +590,7 @@ def _cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int) ->
     num_rows, vocab = logits.shape
     losses = torch.empty(num_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(losses)
-    block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
+    block = min(_CE_BLOCK, _next_pow2(vocab))
     if num_rows:
         _cross_entropy_fwd_kernel[(num_rows,)](logits, labels, losses, lse, vocab, logits.stride(0), ignore_index,
                                                BLOCK=block)
@@ -602,7 +602,7 @@ def _cross_entropy_backward(grad: Tensor, logits: Tensor, labels: Tensor, lse: T
         logits = logits.contiguous()
     num_rows, vocab = logits.shape
     d_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-    block = min(_CE_BLOCK, triton.next_power_of_2(vocab))
+    block = min(_CE_BLOCK, _next_pow2(vocab))
     if num_rows:
         _cross_entropy_bwd_kernel[(num_rows, triton.cdiv(vocab, block))](
             logits, labels.contiguous(), lse, grad.float().contiguous(), d_logits, vocab, logits.stride(0),

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..layout import QueryLayout, SparsePattern
 from .common import (
     _at_row,
+    _next_pow2,
     _num_splits,
     _pow2,
     _program_tile,
@@ -201,12 +202,12 @@ def ranked_blocks(
     if num_q == 0:
         return out, None
     r = pattern.compress_block_size // pattern.compress_stride
-    g_pad = triton.next_power_of_2(groups)
+    g_pad = _next_pow2(groups)
     # At least 16 tokens per tile where that stays within 128 rows: the scores then run on the tensor cores
     # and each step's keys and top-n merge serve more tokens (H200, seed shape G = 6 at 32k: 1.24 ms per
     # layer with 16 tokens, 1.78 with 8). G = 16 keeps 64 rows: 128 measured slower there.
     block_t = _tile_tokens(g_pad, layout.run_length, rows=max(64, 16 * g_pad) if g_pad <= 8 else 64)
-    block_j = max(triton.next_power_of_2(n), 16 if m <= 4 else 64 // m)
+    block_j = max(_next_pow2(n), 16 if m <= 4 else 64 // m)
     first, length, num_tiles, run = _document_tiles(layout, block_t)
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
