@@ -368,6 +368,19 @@ def test_rms_norm_kernel_matches_pytorch_rmsnorm(dtype, weight_dtype):
         triton_pointwise.rms_norm(x, weight[1:], 1e-6)
 
 
+def test_rms_norm_of_a_bf16_input_with_an_fp32_weight_is_fp32():
+    """Autocast training's case on every device (the CPU run of the test above has one dtype): a bf16 input and an
+    fp32 weight give the promoted fp32 output, x / rms(x) rounded to bf16 first as the PyTorch module does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 24, device=DEVICE, dtype=torch.bfloat16)
+    weight = 1 + torch.randn(24, device=DEVICE) / 4
+    out = triton_pointwise.rms_norm(x, weight, 1e-6)
+    upcast = x.float()
+    expected = weight * (upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert out.dtype == torch.float32
+    assert_close_rel(out, expected, torch.bfloat16, "out")
+
+
 def test_rms_norm_kernel_rounds_once_to_out_dtype():
     """With `out_dtype` (the model passes the autocast dtype), the output is the promoted output rounded once,
     and a gradient in that dtype gives the same dx and dweight as the fp32 gradient of the same values."""
@@ -826,6 +839,13 @@ def _output_and_grads(fn, inputs, grad_out=None):
     out = fn(*inputs)
     grad_out = torch.randn_like(out) if grad_out is None else grad_out
     return out, torch.autograd.grad(out, [x for x in inputs if x.requires_grad], grad_out), grad_out
+
+
+def test_the_wrappers_powers_of_two_are_tritons():
+    """`_next_pow2` (plain Python, for the launch wrappers' host time) is `triton.next_power_of_2`, which sizes
+    blocks and pads: from 0 up, around powers of two, and past 2**31."""
+    values = [*range(0, 4100), *(2**e + d for e in range(12, 40) for d in (-1, 0, 1))]
+    assert [triton_common._next_pow2(x) for x in values] == [triton.next_power_of_2(x) for x in values]
 
 
 CHUNKED_OPS = ["rms_norm", "rotary", "silu_mul", "gate", "interval", "block-centric", "query-centric"]
