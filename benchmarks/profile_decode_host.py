@@ -4,9 +4,9 @@
     python benchmarks/profile_decode_host.py [--context 4096] [--new-tokens 32] > decode_host.txt
 
 The default path is host-bound (its ms per token is many times its kernel time, bench_generate.py --profile), so
-what counts is the host work per token: Python functions by own time (cProfile over generate() of 1 + N tokens
-minus generate() of 1 token), the PyTorch ops dispatched per token, and the Triton launches per token with their
-Python launch cost (`JITFunction.run`).
+what counts is the host work per token: the PyTorch ops dispatched per decoded token (generate() of 1 + N tokens
+minus generate() of 1, over N), the Triton launches per forward pass (prefill and N - 1 steps, 1 + N calls of
+`JITFunction.run` counted over N), and cProfile's table of one generate() of 1 + N tokens, prefill included.
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def main() -> None:
         many = min(timed_generate(model, prompt, 1 + args.new_tokens) for _ in range(3))
         ops = ops_per_token(model, prompt, args.new_tokens)
         stats = profile(model, prompt, args.new_tokens)
-        launches = sum(calls for (file, _, name), (calls, *_) in stats.stats.items() if name == "run" and "jit.py" in file)
+        stats_items = stats.stats.items()
+        launches = sum(calls for (file, _, name), (calls, *_) in stats_items if name == "run" and "jit.py" in file)
         print(f"\n## {kind}: {(many - one) / args.new_tokens * 1e3:.2f} ms per token, {sum(ops.values()):.0f} PyTorch "
-              f"ops per token, {launches / (1 + args.new_tokens):.1f} Triton launches per token")
+              f"ops per token, {launches / args.new_tokens:.1f} Triton launches per forward pass")
         print("ops per token: " + ", ".join(f"{name} {count:.1f}" for name, count in ops.most_common(20)))
         text = io.StringIO()
         stats.stream = text

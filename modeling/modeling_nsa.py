@@ -807,6 +807,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         self.model = NsaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._kept_static_cache: NsaStaticCache | None = None  # see `_static_cache_for`
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -867,26 +868,47 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
             # Room for a verification step's drafts past the last kept token (assisted decoding), as many as
             # the cache can roll back.
-            model_kwargs[CACHE_KWARG] = self._static_cache_for(rows, needed + DEFAULT_ROLLBACK)
+            model_kwargs[CACHE_KWARG] = self._static_cache_for(
+                rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate
+            )
         else:
             model_kwargs[CACHE_KWARG] = NsaCache(self.config)
 
-    def _static_cache_for(self, rows: int, max_cache_len: int) -> NsaStaticCache:
-        """The static cache of the previous static generate() call, reset, when it can hold this one (same rows,
-        dtype and device, at least as long); else a new one, kept for the next call. Reused buffers keep their
+    def _static_cache_for(self, rows: int, max_cache_len: int, keep: bool) -> NsaStaticCache:
+        """With `keep`, the static cache of the previous static generate() call, reset, when it can hold this one (same
+        rows, dtype and device, at least as long), else a new one kept for the next call: reused buffers keep their
         addresses, so the compiled decoding step's CUDA graphs replay instead of being recorded again at every call
-        (transformers' own StaticCache is new at each call). The cache a call returns is thus overwritten by the next
-        static call; pass your own `NsaStaticCache` to keep one, and `release_static_cache()` frees it."""
-        kept = getattr(self, "_kept_static_cache", None)
-        if kept is not None and kept.can_hold(self.config, rows, max_cache_len, self.dtype, self.device):
+        (transformers' own StaticCache is new at each call). Without `keep` (a call that returns its cache to the
+        caller, `return_dict_in_generate=True`), a new cache that no later call touches. One generate() at a time
+        per model: calls from several threads at once would share the kept buffers."""
+        kept = self._kept_static_cache
+        if keep and kept is not None and kept.can_hold(self.config, rows, max_cache_len, self._cache_dtype(), self.device):
             kept.reset()
             return kept
-        self._kept_static_cache = NsaStaticCache(self.config, max_cache_len=max_cache_len)
-        return self._kept_static_cache
+        # As long as the last one at least: the compiled step then meets shapes it has seen (transformers does so).
+        cache = NsaStaticCache(self.config, max_cache_len=max(max_cache_len, kept.max_cache_len if kept is not None else 0))
+        if keep:
+            self._kept_static_cache = cache
+        return cache
+
+    def _cache_dtype(self) -> torch.dtype:
+        """The dtype a cache filled now stores: the autocast dtype under autocast (the projections give it), else the
+        model's."""
+        device_type = self.device.type
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.dtype
 
     def release_static_cache(self) -> None:
-        """Free the static cache that generate(cache_implementation="static") keeps between calls."""
+        """Drop the static cache that generate(cache_implementation="static") keeps between calls (its memory is
+        freed once no returned output holds it either)."""
         self._kept_static_cache = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(), ...: a kept cache on the old device or dtype could never be reused.
+        self.release_static_cache()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_kept_static_cache": None}  # copies and pickles carry no decoding buffers
 
     def forward(
         self,

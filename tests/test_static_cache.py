@@ -4,12 +4,16 @@ one graph that does not change as the context grows."""
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import pytest
 import torch
 import transformers
 from torch._dynamo.utils import counters
 
 from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache
+from nsa_hf.compat import CACHE_KWARG
 
 from .factories import make_model, tiny_config
 from .test_generate import greedy_without_cache
@@ -224,6 +228,11 @@ def test_generate_compiles_the_static_decoding_step_as_one_graph(model):
     static = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
                             compile_config=compile_config)
     assert torch.equal(static, default)
+    # A second call decodes in the kept cache with the same graph: compilation holds no reference that keeps it.
+    kept = weakref.ref(model._kept_static_cache)
+    again = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
+                           compile_config=compile_config)
+    assert torch.equal(again, default) and model._kept_static_cache is kept()
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch._dynamo.reset()
@@ -288,16 +297,76 @@ def test_static_generate_keeps_its_cache_between_calls(model):
     kwargs = dict(do_sample=False, cache_implementation="static")
     long_prompt, short_prompt = torch.randint(1, 97, (1, 21)), torch.randint(1, 97, (1, 5))
     model.generate(long_prompt, max_new_tokens=NEW_TOKENS, **kwargs)
-    kept = model._kept_static_cache
-    address = kept.layers[0].keys.data_ptr()
+    kept = weakref.ref(model._kept_static_cache)  # a weak reference: a strong one would make it the test's own
+    address = kept().layers[0].keys.data_ptr()
     out = model.generate(short_prompt, max_new_tokens=NEW_TOKENS, **kwargs)  # shorter: fits
-    assert model._kept_static_cache is kept and kept.layers[0].keys.data_ptr() == address
+    assert model._kept_static_cache is kept() and kept().layers[0].keys.data_ptr() == address
     assert torch.equal(out, greedy_without_cache(model, short_prompt, NEW_TOKENS))
-    assert kept.get_seq_length() == 5 + NEW_TOKENS - 1
+    assert kept().get_seq_length() == 5 + NEW_TOKENS - 1
     model.generate(long_prompt.repeat(2, 1), max_new_tokens=NEW_TOKENS, **kwargs)  # two rows
-    assert model._kept_static_cache is not kept
-    kept = model._kept_static_cache
+    assert model._kept_static_cache is not kept()
+    kept = weakref.ref(model._kept_static_cache)
     model.generate(long_prompt.repeat(2, 1), max_new_tokens=3 * NEW_TOKENS, **kwargs)  # longer than it holds
-    assert model._kept_static_cache is not kept
+    assert model._kept_static_cache is not kept()
     model.release_static_cache()
     assert model._kept_static_cache is None
+
+
+def test_a_static_cache_returned_to_the_caller_is_never_reused(model):
+    """A static generate() that returns its cache (`return_dict_in_generate=True`) hands out a new one and keeps
+    none of it: the next static call leaves it as it was, and reuses the cache kept before."""
+    model.release_static_cache()
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+    prompt = torch.randint(1, 97, (1, 21))
+    model.generate(prompt, **kwargs)
+    kept = weakref.ref(model._kept_static_cache)
+    held = model.generate(prompt, return_dict_in_generate=True, **kwargs)
+    (cache,) = [value for value in held.values() if isinstance(value, NsaStaticCache)]
+    assert cache is not kept() and model._kept_static_cache is kept()
+    length, keys = cache.get_seq_length(), cache.layers[0].keys.clone()
+    out = model.generate(torch.randint(1, 97, (1, 9)), **kwargs)
+    assert model._kept_static_cache is kept()
+    assert cache.get_seq_length() == length and torch.equal(cache.layers[0].keys, keys)
+    continued = model.generate(held.sequences, max_new_tokens=3, do_sample=False, **{CACHE_KWARG: cache})
+    assert torch.equal(continued, greedy_without_cache(model, prompt, NEW_TOKENS + 3))
+    assert out.shape == (1, 9 + NEW_TOKENS)
+
+
+def test_a_static_cache_kept_under_inference_mode_serves_a_call_outside_it(model):
+    """The kept cache's buffers and length counter are plain tensors even when the call that made it ran under
+    inference_mode, so a later call outside it resets and refills it."""
+    model.release_static_cache()
+    prompt = torch.randint(1, 97, (1, 13))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+    with torch.inference_mode():
+        model.generate(prompt, **kwargs)
+    kept = weakref.ref(model._kept_static_cache)
+    out = model.generate(prompt, **kwargs)
+    assert model._kept_static_cache is kept()
+    assert torch.equal(out, greedy_without_cache(model, prompt, NEW_TOKENS))
+
+
+def test_moving_or_copying_the_model_drops_its_kept_static_cache():
+    """`.to()` (any `_apply`) drops the kept cache, and copies of the model carry none."""
+    model = make_model(tiny_config(pad_token_id=0, eos_token_id=None))
+    model.generate(torch.randint(1, 97, (1, 9)), max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert model._kept_static_cache is not None
+    assert copy.deepcopy(model)._kept_static_cache is None
+    assert model._kept_static_cache is not None
+    model.to(torch.float64)
+    assert model._kept_static_cache is None
+
+
+def test_a_kept_static_cache_follows_the_autocast_dtype():
+    """Under autocast the cache stores the autocast dtype, so calls under it reuse a bf16 cache, and a call outside
+    it gets a cache of the model's dtype instead of writing fp32 states into bf16 buffers."""
+    model = make_model(tiny_config(pad_token_id=0, eos_token_id=None))
+    prompt = torch.randint(1, 97, (1, 9))
+    kwargs = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model.generate(prompt, **kwargs)
+        kept = weakref.ref(model._kept_static_cache)
+        assert torch.equal(model.generate(prompt, **kwargs), first) and model._kept_static_cache is kept()
+    assert kept().layers[0].keys.dtype == torch.bfloat16
+    model.generate(prompt, **kwargs)
+    assert model._kept_static_cache.layers[0].keys.dtype == torch.float32

@@ -76,7 +76,9 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         if self.separate_window:
             self.window_keys, self.window_values = buffer(2 * self.window_ring, dim), buffer(2 * self.window_ring, dim_v)
         with torch.inference_mode(False):
-            self.cumulative_length = self.cumulative_length.to(self.device)
+            # A new tensor, not .to(): on the CPU .to() would keep one made under inference_mode, which a later
+            # reset() or append() outside it could not write.
+            self.cumulative_length = torch.zeros((), dtype=torch.long, device=self.device)
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over them
             for tensor in self._tensors().values():
                 torch._dynamo.mark_static_address(tensor)
@@ -210,7 +212,9 @@ class NsaStaticCache(Cache):
         if self.doc_starts is not None:
             self.doc_starts.copy_(self.doc_starts.index_select(0, beam_idx.to(self.doc_starts.device)))
 
-    def can_hold(self, config: NsaConfig, rows: int, max_cache_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+    def can_hold(
+        self, config: NsaConfig, rows: int, max_cache_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> bool:
         """Whether this cache, once filled, can serve (after `reset`) a generation of `rows` rows and up to
         `max_cache_len` tokens for a model of `config` in `dtype` on `device`: `NsaForCausalLM.generate` keeps its
         static cache between calls when it can."""

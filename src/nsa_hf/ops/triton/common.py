@@ -228,8 +228,8 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
         _combine_splits_kernel[(triton.cdiv(rows, 32),)](
-            o[:, start:end], lse[:, start:end], _rows_of(out, start, end), _rows_of(out_lse, start, end), rows, o.stride(0), lse.stride(0),
-            DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
+            o[:, start:end], lse[:, start:end], _rows_of(out, start, end), _rows_of(out_lse, start, end), rows,
+            o.stride(0), lse.stride(0), DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
         )
     return out, out_lse
 
@@ -243,7 +243,8 @@ def _softmax_delta(do: Tensor, o: Tensor) -> Tensor:
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
         _row_dot_kernel[(triton.cdiv(rows, 64),)](
-            _rows_of(do, start, end), _rows_of(o, start, end), _rows_of(delta, start, end), rows, D=dim_v, BLOCK_D=_pow2(dim_v), BLOCK_R=64,
+            _rows_of(do, start, end), _rows_of(o, start, end), _rows_of(delta, start, end), rows, D=dim_v,
+            BLOCK_D=_pow2(dim_v), BLOCK_R=64,
         )
     return delta
 

@@ -158,6 +158,8 @@ def decode_attention(
     sel_splits = 0 if ranked is None else ranked.shape[0]
     ranked = chosen if ranked is None else ranked  # a valid pointer where the kernel reads none
     block_s = _pow2(pattern.select_block_size)
+    # Whole selected blocks per step: a block larger than the tile (128 keys at head dim 128) makes a larger tile, which
+    # may spill registers; correct either way.
     tile_keys = max(block_s, _merge_tile_keys(dim, dim_v))
     _decode_merge_kernel[(num_q, heads_kv)](
         q, o_cmp, lse_cmp, chosen, ranked, k_slc, v_slc, k_win, v_win, gates,
