@@ -22,6 +22,7 @@ from .nsa_ops_library import (
     fuses_decoding as library_fuses_decoding,
     interval_attention as library_interval_attention,
     kernels_from_primitives as library_kernels_from_primitives,
+    records_grad as library_records_grad,
     register_kernels as library_register_kernels,
     select_blocks as library_select_blocks,
 )
@@ -87,10 +88,6 @@ def sliding_window_attention_varlen(
     )[0]
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def nsa_attention_varlen(
     q: Tensor,
     k_cmp: Tensor,
@@ -113,7 +110,7 @@ def nsa_attention_varlen(
     on backends that have one (`library.fuses_decoding`)."""
     ranges = branch_ranges(layout, pattern) if ranges is None else ranges
     inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    if layout.run_length == 1 and library_fuses_decoding(backend) and not _needs_grad(*inputs):
+    if layout.run_length == 1 and library_fuses_decoding(backend) and not library_records_grad(*inputs):
         return library_decode_attention(*inputs, layout, pattern, scale, ranges, backend=backend)
     o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, backend, ranges)
     block_indices = library_select_blocks(q, k_cmp, lse, layout, pattern, scale, backend=backend)

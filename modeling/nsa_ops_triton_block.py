@@ -29,6 +29,7 @@ from .nsa_ops_library import eager_block_attention
 from .nsa_ops_triton_common import _LAUNCH_ELEMENTS as common__LAUNCH_ELEMENTS
 from .nsa_ops_triton_common import (
     _at_row,
+    _cdiv,
     _combine_splits,
     _dkv_step,
     _key_bases,
@@ -318,7 +319,7 @@ def _queries_per_block(block_starts: Tensor, num_keys: int, piece: int) -> Tenso
     if num_entries == 0:
         return inverted
     keys = torch.empty(num_entries, device=device, dtype=torch.int32)
-    grid = (triton.cdiv(num_entries, 1024),)
+    grid = (_cdiv(num_entries, 1024),)
     _block_keys_kernel[grid](block_starts, keys, num_entries, heads_kv, slots, num_keys, BLOCK=1024)
     _, order = torch.sort(keys, stable=True, out=(sorted_key, torch.empty(0, device=device, dtype=torch.long)))
     entry.copy_(order)
@@ -392,8 +393,8 @@ def _block_forward_pass(
         )
     else:
         splits = min(num_splits or _num_splits(num_q * heads_kv, q.device), slots)
-        per_split = triton.cdiv(slots, splits)
-        splits = triton.cdiv(slots, per_split)
+        per_split = _cdiv(slots, splits)
+        splits = _cdiv(slots, per_split)
         o, lse = _split_outputs(splits, num_q, heads_q, dim_v, q.dtype, q.device)
         if num_q:
             _block_fwd_kernel[(num_q, heads_kv, splits)](
@@ -438,7 +439,7 @@ def _block_backward_pass(
         DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **_block_centric_tile(groups), **meta,
     )
     if dq_partials:
-        _sum_dq_parts_kernel[(triton.cdiv(num_q * heads_q, 32),)](
+        _sum_dq_parts_kernel[(_cdiv(num_q * heads_q, 32),)](
             dq_parts, starts, dq, num_q, dq_parts.stride(0), starts.stride(0), starts.stride(1), heads_kv,
             G=groups, NUM_SLOTS=slots, BLOCK_R=32, D=dim, BLOCK_D=meta["BLOCK_D"],
         )

@@ -33,6 +33,11 @@ def _next_pow2(x: int) -> int:
     return 0 if x <= 0 else 1 << (x - 1).bit_length()
 
 
+def _cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` in plain Python, for the same reason as `_next_pow2`."""
+    return (a + b - 1) // b
+
+
 def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, _next_pow2(x))
 
@@ -211,7 +216,7 @@ def _num_splits(programs: int, device: torch.device, limit: int = 32) -> int:
     about four programs per multiprocessor. 1 off CUDA (the interpreter gains nothing)."""
     if device.type != "cuda" or programs == 0:
         return 1
-    return max(1, min(limit, triton.cdiv(4 * _multiprocessors(device), programs)))
+    return max(1, min(limit, _cdiv(4 * _multiprocessors(device), programs)))
 
 
 def _split_outputs(splits: int, num_q: int, heads_q: int, dim_v: int, dtype: torch.dtype, device: torch.device):
@@ -231,7 +236,7 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
     # Chunks of whole queries: the split offsets come from the kernel's int64 bases, the row offsets stay int32.
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
-        _combine_splits_kernel[(triton.cdiv(rows, 32),)](
+        _combine_splits_kernel[(_cdiv(rows, 32),)](
             o[:, start:end], lse[:, start:end], _rows_of(out, start, end), _rows_of(out_lse, start, end), rows,
             o.stride(0), lse.stride(0), DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
         )
@@ -246,7 +251,7 @@ def _softmax_delta(do: Tensor, o: Tensor) -> Tensor:
     delta = torch.empty(do.shape[:2], device=do.device, dtype=torch.float32)
     for start, end in _row_chunks(num_q, heads_q * dim_v):
         rows = (end - start) * heads_q
-        _row_dot_kernel[(triton.cdiv(rows, 64),)](
+        _row_dot_kernel[(_cdiv(rows, 64),)](
             _rows_of(do, start, end), _rows_of(o, start, end), _rows_of(delta, start, end), rows, D=dim_v,
             BLOCK_D=_pow2(dim_v), BLOCK_R=64,
         )
@@ -306,7 +311,7 @@ def known_tiles(
     num_queries = placeholder.numel()
     run = query_runs(run_length, documents, num_queries)
     if run:
-        return placeholder, placeholder, num_queries // run * triton.cdiv(run, tile), run
+        return placeholder, placeholder, num_queries // run * _cdiv(run, tile), run
     if documents is not None:
         return *document_pieces(documents, tile, placeholder.device), 0
     return None

@@ -23,7 +23,8 @@ except ImportError:
     raise
 from torch import Tensor
 
-from .nsa_ops_triton_common import _multiprocessors, _next_pow2, _row_chunks, _rows_of
+from .nsa_ops_library import records_grad
+from .nsa_ops_triton_common import _cdiv, _multiprocessors, _next_pow2, _row_chunks, _rows_of
 
 __all__ = ["apply_rotary", "cross_entropy", "gate_branches", "rms_norm", "silu_mul"]
 
@@ -81,7 +82,7 @@ def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dt
     rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
     block, block_r = _next_pow2(width), _norm_rows(width)
     for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
-        _rms_norm_fwd_kernel[(triton.cdiv(end - start, block_r),)](
+        _rms_norm_fwd_kernel[(_cdiv(end - start, block_r),)](
             _rows_of(rows, start, end), weight, _rows_of(out, start, end), _rows_of(rstd, start, end), end - start, width,
             rows.stride(0),
             out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
@@ -165,9 +166,9 @@ def _rms_norm_bwd_launch(rows: Tensor, weight: Tensor, rstd: Tensor, grad: Tenso
     # A few programs per multiprocessor, each over a contiguous range of rows: dw has one partial per
     # program (off CUDA, the interpreter, still a few: tests then cover the partials' sum).
     limit = 4 * _multiprocessors(rows.device) if rows.device.type == "cuda" else 3
-    programs = min(triton.cdiv(num_rows, block_r), limit)
-    per_program = triton.cdiv(triton.cdiv(num_rows, programs), block_r) * block_r
-    programs = triton.cdiv(num_rows, per_program)
+    programs = min(_cdiv(num_rows, block_r), limit)
+    per_program = _cdiv(_cdiv(num_rows, programs), block_r) * block_r
+    programs = _cdiv(num_rows, per_program)
     dw_part = torch.empty(programs, width, device=rows.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](
         rows, weight, rstd, grad, dx, dw_part, num_rows, width, rows.stride(0), grad.stride(0), dx.stride(0),
@@ -188,6 +189,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
         raise ValueError(f"`weight` must have shape {tuple(x.shape[-1:])} (x's last dim), got {tuple(weight.shape)}.")
     if torch.compiler.is_compiling():
         return _rms_norm_op(x, weight, eps, out_dtype)[0]
+    if not records_grad(x, weight):
+        return _rms_norm_forward(x, weight, eps, out_dtype)[0]
     return _RMSNorm.apply(x, weight, eps, out_dtype)
 
 
@@ -262,7 +265,7 @@ def _rotary_launch(rows: list[Tensor], outs: list[Tensor], cos: Tensor, sin: Ten
     padded_rows, padded_outs = rows + rows[:1] * pad, outs + outs[:1] * pad
     heads = [r.shape[1] for r in padded_rows]
     strides = [stride for r in padded_rows for stride in (r.stride(0), r.stride(1))]
-    _rotary_kernel[(triton.cdiv(num_tokens * max(heads), block_r), len(rows))](
+    _rotary_kernel[(_cdiv(num_tokens * max(heads), block_r), len(rows))](
         *padded_rows, *padded_outs, cos, sin, num_tokens, *strides, cos.stride(0), sin.stride(0),
         H0=heads[0], H1=heads[1], H2=heads[2], HALF=dim // 2, BLOCK_HALF=_next_pow2(dim // 2),
         BLOCK_R=block_r, INVERSE=inverse,
@@ -322,6 +325,8 @@ def apply_rotary(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> tuple[Tens
             raise ValueError(f"the tensors of `xs` must share one dtype, got {x.dtype} and {xs[0].dtype}.")
     if torch.compiler.is_compiling():
         return tuple(_rotary_op(list(xs), cos, sin, False))
+    if not records_grad(*xs):
+        return _rotate(xs, cos, sin, inverse=False)
     return _Rotary.apply(cos, sin, *xs)
 
 
@@ -351,7 +356,7 @@ def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: i
     grad_or_input = grad if grad is not None else gate_up  # the forward never reads GRAD
     row_elements = max(gate_up.stride(0), grad_or_input.stride(0), out.stride(0))
     for a, b in _row_chunks(out.shape[0], row_elements):
-        _silu_mul_kernel[(b - a, triton.cdiv(width, block))](
+        _silu_mul_kernel[(b - a, _cdiv(width, block))](
             _rows_of(gate_up, a, b), _rows_of(grad_or_input, a, b), _rows_of(out, a, b), width, gate_up.stride(0),
             grad_or_input.stride(0),
             out.stride(0), BLOCK=block, BACKWARD=grad is not None,
@@ -424,6 +429,8 @@ def silu_mul(gate_up: Tensor, width: int) -> Tensor:
         )
     if torch.compiler.is_compiling():
         return _silu_mul_op(gate_up, width)
+    if not records_grad(gate_up):
+        return _silu_mul_forward(gate_up, width)
     return _SiluMul.apply(gate_up, width)
 
 
@@ -466,7 +473,7 @@ def _gate_launch(outputs: tuple[Tensor, Tensor, Tensor], gates: Tensor, grad: Te
                *(d_outputs if d_outputs is not None else (out, out, out)), d_gates if d_gates is not None else gates)
     for a, b in _row_chunks(num_q, heads * max(dim, 3)):
         num_rows = (b - a) * heads
-        _gate_kernel[(triton.cdiv(num_rows, block_r),)](
+        _gate_kernel[(_cdiv(num_rows, block_r),)](
             *(_rows_of(t, a, b) for t in tensors), num_rows, DIM=dim, BLOCK_D=_next_pow2(dim), BLOCK_R=block_r,
             BACKWARD=grad is not None,
         )
@@ -541,6 +548,8 @@ def gate_branches(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) ->
         raise ValueError(f"branch outputs must share one dtype, got {o_cmp.dtype}, {o_slc.dtype} and {o_win.dtype}.")
     if torch.compiler.is_compiling():
         return _gate_op(o_cmp, o_slc, o_win, gates)
+    if not records_grad(o_cmp, o_slc, o_win, gates):
+        return _gate_forward(o_cmp, o_slc, o_win, gates)
     return _GateBranches.apply(o_cmp, o_slc, o_win, gates)
 
 
@@ -608,7 +617,7 @@ def _cross_entropy_backward(grad: Tensor, logits: Tensor, labels: Tensor, lse: T
     d_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
     block = min(_CE_BLOCK, _next_pow2(vocab))
     if num_rows:
-        _cross_entropy_bwd_kernel[(num_rows, triton.cdiv(vocab, block))](
+        _cross_entropy_bwd_kernel[(num_rows, _cdiv(vocab, block))](
             logits, labels.contiguous(), lse, grad.float().contiguous(), d_logits, vocab, logits.stride(0),
             d_logits.stride(0), ignore_index, BLOCK=block,
         )

@@ -841,6 +841,36 @@ def _output_and_grads(fn, inputs, grad_out=None):
     return out, torch.autograd.grad(out, [x for x in inputs if x.requires_grad], grad_out), grad_out
 
 
+def test_wrappers_record_gradients_when_only_some_inputs_need_them():
+    """The wrappers skip autograd only when no input needs a gradient (decoding): a frozen weight (LoRA fine-tuning)
+    or frozen keys still leave the other inputs' gradients, equal to those of a call where every input needs one."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 5, 16, device=DEVICE), 1 + torch.randn(16, device=DEVICE) / 4
+    angles = torch.randn(2, 5, 4, device=DEVICE).repeat(1, 1, 2)  # RoPE over head dim 8
+    q, k, v = (torch.randn(12, heads, 16, device=DEVICE) for heads in (4, 2, 2))
+    lo, hi = torch.zeros(12, dtype=torch.long, device=DEVICE), torch.arange(1, 13, device=DEVICE)
+    branches = [torch.randn(6, 4, 16, device=DEVICE) for _ in range(3)]
+    gates = torch.rand(6, 4, 3, device=DEVICE)
+    cases = {
+        "rms_norm": (lambda x, w: triton_pointwise.rms_norm(x, w, 1e-6), (x, weight)),
+        "rotary": (lambda a, b: torch.cat(triton_pointwise.apply_rotary((a, b), angles.cos(), angles.sin()), -2),
+                   (x.unflatten(-1, (2, 8)), x.unflatten(-1, (2, 8)).flip(0))),
+        "gate": (triton_pointwise.gate_branches, (*branches, gates)),
+        "interval": (lambda *qkv: triton_interval.interval_attention(*qkv, lo, hi, 0.25)[0], (q, k, v)),
+    }
+    for name, (fn, inputs) in cases.items():
+        full = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*full)
+        grad_out = torch.randn_like(out)
+        expected = torch.autograd.grad(out, full, grad_out)
+        for frozen in range(len(inputs)):
+            some = [t.clone().requires_grad_(i != frozen) for i, t in enumerate(inputs)]
+            wanted = [t for t in some if t.requires_grad]
+            grads = torch.autograd.grad(fn(*some), wanted, grad_out)
+            for grad, ref in zip(grads, [g for i, g in enumerate(expected) if i != frozen], strict=True):
+                torch.testing.assert_close(grad, ref, msg=lambda m: f"{name}, input {frozen} frozen: {m}")
+
+
 def test_the_wrappers_powers_of_two_are_tritons():
     """`_next_pow2` (plain Python, for the launch wrappers' host time) is `triton.next_power_of_2`, which sizes
     blocks and pads: from 0 up, around powers of two, and past 2**31."""

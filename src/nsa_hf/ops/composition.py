@@ -78,10 +78,6 @@ def sliding_window_attention_varlen(
     )[0]
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def nsa_attention_varlen(
     q: Tensor,
     k_cmp: Tensor,
@@ -104,7 +100,7 @@ def nsa_attention_varlen(
     on backends that have one (`library.fuses_decoding`)."""
     ranges = branch_ranges(layout, pattern) if ranges is None else ranges
     inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    if layout.run_length == 1 and library.fuses_decoding(backend) and not _needs_grad(*inputs):
+    if layout.run_length == 1 and library.fuses_decoding(backend) and not library.records_grad(*inputs):
         return library.decode_attention(*inputs, layout, pattern, scale, ranges, backend=backend)
     o_cmp, lse = compressed_attention_varlen(q, k_cmp, v_cmp, layout, pattern, scale, backend, ranges)
     block_indices = library.select_blocks(q, k_cmp, lse, layout, pattern, scale, backend=backend)

@@ -47,6 +47,12 @@ __all__ = [
 ]
 
 
+def records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records a call on these inputs. When not (decoding, inference), the eager wrappers call a
+    forward directly: an autograd Function's apply costs host time that a decoding step pays in every layer."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _no_residual(q: Tensor, k: Tensor, v: Tensor, block_starts: Tensor) -> int:
     return 0
 
@@ -228,6 +234,8 @@ def eager_interval_attention(
     documents: Tensor | tuple[int, ...] | None = None, max_readers: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable interval attention from a `Kernels.interval_forward` / `interval_backward` pair."""
+    if not records_grad(q, k, v):
+        return forward(q, k, v, lo, hi, scale, run_length, documents)
     return _IntervalFunction.apply(q, k, v, lo, hi, scale, run_length, documents, max_readers, forward, backward)
 
 
@@ -326,6 +334,8 @@ def eager_block_attention(
     k: Tensor, v: Tensor, block_starts: Tensor, block_size: int, hi: Tensor, scale: float,
 ) -> Tensor:
     """Differentiable block attention from a `Kernels.block_forward` / `block_backward` pair."""
+    if not records_grad(q, k, v):
+        return forward(q, k, v, block_starts, block_size, hi, scale)[0]
     return _BlockFunction.apply(q, k, v, block_starts, block_size, hi, scale, forward, backward)
 
 
