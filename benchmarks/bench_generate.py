@@ -12,8 +12,7 @@ its static path. The `-static-kept` runs pass one static cache made once per row
 transformers' generate() makes Llama a new StaticCache per call, whose new buffers make CUDA graphs record the step
 again (measured: 3.2 against 1.8 ms per token at 4k on the H200), while NSA's generate() keeps its static cache
 between calls by itself (`NsaForCausalLM._static_cache_for`; results before it show NSA's static row paying the
-same). Each NSA row
-also gives its step's bytes floor: the weights plus the cache bytes one token reads
+same). Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
 (compressed keys, the selected blocks, the window, per layer and row) over the measured copy bandwidth, and the
 fraction of the measured ms/token that floor is. `--profile` adds the GPU kernel time per token (a step whose
 ms/token is far above it waits on the host) and the kernels of one generate() call. Writes generate.json and

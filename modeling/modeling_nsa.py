@@ -882,7 +882,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         caller, `return_dict_in_generate=True`), a new cache that no later call touches. One generate() at a time
         per model: calls from several threads at once would share the kept buffers."""
         kept = self._kept_static_cache
-        if keep and kept is not None and kept.can_hold(self.config, rows, max_cache_len, self._cache_dtype(), self.device):
+        if keep and kept is not None and kept.can_hold(rows, max_cache_len, self._cache_dtype(), self.device):
             kept.reset()
             return kept
         # As long as the last one at least: the compiled step then meets shapes it has seen (transformers does so).
@@ -898,8 +898,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.dtype
 
     def release_static_cache(self) -> None:
-        """Drop the static cache that generate(cache_implementation="static") keeps between calls (its memory is
-        freed once no returned output holds it either)."""
+        """Drop the static cache that generate(cache_implementation="static") keeps between calls."""
         self._kept_static_cache = None
 
     def _apply(self, fn, recurse: bool = True):

@@ -238,7 +238,8 @@ def _combine_splits(o: Tensor, lse: Tensor, dtype: torch.dtype) -> tuple[Tensor,
         rows = (end - start) * heads_q
         _combine_splits_kernel[(_cdiv(rows, 32),)](
             o[:, start:end], lse[:, start:end], _rows_of(out, start, end), _rows_of(out_lse, start, end), rows,
-            o.stride(0), lse.stride(0), DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), BLOCK_R=32,
+            o.stride(0), lse.stride(0), DV=dim_v, BLOCK_DV=_pow2(dim_v), NUM_SPLITS=splits, SPLITS_PAD=_pow2(splits, 2),
+            BLOCK_R=32,
         )
     return out, out_lse
 

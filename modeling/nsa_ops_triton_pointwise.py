@@ -83,9 +83,8 @@ def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dt
     block, block_r = _next_pow2(width), _norm_rows(width)
     for start, end in _row_chunks(num_rows, max(rows.stride(0), width)):
         _rms_norm_fwd_kernel[(_cdiv(end - start, block_r),)](
-            _rows_of(rows, start, end), weight, _rows_of(out, start, end), _rows_of(rstd, start, end), end - start, width,
-            rows.stride(0),
-            out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
+            _rows_of(rows, start, end), weight, _rows_of(out, start, end), _rows_of(rstd, start, end), end - start,
+            width, rows.stride(0), out.stride(0), eps, BLOCK=block, BLOCK_R=block_r,
         )
     return out.view(*x.shape[:-1], width), rstd
 
@@ -358,8 +357,7 @@ def _silu_mul_launch(gate_up: Tensor, grad: Tensor | None, out: Tensor, width: i
     for a, b in _row_chunks(out.shape[0], row_elements):
         _silu_mul_kernel[(b - a, _cdiv(width, block))](
             _rows_of(gate_up, a, b), _rows_of(grad_or_input, a, b), _rows_of(out, a, b), width, gate_up.stride(0),
-            grad_or_input.stride(0),
-            out.stride(0), BLOCK=block, BACKWARD=grad is not None,
+            grad_or_input.stride(0), out.stride(0), BLOCK=block, BACKWARD=grad is not None,
         )
 
 

@@ -212,23 +212,17 @@ class NsaStaticCache(Cache):
         if self.doc_starts is not None:
             self.doc_starts.copy_(self.doc_starts.index_select(0, beam_idx.to(self.doc_starts.device)))
 
-    def can_hold(
-        self, config: NsaConfig, rows: int, max_cache_len: int, dtype: torch.dtype, device: torch.device | str
-    ) -> bool:
-        """Whether this cache, once filled, can serve (after `reset`) a generation of `rows` rows and up to
-        `max_cache_len` tokens for a model of `config` in `dtype` on `device`: `NsaForCausalLM.generate` keeps its
-        static cache between calls when it can."""
+    def can_hold(self, rows: int, max_cache_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this filled cache can serve (after `reset`) a generation of `rows` rows and up to `max_cache_len`
+        tokens in `dtype` on `device`; its geometry is the config's it was built from. `NsaForCausalLM.generate`
+        keeps its static cache between calls when it can."""
         layer = self.layers[0]
         return (
             layer.is_initialized
-            and len(self.layers) == config.num_hidden_layers
-            and layer.pattern == sparse_pattern(config)
-            and layer.separate_window == (config.branch_kv == "independent")
-            and tuple(layer.keys.shape[::2]) == (rows, config.num_key_value_heads)
-            and layer.keys.shape[-1] == config.head_dim
+            and layer.keys.shape[0] == rows
             and self.max_cache_len >= max_cache_len
             and layer.keys.dtype == dtype
-            and layer.keys.device == torch.device(device)
+            and layer.keys.device == device
         )
 
     def nbytes(self) -> int:
