@@ -911,6 +911,28 @@ def test_launches_cut_below_the_int32_limit_equal_one_launch(name, monkeypatch):
         assert_close_rel(chunked, expected, dtype, f"{name} output/grad {i}")
 
 
+def test_tile_readers_are_the_queries_that_see_some_key_of_each_tile():
+    """The interval backward's dk/dv programs read their key tile's readers from one binary-search kernel: for random
+    non-decreasing intervals (empty ones, repeats, a partial last tile), a range holding every query q with
+    lo[q] <= c < hi[q] for some key c of the tile, as a brute-force check finds them, and besides them only empty
+    intervals (which the kernel masks)."""
+    torch.manual_seed(3)
+    for _ in range(30):
+        num_q, num_k = int(torch.randint(1, 200, ())), int(torch.randint(1, 300, ()))
+        lo = torch.sort(torch.randint(0, num_k, (num_q,), device=DEVICE))[0]
+        hi = torch.cummax(torch.clamp(lo + torch.randint(0, 40, (num_q,), device=DEVICE), max=num_k), 0)[0]
+        q_lo, q_hi = triton_interval._tile_readers(lo, hi, num_k, 16)
+        keys = torch.arange(num_k, device=DEVICE)
+        sees = (lo[:, None] <= keys[None, :]) & (keys[None, :] < hi[:, None])  # [query, key]
+        assert q_lo.numel() == -(-num_k // 16)
+        for tile in range(q_lo.numel()):
+            reads = sees[:, tile * 16:(tile + 1) * 16].any(1)
+            in_range = torch.zeros_like(reads)
+            in_range[q_lo[tile]:q_hi[tile]] = True
+            assert not (reads & ~in_range).any(), f"tile {tile}: a reader outside [{q_lo[tile]}, {q_hi[tile]})"
+            assert (reads | (lo == hi))[in_range].all(), f"tile {tile}: a query in range that reads nothing"
+
+
 def test_a_store_past_int32_sort_keys_is_refused_by_name():
     """Block attention sorts (key head, key) pairs as int32, a limit past any GPU's memory: named, not wrapped."""
     with pytest.raises(ValueError, match="got 2 key heads x 1073741824 keys"):
