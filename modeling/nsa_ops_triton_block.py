@@ -206,18 +206,28 @@ def _block_bwd_kernel(
     stride_dqs, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, heads_kv, num_slots, num_k, scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DQ_PARTIALS: tl.constexpr,
+    WIDE_KEYS: tl.constexpr,
 ):
     """Block-centric backward: dk, dv of one selected block from (a piece of) the queries that chose it,
     accumulated in registers (fp32 atomics only where a long query list is cut into pieces). Each query
     reads n blocks, so its dq has n parts: with DQ_PARTIALS they are stored per slot (DQ [n, Nq, HQ, D],
-    summed afterwards); without, `_block_bwd_dq_kernel` computes dq (atomics for it measured slower)."""
+    summed afterwards); without, `_block_bwd_dq_kernel` computes dq (atomics for it measured slower).
+
+    WIDE_KEYS (a key store past `_LAUNCH_ELEMENTS`): K, V, DK and DV are addressed from int64 bases at each block.
+    Otherwise from the stores' own bases with int32 rows, as this kernel runs faster: unlike the forward's, its
+    loop holds dk and dv, and the int64 bases cost it registers (a spill at 4 warps)."""
     dq_idx = tl.arange(0, BLOCK_D)
     dv_idx = tl.arange(0, BLOCK_DV)
     for piece in range(tl.program_id(0), tl.load(TOTAL), tl.num_programs(0)):
         first, length, kv_head, start, offsets, in_block = _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k,
                                                                   BLOCK_SIZE, BLOCK_S)
-        k_block, v_block = _key_bases(K, V, start, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
-        k, v = _kv_tile(k_block, v_block, offsets, in_block, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
+        if WIDE_KEYS:  # int64 bases at the block, rows counted from it
+            row0, rows = start, offsets
+        else:  # the stores' own bases and int32 rows, the masks built from the rows too
+            row0, rows = 0, start + offsets
+            in_block = (offsets < BLOCK_SIZE) & (rows < num_k)
+        k_block, v_block = _key_bases(K, V, row0, kv_head, stride_kt, stride_kh, stride_vt, stride_vh)
+        k, v = _kv_tile(k_block, v_block, rows, in_block, stride_kt, stride_vt, D, DV_DIM, BLOCK_D, BLOCK_DV)
         dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
         for e0 in range(0, length, BLOCK_Q):
@@ -225,15 +235,15 @@ def _block_bwd_kernel(
                                                         G, ROWS, BLOCK_Q)
             q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, token, head, row_ok, stride_qt, stride_qh,
                                             stride_dot, stride_doh, G * heads_kv, D, DV_DIM, BLOCK_D, BLOCK_DV)
-            valid = row_ok[:, None] & in_block[None, :] & (offsets[None, :] < (hi - start)[:, None])
+            valid = row_ok[:, None] & in_block[None, :] & (rows[None, :] < (hi - row0)[:, None])
             dk, dv, ds = _dkv_step(q, do, lse, delta, k, v, valid, scale, dk, dv)
             if DQ_PARTIALS:
                 tl.store(DQ + slot[:, None] * stride_dqs + token[:, None] * stride_dqt + head[:, None] * stride_dqh
                          + dq_idx[None, :], tl.dot(ds.to(k.dtype), k) * scale, mask=row_ok[:, None] & (dq_idx < D)[None, :])
-        dk_block, dv_block = _key_bases(DK, DV, start, kv_head, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
-        tl.atomic_add(dk_block + offsets[:, None] * stride_dkt + dq_idx[None, :], dk * scale,
+        dk_block, dv_block = _key_bases(DK, DV, row0, kv_head, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
+        tl.atomic_add(dk_block + rows[:, None] * stride_dkt + dq_idx[None, :], dk * scale,
                       mask=in_block[:, None] & (dq_idx < D)[None, :])
-        tl.atomic_add(dv_block + offsets[:, None] * stride_dvt + dv_idx[None, :], dv,
+        tl.atomic_add(dv_block + rows[:, None] * stride_dvt + dv_idx[None, :], dv,
                       mask=in_block[:, None] & (dv_idx < DV_DIM)[None, :])
 
 
@@ -436,7 +446,8 @@ def _block_backward_pass(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         *dq_strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         heads_kv, slots, num_k, scale,
-        DV_DIM=dim_v, DQ_PARTIALS=dq_partials, **_block_centric_tile(groups), **meta,
+        DV_DIM=dim_v, DQ_PARTIALS=dq_partials, WIDE_KEYS=max(k.numel(), v.numel()) > common__LAUNCH_ELEMENTS,
+        **_block_centric_tile(groups), **meta,
     )
     if dq_partials:
         _sum_dq_parts_kernel[(_cdiv(num_q * heads_q, 32),)](

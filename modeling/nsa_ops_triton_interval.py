@@ -159,14 +159,14 @@ def _interval_bwd_dkv_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, Q_CHUNK: tl.constexpr,
     D: tl.constexpr, DV_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries that see them (chunks meet in atomics)."""
+    """dk, dv of BLOCK_N keys from one chunk of Q_CHUNK of the queries [QLO, QHI) that see them (`_tile_readers`;
+    chunks meet in atomics)."""
     kv_head = tl.program_id(1)
     heads_q = G * tl.num_programs(1)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < num_k
-    q_lo = tl.min(tl.load(QLO + keys, mask=key_ok, other=2147483647), axis=0)
-    q_hi = tl.max(tl.load(QHI + keys, mask=key_ok, other=0), axis=0)
-    q_lo = q_lo + tl.program_id(2) * Q_CHUNK
+    q_lo = tl.load(QLO + tl.program_id(0)) + tl.program_id(2) * Q_CHUNK
+    q_hi = tl.load(QHI + tl.program_id(0))
     q_hi = tl.minimum(q_hi, q_lo + Q_CHUNK)
     if q_lo >= q_hi:
         return
@@ -283,7 +283,7 @@ def interval_backward(
     )
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    q_lo, q_hi = _key_readers(lo, hi, num_k)
+    q_lo, q_hi = _tile_readers(lo, hi, num_k, 64)
     # Programs per key tile: enough for the longest reader range any tile could have, known without a host sync
     # (the 64 keys of a tile and the `max_readers` queries after each, or all queries); those past a tile's own
     # range return at once.
@@ -298,10 +298,44 @@ def interval_backward(
 _READER_CHUNK = 1024  # queries per dk/dv program: longer reader ranges are split over programs
 
 
-def _key_readers(lo: Tensor, hi: Tensor, num_k: int) -> tuple[Tensor, Tensor]:
-    """For each key c, the queries that see it: [first hi > c, first lo > c), since lo and hi never decrease."""
-    key_index = torch.arange(num_k, device=lo.device, dtype=lo.dtype)
-    return torch.searchsorted(hi, key_index, right=True).to(torch.int32), torch.searchsorted(lo, key_index, right=True).to(torch.int32)
+@triton.jit
+def _tile_readers_kernel(LO, HI, QLO, QHI, num_q, num_k, num_tiles, search_steps, BLOCK_N: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """For BLOCK key tiles of BLOCK_N keys, the queries that see some key of the tile: [first hi > the tile's first
+    key, first lo > its last key), by binary searches (lo and hi never decrease)."""
+    tile = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = tile < num_tiles
+    first_key = tile * BLOCK_N
+    last_key = tl.minimum(first_key + BLOCK_N, num_k) - 1
+    lo_lo = tl.zeros_like(tile)  # the answers lie in [x_lo, x_hi]
+    lo_hi = tl.zeros_like(tile) + num_q
+    hi_lo = tl.zeros_like(tile)
+    hi_hi = tl.zeros_like(tile) + num_q
+    for _ in range(search_steps):
+        mid = (hi_lo + hi_hi) // 2
+        open_range = ok & (hi_lo < hi_hi)
+        seen = tl.load(HI + mid, mask=open_range, other=0) > first_key
+        hi_lo = tl.where(open_range & ~seen, mid + 1, hi_lo)
+        hi_hi = tl.where(open_range & seen, mid, hi_hi)
+        mid = (lo_lo + lo_hi) // 2
+        open_range = ok & (lo_lo < lo_hi)
+        past = tl.load(LO + mid, mask=open_range, other=0) > last_key
+        lo_lo = tl.where(open_range & ~past, mid + 1, lo_lo)
+        lo_hi = tl.where(open_range & past, mid, lo_hi)
+    tl.store(QLO + tile, hi_lo, mask=ok)
+    tl.store(QHI + tile, lo_lo, mask=ok)
+
+
+def _tile_readers(lo: Tensor, hi: Tensor, num_k: int, tile: int) -> tuple[Tensor, Tensor]:
+    """For each tile of `tile` keys, the queries [q_lo, q_hi) that see any of its keys (int32, one launch: the
+    backward's dk/dv programs each read their tile's)."""
+    num_tiles = _cdiv(num_k, tile)
+    readers = torch.empty(2, num_tiles, device=lo.device, dtype=torch.int32)
+    num_q = lo.numel()
+    _tile_readers_kernel[(_cdiv(num_tiles, 256),)](
+        lo, hi, readers[0], readers[1], num_q, num_k, num_tiles, num_q.bit_length(), BLOCK_N=tile, BLOCK=256,
+    )
+    return readers[0], readers[1]
 
 
 def interval_attention(
