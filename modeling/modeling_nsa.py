@@ -140,14 +140,32 @@ def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
 _ZEROS: dict[tuple, Tensor] = {}
 
 
+# Inputs of at most this many rows (decoding steps) are memory-bound GEMMs that read each weight once, stacked or not.
+_FEW_ROWS = 64
+# Stacked weight bytes per GEMM saved, above which a compiled decoding step runs separate GEMMs: copying 16 MiB twice
+# takes the H200 about 9 us, several times what one more small GEMM adds to a CUDA graph.
+_COPY_BYTES_PER_LAUNCH = 16 << 20
+
+
+def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
+    """Whether projections of this input run as one GEMM over stacked `weights`. Always when eager: the host's time
+    counts there, and one GEMM queues less than several. A compiled decoding step (a CUDA graph: only the GPU's time
+    counts) copies every stacked weight per step, twice its bytes: it stacks only while that copy costs less than
+    the GEMM launches it saves (the seed model's projections, not a 1B model's MLP)."""
+    if not torch.compiler.is_compiling() or hidden_states.numel() > _FEW_ROWS * hidden_states.shape[-1]:
+        return True
+    return sum(w.numel() * w.element_size() for w in weights) < (len(weights) - 1) * _COPY_BYTES_PER_LAUNCH
+
+
 def stacked_projection(
     hidden_states: Tensor, projections: tuple[nn.Module, ...], with_bias: bool = True
 ) -> Tensor | None:
     """The outputs of projections of the same input side by side, from one GEMM over their stacked weights
     (under autocast the input is cast once and its gradient comes back as one tensor, not one per
     projection), possibly followed by zero padding columns; None unless all are plain nn.Linear (LoRA,
-    quantized and hooked modules keep their own forward). `with_bias=False` leaves the biases to the caller."""
-    if not all(_plain_linear(p) for p in projections):
+    quantized and hooked modules keep their own forward) and `_stacks` the input. `with_bias=False` leaves the
+    biases to the caller."""
+    if not all(_plain_linear(p) for p in projections) or not _stacks(hidden_states, [p.weight for p in projections]):
         return None
     sizes = [p.out_features for p in projections]
     # Zero rows up to a multiple of 8 outputs keep the output rows 16-byte aligned in bf16: otherwise cuBLAS
@@ -189,7 +207,8 @@ class NsaMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: Tensor, fused: PointwiseKernels | None = None) -> Tensor:
-        """`fused`: the fused kernels the model resolved for this pass (`NsaConfig.fused_kernels`), or PyTorch ops."""
+        """`fused`: the fused kernels the model resolved for this pass (`NsaConfig.fused_kernels`), or PyTorch ops
+        (always under torch.compile, which fuses them)."""
         fused = fused if self.config.hidden_act in ("silu", "swish") else None
         if fused is not None and (gate_up := stacked_projection(x, (self.gate_proj, self.up_proj))) is not None:
             return self.down_proj(fused.silu_mul(gate_up, self.gate_proj.out_features))

@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache
+from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache, modeling_nsa
 from nsa_hf.compat import CACHE_KWARG
 
 from .factories import make_model, tiny_config
@@ -86,6 +86,44 @@ def test_compiled_static_decoding_is_one_graph_with_the_default_cache_logits(mod
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_a_compiled_decoding_step_stacks_only_weights_cheaper_to_copy_than_a_gemm(model, monkeypatch):
+    """A compiled decoding step runs projections whose weights are large (per GEMM saved) as separate GEMMs, so that
+    no weight goes through a cat, which would copy it every token; small weights (this model's) it still stacks, as
+    every eager call and a compiled full pass do."""
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def weights_concatenated(gm: torch.fx.GraphModule) -> int:
+        cats = [node for node in gm.graph.nodes if node.op == "call_function" and node.target is torch.cat]
+        return sum(
+            any(isinstance(x, torch.fx.Node) and x.op in ("placeholder", "get_attr") and "weight" in x.name
+                for x in cat.args[0])
+            for cat in cats
+        )
+
+    def compiled_graphs() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        graphs.clear()
+        torch._dynamo.reset()
+        prompt = torch.randint(1, 97, (2, 21))
+        cache = NsaStaticCache(model.config, max_cache_len=21 + 3)
+        with torch.no_grad():
+            token = model(input_ids=prompt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            torch.compile(model, backend=capture, fullgraph=True)(input_ids=token, cache=cache)
+            torch.compile(model, backend=capture, fullgraph=True)(input_ids=torch.randint(1, 97, (2, 40)), use_cache=False)
+        torch._dynamo.reset()
+        return tuple(graphs)
+
+    step, full_pass = compiled_graphs()
+    assert weights_concatenated(step) > 0 and weights_concatenated(full_pass) > 0
+    monkeypatch.setattr(modeling_nsa, "_COPY_BYTES_PER_LAUNCH", 0)  # every weight "large"
+    step, full_pass = compiled_graphs()
+    assert weights_concatenated(step) == 0
+    assert weights_concatenated(full_pass) > 0  # 80 rows: a full pass, stacked whatever the weights
 
 
 def test_static_cache_reset_and_reorder(model):
