@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--extra", nargs="*", default=["seed:32768:32"],
-                        help="more (shape:context:batch) rows, e.g. seed at 32k with batch 32")
+                        help="more (shape:context:batch) rows, e.g. seed at 32k with batch 32 (any shape)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--llama", action="store_true", help="also Llama's default and static-cache generate()")
@@ -139,11 +139,16 @@ def main() -> None:
     options = {"static": {"cache_implementation": "static"}, "kept": {"keep": True}}
     runs = [(kind, options.get(kind.split("-")[-1], {})) for kind in chosen]
     extra = [tuple(item.split(":")) for item in args.extra]
+    bad = [item for item, parts in zip(args.extra, extra, strict=True) if len(parts) != 3 or parts[0] not in SHAPES]
+    if bad:
+        parser.error(f"--extra takes shape:context:batch with a shape of {sorted(SHAPES)}, got {bad}")
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
     rows = []
-    for shape in args.shapes:
-        cases = [(c, b) for c in args.contexts for b in args.batches]
+    # An extra row runs even when its shape is not among --shapes (then with no other row of that shape).
+    shapes = list(dict.fromkeys([*args.shapes, *(shape for shape, _, _ in extra)]))
+    for shape in shapes:
+        cases = [(c, b) for c in args.contexts for b in args.batches] if shape in args.shapes else []
         cases += [(int(c), int(b)) for s, c, b in extra if s == shape and (int(c), int(b)) not in cases]
         for kind, kwargs in runs:
             model = build(kind.split("-")[0], shape, max(c for c, _ in cases) + args.new_tokens + 8)
