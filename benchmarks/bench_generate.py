@@ -139,9 +139,10 @@ def main() -> None:
     options = {"static": {"cache_implementation": "static"}, "kept": {"keep": True}}
     runs = [(kind, options.get(kind.split("-")[-1], {})) for kind in chosen]
     extra = [tuple(item.split(":")) for item in args.extra]
-    bad = [item for item, parts in zip(args.extra, extra, strict=True) if len(parts) != 3 or parts[0] not in SHAPES]
+    bad = [item for item, parts in zip(args.extra, extra, strict=True)
+           if len(parts) != 3 or parts[0] not in SHAPES or not all(part.isdigit() for part in parts[1:])]
     if bad:
-        parser.error(f"--extra takes shape:context:batch with a shape of {sorted(SHAPES)}, got {bad}")
+        parser.error(f"--extra takes shape:context:batch (a shape of {sorted(SHAPES)}, integers), got {bad}")
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
     rows = []

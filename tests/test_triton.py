@@ -913,18 +913,22 @@ def test_launches_cut_below_the_int32_limit_equal_one_launch(name, monkeypatch):
 
 def test_tile_readers_are_the_queries_that_see_some_key_of_each_tile():
     """The interval backward's dk/dv programs read their key tile's readers from one binary-search kernel: for random
-    non-decreasing intervals (empty ones, repeats, a partial last tile), a range holding every query q with
+    non-decreasing intervals (empty ones, repeats, a partial last tile; once more tiles than one program holds), the
+    range [first hi > the tile's first key, first lo > its last key), which holds every query q with
     lo[q] <= c < hi[q] for some key c of the tile, as a brute-force check finds them, and besides them only empty
     intervals (which the kernel masks)."""
     torch.manual_seed(3)
-    for _ in range(30):
-        num_q, num_k = int(torch.randint(1, 200, ())), int(torch.randint(1, 300, ()))
+    sizes = [(int(torch.randint(1, 200, ())), int(torch.randint(1, 300, ()))) for _ in range(20)] + [(900, 4200)]
+    for num_q, num_k in sizes:
         lo = torch.sort(torch.randint(0, num_k, (num_q,), device=DEVICE))[0]
         hi = torch.cummax(torch.clamp(lo + torch.randint(0, 40, (num_q,), device=DEVICE), max=num_k), 0)[0]
         q_lo, q_hi = triton_interval._tile_readers(lo, hi, num_k, 16)
+        first = torch.arange(0, num_k, 16, device=DEVICE)
+        last = torch.clamp(first + 15, max=num_k - 1)
+        assert torch.equal(q_lo.long(), torch.searchsorted(hi, first, right=True))
+        assert torch.equal(q_hi.long(), torch.searchsorted(lo, last, right=True))
         keys = torch.arange(num_k, device=DEVICE)
         sees = (lo[:, None] <= keys[None, :]) & (keys[None, :] < hi[:, None])  # [query, key]
-        assert q_lo.numel() == -(-num_k // 16)
         for tile in range(q_lo.numel()):
             reads = sees[:, tile * 16:(tile + 1) * 16].any(1)
             in_range = torch.zeros_like(reads)

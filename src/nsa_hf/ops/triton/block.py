@@ -92,9 +92,10 @@ def _block_fwd_kernel(
 @triton.jit
 def _piece(PIECE_FIRST, PIECE_LEN, SORTED_KEY, piece, num_k, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
     """Entries, key head, block start, key offsets in the block and their validity of one piece of a selected block's
-    query list (`_queries_per_block`). The kernels compare offsets, not keys, with each query's bound (hi - start):
-    masks built from `start + offsets` beside loads from the block's base made Triton 3.6 emit a slower loop
-    (benchmarks/results/issue14/kernels.txt)."""
+    query list (`_queries_per_block`). The forward kernels compare offsets, not keys, with each query's bound
+    (hi - start): masks built from `start + offsets` beside loads from the block's base made Triton 3.6 emit a slower
+    loop (benchmarks/results/issue14/kernels.txt). The backward, below 2**31 key elements, compares keys instead: it
+    reads from the store's own base (`_block_bwd_kernel`)."""
     first = tl.load(PIECE_FIRST + piece)
     length = tl.load(PIECE_LEN + piece)
     block_key = tl.load(SORTED_KEY + first)

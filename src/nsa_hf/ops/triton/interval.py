@@ -279,12 +279,13 @@ def interval_backward(
     )
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    q_lo, q_hi = _tile_readers(lo, hi, num_k, 64)
+    keys_per_tile = meta["BLOCK_N"]
+    q_lo, q_hi = _tile_readers(lo, hi, num_k, keys_per_tile)
     # Programs per key tile: enough for the longest reader range any tile could have, known without a host sync
-    # (the 64 keys of a tile and the `max_readers` queries after each, or all queries); those past a tile's own
+    # (the keys of a tile and the `max_readers` queries after each, or all queries); those past a tile's own
     # range return at once.
-    readers = num_q if max_readers is None else min(num_q, max_readers + 63)
-    _interval_bwd_dkv_kernel[(_cdiv(num_k, 64), heads_kv, _cdiv(readers, _READER_CHUNK))](
+    readers = num_q if max_readers is None else min(num_q, max_readers + keys_per_tile - 1)
+    _interval_bwd_dkv_kernel[(_cdiv(num_k, keys_per_tile), heads_kv, _cdiv(readers, _READER_CHUNK))](
         q, k, v, do, lse, delta, lo, hi, q_lo, q_hi, dk, dv, *strides, num_k, scale,
         Q_CHUNK=_READER_CHUNK, D=dim, DV_DIM=dim_v, **meta, num_stages=2,  # H200, seed shape at 32k: 1.17 ms vs 1.24 with 3
     )
@@ -322,14 +323,14 @@ def _tile_readers_kernel(LO, HI, QLO, QHI, num_q, num_k, num_tiles, search_steps
     tl.store(QHI + tile, lo_lo, mask=ok)
 
 
-def _tile_readers(lo: Tensor, hi: Tensor, num_k: int, tile: int) -> tuple[Tensor, Tensor]:
-    """For each tile of `tile` keys, the queries [q_lo, q_hi) that see any of its keys (int32, one launch: the
-    backward's dk/dv programs each read their tile's)."""
-    num_tiles = _cdiv(num_k, tile)
+def _tile_readers(lo: Tensor, hi: Tensor, num_k: int, keys_per_tile: int) -> tuple[Tensor, Tensor]:
+    """For each tile of `keys_per_tile` keys, the queries [q_lo, q_hi) that see any of its keys (int32, one launch:
+    the backward's dk/dv programs each read their tile's)."""
+    num_tiles = _cdiv(num_k, keys_per_tile)
     readers = torch.empty(2, num_tiles, device=lo.device, dtype=torch.int32)
     num_q = lo.numel()
     _tile_readers_kernel[(_cdiv(num_tiles, 256),)](
-        lo, hi, readers[0], readers[1], num_q, num_k, num_tiles, num_q.bit_length(), BLOCK_N=tile, BLOCK=256,
+        lo, hi, readers[0], readers[1], num_q, num_k, num_tiles, num_q.bit_length(), BLOCK_N=keys_per_tile, BLOCK=256,
     )
     return readers[0], readers[1]
 
