@@ -65,7 +65,8 @@ def shape_and_geometry(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
     shape, geometry = shape_and_geometry(args)
-    return quality_common.build(kind, shape, {**geometry, "branch_kv": args.branch_kv}, args.nsa_backend, args.seed)
+    nsa_fields = {**geometry, "branch_kv": args.branch_kv, "compression_type": args.compression}
+    return quality_common.build(kind, shape, nsa_fields, args.nsa_backend, args.seed)
 
 
 def passkey_batches(args: argparse.Namespace, lengths: list[int], short_steps: int = 0):
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nsa-backend", default="auto")
     parser.add_argument("--branch-kv", default="independent", choices=["independent", "shared"],
                         help="NsaConfig.branch_kv of the NSA model trained from scratch (conversion always shares)")
+    parser.add_argument("--compression", default="mlp", choices=["mlp", "linear", "mean"],
+                        help="NsaConfig.compression_type (phi) of the NSA model trained from scratch")
     parser.add_argument("--conversion", action="store_true",
                         help="instead: a dense model trained at --short-lengths (<= the window) for --conversion-steps, "
                         "then converted to NSA and continued at --train-lengths, against the dense model continued alike")

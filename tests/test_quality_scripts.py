@@ -49,6 +49,15 @@ def test_training_starts_with_short_rows_only_then_draws_from_the_training_lengt
     assert lengths[:3] == [16, 16, 16] and set(lengths[3:]) == {32, 64}
 
 
+def test_the_nsa_model_from_scratch_takes_the_branch_kv_and_compression_asked_for():
+    retrieval = _load("quality_retrieval")
+    default = retrieval.build("nsa", retrieval.build_parser().parse_args(TINY)).config
+    assert (default.branch_kv, default.compression_type) == ("independent", "mlp")
+    args = retrieval.build_parser().parse_args([*TINY, "--branch-kv", "shared", "--compression", "mean"])
+    config = retrieval.build("nsa", args).config
+    assert (config.branch_kv, config.compression_type) == ("shared", "mean")
+
+
 def test_window_only_zeroes_the_compressed_and_selection_gates_then_restores_them():
     retrieval = _load("quality_retrieval")
     args = retrieval.build_parser().parse_args(TINY)
