@@ -62,6 +62,17 @@ def _rows_of(tensor: Tensor, start: int, end: int) -> Tensor:
 
 
 @triton.jit
+def _bisect_step(X, bound, lo, hi, ok):
+    """One step of a per-lane binary search for the first index in [lo, hi] whose X exceeds `bound` (X non-decreasing
+    there; hi when none does): the narrowed (lo, hi), unchanged in lanes not `ok` or already closed. Kernels run
+    their searches' steps side by side in one loop, so that the searches' loads overlap."""
+    mid = (lo + hi) // 2
+    open_range = ok & (lo < hi)
+    above = tl.load(X + mid, mask=open_range, other=0) > bound
+    return tl.where(open_range & ~above, mid + 1, lo), tl.where(open_range & above, mid, hi)
+
+
+@triton.jit
 def _at_row(X, row, stride):
     """X advanced by `row` rows of `stride` elements, in int64: the attention kernels address tensors past 2**31
     elements from one such scalar base per program (or per key block), the offsets added to it staying int32

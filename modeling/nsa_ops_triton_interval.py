@@ -25,6 +25,7 @@ from .nsa_ops_library import eager_interval_attention
 from .nsa_ops_triton_common import (
     Documents,
     _at_row,
+    _bisect_step,
     _cdiv,
     _combine_splits,
     _dkv_step,
@@ -308,23 +309,13 @@ def _tile_readers_kernel(LO, HI, QLO, QHI, num_q, num_k, num_tiles, search_steps
     ok = tile < num_tiles
     first_key = tile * BLOCK_N
     last_key = tl.minimum(first_key + BLOCK_N, num_k) - 1
-    lo_lo = tl.zeros_like(tile)  # the answers lie in [x_lo, x_hi]
-    lo_hi = tl.zeros_like(tile) + num_q
-    hi_lo = tl.zeros_like(tile)
-    hi_hi = tl.zeros_like(tile) + num_q
+    first_lo, first_hi = tl.zeros_like(tile), tl.zeros_like(tile) + num_q  # each answer lies in [x_lo, x_hi]
+    past_lo, past_hi = tl.zeros_like(tile), tl.zeros_like(tile) + num_q
     for _ in range(search_steps):
-        mid = (hi_lo + hi_hi) // 2
-        open_range = ok & (hi_lo < hi_hi)
-        seen = tl.load(HI + mid, mask=open_range, other=0) > first_key
-        hi_lo = tl.where(open_range & ~seen, mid + 1, hi_lo)
-        hi_hi = tl.where(open_range & seen, mid, hi_hi)
-        mid = (lo_lo + lo_hi) // 2
-        open_range = ok & (lo_lo < lo_hi)
-        past = tl.load(LO + mid, mask=open_range, other=0) > last_key
-        lo_lo = tl.where(open_range & ~past, mid + 1, lo_lo)
-        lo_hi = tl.where(open_range & past, mid, lo_hi)
-    tl.store(QLO + tile, hi_lo, mask=ok)
-    tl.store(QHI + tile, lo_lo, mask=ok)
+        first_lo, first_hi = _bisect_step(HI, first_key, first_lo, first_hi, ok)
+        past_lo, past_hi = _bisect_step(LO, last_key, past_lo, past_hi, ok)
+    tl.store(QLO + tile, first_lo, mask=ok)
+    tl.store(QHI + tile, past_lo, mask=ok)
 
 
 def _tile_readers(lo: Tensor, hi: Tensor, num_k: int, keys_per_tile: int) -> tuple[Tensor, Tensor]:

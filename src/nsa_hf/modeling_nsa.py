@@ -164,14 +164,17 @@ def stacked_projection(
     projection), possibly followed by zero padding columns; None unless all are plain nn.Linear (LoRA,
     quantized and hooked modules keep their own forward) and `_stacks` the input. `with_bias=False` leaves the
     biases to the caller."""
-    if not all(_plain_linear(p) for p in projections) or not _stacks(hidden_states, [p.weight for p in projections]):
+    if not all(_plain_linear(p) for p in projections):
+        return None
+    weights = [p.weight for p in projections]
+    if not _stacks(hidden_states, weights):
         return None
     sizes = [p.out_features for p in projections]
     # Zero rows up to a multiple of 8 outputs keep the output rows 16-byte aligned in bf16: otherwise cuBLAS
     # falls back to unaligned kernels (as it did for the seed model's 1572 outputs on the H200).
     padding = -sum(sizes) % 8
-    weight = projections[0].weight
-    weights = [p.weight for p in projections] + ([_zeros((padding, weight.shape[1]), weight)] if padding else [])
+    weight = weights[0]
+    weights += [_zeros((padding, weight.shape[1]), weight)] if padding else []
     bias = None
     if with_bias and any(p.bias is not None for p in projections):
         biases = [_zeros((p.out_features,), weight) if p.bias is None else p.bias for p in projections]

@@ -25,6 +25,7 @@ from ..library import eager_block_attention
 from . import common
 from .common import (
     _at_row,
+    _bisect_step,
     _cdiv,
     _combine_splits,
     _dkv_step,
@@ -287,13 +288,9 @@ def _block_pieces_kernel(SORTED_KEY, COUNT, PIECE_FIRST, PIECE_LEN, num_entries,
     run_hi = index
     end_lo = index + 1  # the first entry past the run lies in [end_lo, end_hi]
     end_hi = tl.zeros_like(index) + num_entries
-    for _ in range(search_steps):
-        mid = (run_lo + run_hi) // 2
-        below = tl.load(SORTED_KEY + mid, mask=ok & (run_lo < run_hi), other=none) < key
-        run_lo, run_hi = tl.where(below, mid + 1, run_lo), tl.where(below, run_hi, mid)
-        mid = (end_lo + end_hi) // 2
-        inside = tl.load(SORTED_KEY + mid, mask=ok & (end_lo < end_hi), other=none) == key
-        end_lo, end_hi = tl.where(inside, mid + 1, end_lo), tl.where(inside, end_hi, mid)
+    for _ in range(search_steps):  # the first entry with this key, the first past it
+        run_lo, run_hi = _bisect_step(SORTED_KEY, key - 1, run_lo, run_hi, ok)
+        end_lo, end_hi = _bisect_step(SORTED_KEY, key, end_lo, end_hi, ok)
     starts = ok & (key < none) & ((index - run_lo) % PIECE == 0)
     slot = tl.atomic_add(COUNT, tl.sum(starts.to(tl.int32), axis=0)) + tl.cumsum(starts.to(tl.int32), axis=0) - 1
     tl.store(PIECE_FIRST + slot, index, mask=starts)
