@@ -29,7 +29,7 @@ case "${PART:-tests}" in
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
       workers="-n 12 -p xdist"  # the static cache's compile tests take 80-90 s each
     fi
-    timeout 560 python3 -m pytest $workers tests/test_triton.py tests/test_compile.py tests/test_static_cache.py -q \
+    timeout 560 python3 -m pytest $workers tests/test_triton.py tests/test_compile.py tests/test_static_cache.py tests/test_decode_graphs.py -q \
       -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
   decode)
     timeout 300 python3 benchmarks/bench_decode.py --shapes paper seed --contexts 32768 131072 --batches 1 32 \

@@ -193,20 +193,33 @@ class NsaStaticCache(Cache):
             NsaStaticCacheLayer(pattern, separate_window, max_cache_len, max_rollback) for _ in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
-        self.doc_starts: Tensor | None = None  # [B], set by the prefill: where each row's document starts
+        # [B]: where each row's document starts, written by each prompt into the same buffer (a recorded decoding
+        # step reads it at a fixed address; `prefilled` says whether it holds the current prompt's).
+        self._doc_starts: Tensor | None = None
+        self.prefilled = False  # a Python bool: compiled decoding steps are traced once, after the prompt
 
     @property
     def max_cache_len(self) -> int:
         return self.layers[0].max_cache_len
 
     @property
-    def prefilled(self) -> bool:
-        """Whether the prompt is stored (a Python bool: compiled decoding steps are traced once, after it)."""
-        return self.doc_starts is not None
+    def doc_starts(self) -> Tensor | None:
+        """Where each row's document starts [B] (after its left padding), once the prompt is stored."""
+        return self._doc_starts if self.prefilled else None
+
+    def set_doc_starts(self, starts: Tensor) -> None:
+        """Store the prompt's document starts, in place when the buffer of an earlier prompt fits."""
+        if self._doc_starts is None or self._doc_starts.shape != starts.shape or self._doc_starts.device != starts.device:
+            with torch.inference_mode(False):  # later steps (no_grad) and `reorder_cache` write it in place
+                self._doc_starts = torch.zeros_like(starts, dtype=torch.long)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self._doc_starts)
+        self._doc_starts.copy_(starts)
+        self.prefilled = True
 
     def reset(self) -> None:
         super().reset()
-        self.doc_starts = None
+        self.prefilled = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -58,6 +58,12 @@ class NsaConfig(PreTrainedConfig):
         fused_kernels (`str`, defaults to `"auto"`): the fused Triton kernels for RMSNorm, RoPE, SwiGLU, the gate
             mix and the cross-entropy loss: `"triton"`, `"none"` (PyTorch ops) or `"auto"` (Triton on CUDA when
             available). Under torch.compile the PyTorch ops always run (inductor fuses them).
+        cuda_graph_decoding (`bool`, defaults to `True`): on CUDA, generate() without `cache_implementation`
+            decodes over an `NsaStaticCache` (kept between calls) and replays each step from a CUDA graph recorded
+            from the eager model at the first steps (no torch.compile). `False`, or
+            `generate(..., cache_implementation="dynamic")` for one call: a growing `NsaCache` and eager steps.
+            Calls with `return_dict_in_generate=True` or `prefill_chunk_size` decode that way anyway, and so do
+            models with hooks, adapters or quantized layers (logged once).
 
     Example:
     ```python
@@ -104,6 +110,7 @@ class NsaConfig(PreTrainedConfig):
     gate_intermediate_size: int | None = None
     nsa_backend: str = "auto"
     fused_kernels: str = "auto"
+    cuda_graph_decoding: bool = True
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -32,6 +32,7 @@ from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
 from .cache_static import DEFAULT_ROLLBACK, NsaStaticCache, NsaStaticCacheLayer
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
+from .decode_graphs import DecodeGraphs, graphable
 from .nsa_ops_backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
 from .nsa_ops_compression import block_tokens, take_blocks
 from .nsa_ops_layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks, seq_idx_starts
@@ -128,7 +129,9 @@ def _plain_linear(module: nn.Module) -> bool:
 def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A shared read-only zero tensor (padding rows and missing biases of stacked weights): built once per
     shape, dtype and device, not queued as a fill kernel in every layer of every step."""
-    if torch.compiler.is_compiling():  # dynamo would guard on the dict: inductor folds the zeros anyway
+    # Not under torch.compile (dynamo would guard on the dict: inductor folds the zeros anyway) nor while recording a
+    # CUDA graph (its fill would run only at replays).
+    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
         return like.new_zeros(shape)
     key = (shape, like.dtype, like.device)
     if key not in _ZEROS:
@@ -149,10 +152,11 @@ _COPY_BYTES_PER_LAUNCH = 16 << 20
 
 def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
     """Whether projections of this input run as one GEMM over stacked `weights`. Always when eager: the host's time
-    counts there, and one GEMM queues less than several. A compiled decoding step (a CUDA graph: only the GPU's time
-    counts) copies every stacked weight per step, twice its bytes: it stacks only while that copy costs less than
-    the GEMM launches it saves (the seed model's projections, not a 1B model's MLP)."""
-    if not torch.compiler.is_compiling() or hidden_states.numel() > _FEW_ROWS * hidden_states.shape[-1]:
+    counts there, and one GEMM queues less than several. A decoding step that is compiled or recorded as a CUDA
+    graph (only the GPU's time counts) copies every stacked weight per step, twice its bytes: it stacks only while
+    that copy costs less than the GEMM launches it saves (the seed model's projections, not a 1B model's MLP)."""
+    graph = torch.compiler.is_compiling() or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not graph or hidden_states.numel() > _FEW_ROWS * hidden_states.shape[-1]:
         return True
     return sum(w.numel() * w.element_size() for w in weights) < (len(weights) - 1) * _COPY_BYTES_PER_LAUNCH
 
@@ -792,7 +796,7 @@ class NsaModel(NsaPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states = decoder_layer(hidden_states, plan, cache)
         if plan.prompt_starts is not None:  # a static cache is prefilled once every layer holds the prompt
-            cache.doc_starts = plan.prompt_starts
+            cache.set_doc_starts(plan.prompt_starts)
         hidden_states = self.norm(hidden_states, pointwise)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -830,6 +834,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._kept_static_cache: NsaStaticCache | None = None  # see `_static_cache_for`
+        self._decode_graphs: DecodeGraphs | None = None  # the kept cache's recorded decoding steps
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -864,6 +869,8 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         `_static_cache_for`), put in `model_kwargs` under the key the
         installed transformers reads (`cache` from 5.24, `past_key_values` before); a DynamicCache would drop the
         NSA state. A static cache the user passes must hold what this call needs."""
+        if self._decode_graphs is not None:  # enabled again below for a call on the default path
+            self._decode_graphs.enabled = False
         given = model_kwargs.get(CACHE_KWARG)
         needed = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
         if isinstance(given, NsaStaticCache) and given.max_cache_len < needed:
@@ -876,6 +883,10 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
         implementation = generation_config.cache_implementation
+        graphs = implementation is None and self._decodes_with_graphs(generation_config)
+        if graphs:
+            implementation = "static"
+            generation_config.disable_compile = True  # the recorded eager step replaces torch.compile's graphs
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"NSA models decode with their own `NsaCache` (None or 'dynamic') or `NsaStaticCache` ('static'); "
@@ -890,11 +901,29 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
             # Room for a verification step's drafts past the last kept token (assisted decoding), as many as
             # the cache can roll back.
-            model_kwargs[CACHE_KWARG] = self._static_cache_for(
-                rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate
-            )
+            cache = self._static_cache_for(rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate)
+            model_kwargs[CACHE_KWARG] = cache
+            if graphs:
+                if self._decode_graphs is None or self._decode_graphs.cache is not cache:
+                    self._decode_graphs = DecodeGraphs(cache)
+                self._decode_graphs.refresh(self)
+                self._decode_graphs.enabled = True
         else:
             model_kwargs[CACHE_KWARG] = NsaCache(self.config)
+
+    def _decodes_with_graphs(self, generation_config: GenerationConfig) -> bool:
+        """Whether generate() without `cache_implementation` decodes over a kept static cache by replaying recorded
+        CUDA graphs of the eager step (`NsaConfig.cuda_graph_decoding`, `decode_graphs.py`): on CUDA, for a model
+        whose forward a replay reproduces, and for calls that do not hand their cache back to the caller
+        (`return_dict_in_generate`: the growing `NsaCache` can be continued past any length) nor prefill in chunks."""
+        if not self.config.cuda_graph_decoding or self.device.type != "cuda":
+            return False
+        if generation_config.return_dict_in_generate or getattr(generation_config, "prefill_chunk_size", None):
+            return False
+        reason = graphable(self)
+        if reason is not None:
+            logger.warning_once(f"generate() decodes without CUDA graphs (`cuda_graph_decoding`): {reason}.")
+        return reason is None
 
     def _static_cache_for(self, rows: int, max_cache_len: int, keep: bool) -> NsaStaticCache:
         """With `keep`, the static cache of the previous static generate() call, reset, when it can hold this one (same
@@ -920,8 +949,10 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.dtype
 
     def release_static_cache(self) -> None:
-        """Drop the static cache that generate(cache_implementation="static") keeps between calls."""
+        """Drop the static cache that generate() keeps between calls (cache_implementation="static", and the default
+        path on CUDA), and the CUDA graphs recorded over it."""
         self._kept_static_cache = None
+        self._decode_graphs = None
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .cuda(), .half(), ...: a kept cache on the old device or dtype could never be reused.
@@ -929,7 +960,8 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_kept_static_cache": None}  # copies and pickles carry no decoding buffers
+        # Copies and pickles carry no decoding buffers nor graphs.
+        return {**super().__getstate__(), "_kept_static_cache": None, "_decode_graphs": None}
 
     def forward(
         self,
@@ -949,11 +981,22 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Args as in `LlamaForCausalLM.forward`; the cache as `cache` or `past_key_values` (see `NsaModel.forward`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache_argument(cache, past_key_values)
+        graphs = self._decode_graphs
+        if (
+            graphs is not None and graphs.enabled and cache is graphs.cache and cache.prefilled
+            and input_ids is not None and inputs_embeds is None and input_ids.shape[1] == 1
+            and labels is None and use_cache is not False and not output_hidden_states
+            and isinstance(logits_to_keep, int) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        ):  # generate()'s default path on CUDA: one token per row, replayed from a recorded graph
+            logits = graphs.step(functools.partial(self._step_logits, cache), input_ids)
+            output = CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
+            return output if return_dict else output.to_tuple()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache_argument(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -976,3 +1019,8 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)}
         )
         return output if return_dict else output.to_tuple()
+
+    def _step_logits(self, cache: NsaStaticCache, input_ids: Tensor) -> Tensor:
+        """A decoding step's logits [B, 1, V] over a prefilled static cache (what `DecodeGraphs` records)."""
+        hidden_states = self.model(input_ids=input_ids, cache=cache, use_cache=True, return_dict=True).last_hidden_state
+        return self.lm_head(hidden_states)

@@ -1,0 +1,120 @@
+"""CUDA graphs of a decoding step over an `NsaStaticCache`, recorded from the eager model (no torch.compile).
+
+generate() without `cache_implementation` decodes this way on CUDA (`NsaConfig.cuda_graph_decoding`): one token per
+row is an eager forward of about a thousand small kernels, launched one by one from Python, so the host, not the
+GPU, sets the pace. A static cache's step has fixed shapes, keeps its lengths in device tensors and makes no host
+sync, so it can be recorded once as a CUDA graph and replayed at every later position: the GPU then runs the same
+kernels back to back, with no compile wait.
+
+A graph records the model as it is: its parameters' storage, the cache's buffers and the kernels chosen. generate()
+checks `DecodeGraphs.refresh` before every call and drops the graphs once the model's parameters or settings
+changed; models whose modules do things a replay would skip (hooks, adapters, quantized layers) decode eagerly
+(`graphable`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .cache_static import NsaStaticCache
+from .ops.backends import resolve_primitives
+
+__all__ = ["DecodeGraphs", "graphable"]
+
+# Modules whose forward a replay reproduces: the model's own and torch.nn's. Anything else (PEFT's LoRA layers,
+# quantized linears) may branch in Python on state that changes between calls (an adapter switched off).
+# transformers_modules: the model's own classes loaded as remote code.
+_PLAIN_MODULE_PREFIXES = ("torch.nn.", "transformers.activations", "nsa_hf.", "transformers_modules.")
+
+
+def graphable(model: nn.Module) -> str | None:
+    """Why `model`'s decoding steps cannot be recorded as CUDA graphs, or None when they can."""
+    backend = resolve_primitives(model.config.nsa_backend, model.device)
+    if backend != "triton":  # the reference reads sizes from the GPU (host syncs); other backends promise nothing
+        return f"the {backend!r} attention backend's decoding step may wait for the GPU, which a graph cannot record"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module {name or 'model'!r} has forward hooks, which a replayed graph would not run"
+        if not type(module).__module__.startswith(_PLAIN_MODULE_PREFIXES):
+            return f"module {name!r} is a {type(module).__qualname__}, whose forward a replayed graph may not follow"
+        if "forward" in module.__dict__:
+            return f"module {name or 'model'!r} has a patched forward"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "the model is quantized"
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        return "the model is spread over several devices"
+    return None
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What a recorded step depends on beyond the cache: every parameter's and buffer's storage, and the settings
+    that choose kernels."""
+    tensors = tuple((t.data_ptr(), t.dtype, t.shape) for t in itertools.chain(model.parameters(), model.buffers()))
+    config = model.config
+    return tensors, config.nsa_backend, config.fused_kernels, model.training
+
+
+@dataclass
+class _RecordedStep:
+    graph: torch.cuda.CUDAGraph
+    input_ids: Tensor  # the graph's input, copied into before each replay
+    logits: Tensor  # the graph's output, overwritten by each replay
+
+
+class DecodeGraphs:
+    """The recorded decoding steps of one model over one static cache, by batch shape and autocast state.
+
+    A step shape's first call runs eagerly (it compiles and autotunes the Triton kernels, which a recording may not
+    do); the second records the step and replays it; later ones only replay. Only the cache's device tensors
+    change between steps (written in place by the step itself), so one recording serves every position.
+    """
+
+    def __init__(self, cache: NsaStaticCache):
+        self.cache = cache
+        self.enabled = False  # set per generate() call: only its default path decodes through the graphs
+        self._fingerprint: tuple | None = None
+        self._steps: dict[tuple, _RecordedStep] = {}
+        self._warm: set[tuple] = set()
+
+    def refresh(self, model: nn.Module) -> None:
+        """Drop the recorded steps when the model changed since they were recorded (before each generate())."""
+        fingerprint = _fingerprint(model)
+        if fingerprint != self._fingerprint:
+            self._steps.clear()
+            self._warm.clear()
+            self._fingerprint = fingerprint
+
+    @property
+    def num_recorded(self) -> int:
+        return len(self._steps)
+
+    def step(self, run: Callable[[Tensor], Tensor], input_ids: Tensor) -> Tensor:
+        """The logits of `run(input_ids)`, a decoding step that writes the cache in place, from a replayed graph."""
+        device_type = input_ids.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (tuple(input_ids.shape), autocast)
+        recorded = self._steps.get(key)
+        if recorded is None:
+            if key not in self._warm:
+                self._warm.add(key)
+                return run(input_ids)
+            recorded = self._record(run, input_ids, key)
+        recorded.input_ids.copy_(input_ids)
+        recorded.graph.replay()
+        # A copy: the next replay overwrites the graph's output, and a caller may keep the logits of a step.
+        return recorded.logits.clone()
+
+    def _record(self, run: Callable[[Tensor], Tensor], input_ids: Tensor, key: tuple) -> _RecordedStep:
+        graph = torch.cuda.CUDAGraph()
+        static_ids = input_ids.clone()
+        # Recording does not run the step: the caller's replay does, on the cache as it is now. Each graph has its
+        # own memory pool: graphs sharing one must replay in the order they were recorded.
+        with torch.cuda.graph(graph):
+            logits = run(static_ids)
+        self._steps[key] = _RecordedStep(graph, static_ids, logits)
+        return self._steps[key]
