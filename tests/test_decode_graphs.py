@@ -176,13 +176,19 @@ def test_the_default_path_decodes_its_steps_through_the_graphs_over_a_kept_stati
     out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(out, greedy_without_cache(model, prompt, NEW_TOKENS))
     assert steps == [(1, 1)] * (NEW_TOKENS - 1)
+    steps.clear()
     assert model._decode_graphs.cache is model._kept_static_cache and model._decode_graphs.enabled
     ids = torch.cat([torch.zeros(1, 8, dtype=torch.long), torch.randint(1, 97, (1, 13))], 1)
     batch = torch.cat([prompt, ids])
     mask = (batch != 0).long()
+    longest = model._kept_static_cache.max_cache_len
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS // 2, do_sample=False)
+    # Two rows need a new cache: only as long as this call needs (graphs are per cache; a compiled step would want
+    # the longest shape it has seen).
+    assert model._kept_static_cache.max_cache_len < longest
     out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(out[0], greedy_without_cache(model, prompt, NEW_TOKENS)[0])
     assert torch.equal(out[1, 21:], greedy_without_cache(model, ids[:, 8:], NEW_TOKENS)[0, 13:])
     model.generate(prompt, max_new_tokens=3, cache_implementation="static")  # another path turns the graphs off
     assert not model._decode_graphs.enabled
-    assert compile_disabled == [True, True, False]
+    assert compile_disabled == [True, True, True, False]

@@ -939,7 +939,9 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
             # Room for a verification step's drafts past the last kept token (assisted decoding), as many as
             # the cache can roll back.
-            cache = self._static_cache_for(rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate)
+            cache = self._static_cache_for(
+                rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate, compiled=not graphs
+            )
             model_kwargs[CACHE_KWARG] = cache
             if graphs:
                 if self._decode_graphs is None or self._decode_graphs.cache is not cache:
@@ -963,19 +965,21 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             logger.warning_once(f"generate() decodes without CUDA graphs (`cuda_graph_decoding`): {reason}.")
         return reason is None
 
-    def _static_cache_for(self, rows: int, max_cache_len: int, keep: bool) -> NsaStaticCache:
+    def _static_cache_for(self, rows: int, max_cache_len: int, keep: bool, compiled: bool = True) -> NsaStaticCache:
         """With `keep`, the static cache of the previous static generate() call, reset, when it can hold this one (same
         rows, dtype and device, at least as long), else a new one kept for the next call: reused buffers keep their
         addresses, so the compiled decoding step's CUDA graphs replay instead of being recorded again at every call
         (transformers' own StaticCache is new at each call). Without `keep` (a call that returns its cache to the
         caller, `return_dict_in_generate=True`), a new cache that no later call touches. One generate() at a time
-        per model: calls from several threads at once would share the kept buffers."""
+        per model: calls from several threads at once would share the kept buffers. A new cache for a `compiled` step
+        is as long as the last one at least (the step then meets shapes it has seen, as transformers does); recorded
+        graphs belong to their cache, so the default path's new cache is only as long as the call needs."""
         kept = self._kept_static_cache
         if keep and kept is not None and kept.can_hold(rows, max_cache_len, self._cache_dtype(), self.device):
             kept.reset()
             return kept
-        # As long as the last one at least: the compiled step then meets shapes it has seen (transformers does so).
-        cache = NsaStaticCache(self.config, max_cache_len=max(max_cache_len, kept.max_cache_len if kept is not None else 0))
+        longest = kept.max_cache_len if compiled and kept is not None else 0
+        cache = NsaStaticCache(self.config, max_cache_len=max(max_cache_len, longest))
         if keep:
             self._kept_static_cache = cache
         return cache
