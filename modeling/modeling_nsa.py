@@ -129,9 +129,7 @@ def _plain_linear(module: nn.Module) -> bool:
 def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A shared read-only zero tensor (padding rows and missing biases of stacked weights): built once per
     shape, dtype and device, not queued as a fill kernel in every layer of every step."""
-    # Not under torch.compile (dynamo would guard on the dict: inductor folds the zeros anyway) nor while recording a
-    # CUDA graph (its fill would run only at replays).
-    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling():  # dynamo would guard on the dict: inductor folds the zeros anyway
         return like.new_zeros(shape)
     key = (shape, like.dtype, like.device)
     if key not in _ZEROS:

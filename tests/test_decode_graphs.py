@@ -189,6 +189,10 @@ def test_the_default_path_decodes_its_steps_through_the_graphs_over_a_kept_stati
     out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(out[0], greedy_without_cache(model, prompt, NEW_TOKENS)[0])
     assert torch.equal(out[1, 21:], greedy_without_cache(model, ids[:, 8:], NEW_TOKENS)[0, 13:])
+    steps.clear()  # a one-token prompt is a prompt: it fills the reset cache, eagerly
+    out = model.generate(prompt[:, :1], max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(out, greedy_without_cache(model, prompt[:, :1], NEW_TOKENS))
+    assert steps == [(1, 1)] * (NEW_TOKENS - 1)
     model.generate(prompt, max_new_tokens=3, cache_implementation="static")  # another path turns the graphs off
     assert not model._decode_graphs.enabled
-    assert compile_disabled == [True, True, True, False]
+    assert compile_disabled == [True, True, True, True, False]

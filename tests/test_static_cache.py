@@ -354,6 +354,22 @@ def test_static_generate_keeps_its_cache_between_calls(model):
     assert model._kept_static_cache is None
 
 
+def test_a_kept_static_cache_takes_each_calls_own_padding(model):
+    """A kept cache reused by a call of the same rows stores that call's document starts (in the buffer of the
+    last call's), so a batch without padding after a left-padded one decodes from position 0 of each row."""
+    model.release_static_cache()
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+    padded = torch.randint(1, 97, (2, 21))
+    mask = torch.ones_like(padded)
+    padded[1, :9], mask[1, :9] = 0, 0
+    model.generate(padded, attention_mask=mask, **kwargs)
+    kept = weakref.ref(model._kept_static_cache)
+    prompts = torch.randint(1, 97, (2, 13))
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+    assert model._kept_static_cache is kept()
+    assert torch.equal(out, greedy_without_cache(model, prompts, NEW_TOKENS))
+
+
 def test_a_static_cache_returned_to_the_caller_is_never_reused(model):
     """A static generate() that returns its cache (`return_dict_in_generate=True`) hands out a new one and keeps
     none of it: the next static call leaves it as it was, and reuses the cache kept before."""
