@@ -112,7 +112,8 @@ class DecodeGraphs:
 
     def _record(self, run: Callable[[Tensor], Tensor], input_ids: Tensor, key: tuple) -> _RecordedStep:
         graph = torch.cuda.CUDAGraph()
-        static_ids = input_ids.clone()
+        with torch.inference_mode(False):  # a plain tensor: later calls outside inference_mode copy into it
+            static_ids = input_ids.clone()
         # Recording does not run the step: the caller's replay does, on the cache as it is now. Each graph has its
         # own memory pool: graphs sharing one must replay in the order they were recorded.
         with torch.cuda.graph(graph):

@@ -145,6 +145,18 @@ def test_gpu_graphs_are_recorded_once_and_follow_the_model():
 
 
 @needs_cuda
+def test_gpu_graphs_recorded_under_inference_mode_replay_outside_it():
+    model = cuda_model("triton", torch.bfloat16)
+    prompt = torch.randint(1, 97, (1, 21), device="cuda")
+    with torch.inference_mode():
+        inside, inside_scores = generate(model, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    outside, outside_scores = generate(model, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert model._decode_graphs.num_recorded == 1
+    assert torch.equal(inside, outside)
+    assert all(torch.equal(a, b) for a, b in zip(inside_scores, outside_scores, strict=True))
+
+
+@needs_cuda
 def test_gpu_explicit_caches_and_returned_caches_decode_without_graphs():
     """cache_implementation="dynamic", a returned cache (return_dict_in_generate) and a cache passed in keep their
     own paths: no recording."""
