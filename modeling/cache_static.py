@@ -34,12 +34,6 @@ __all__ = ["DEFAULT_ROLLBACK", "NsaStaticCache", "NsaStaticCacheLayer"]
 DEFAULT_ROLLBACK = 64  # tokens crop can undo, and the most of a step after the prompt minus one
 
 
-def _ring_slots(positions: Tensor, ring: int) -> Tensor:
-    """Both slots [..., 2] of a mirrored ring of `ring` that hold each absolute token position."""
-    slot = positions % ring
-    return torch.stack([slot, slot + ring], dim=-1)
-
-
 class NsaStaticCacheLayer(CacheLayerMixin):
     """One layer's NSA state in fixed-shape buffers (see the module docstring)."""
 
@@ -136,16 +130,19 @@ class NsaStaticCacheLayer(CacheLayerMixin):
     # -- storage operations ---------------------------------------------------------------------
 
     def _write_ring(self, keys: Tensor, values: Tensor, ring_keys: Tensor, ring_values: Tensor, positions: Tensor) -> None:
-        """Write the newest min(T, R) of a step's tokens [B, T, ...] at both ring slots of their positions [T]."""
-        ring = ring_keys.shape[1] // 2
+        """Write the newest min(T, R) of a step's tokens [B, T, ...] at slot (position mod R) of both halves of a
+        mirrored ring [B, 2R, ...]: one copy per store, from the tokens broadcast over the halves."""
+        batch, ring = ring_keys.shape[0], ring_keys.shape[1] // 2
         keep = min(keys.shape[1], ring)
-        slots = _ring_slots(positions[-keep:], ring).flatten()
-        ring_keys.index_copy_(1, slots, keys[:, -keep:].repeat_interleave(2, dim=1))
-        ring_values.index_copy_(1, slots, values[:, -keep:].repeat_interleave(2, dim=1))
+        slots = positions[-keep:] % ring
+        for store, new in ((ring_keys, keys), (ring_values, values)):
+            halves = store.view(batch, 2, ring, *store.shape[2:])
+            halves.index_copy_(2, slots, new[:, None, -keep:].expand(-1, 2, -1, *new.shape[2:]))
 
     def append(self, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None, v_win: Tensor | None, k_raw: Tensor,
-               v_raw: Tensor) -> None:
-        """Store a step's tokens [B, T, H, D] at positions cumulative_length .. + T (in place, no host sync)."""
+               v_raw: Tensor, positions: Tensor) -> None:
+        """Store a step's tokens [B, T, H, D] at `positions` [T], which are cumulative_length .. + T (computed once
+        per step for every layer, by the model's plan); in place, no host sync."""
         if not self.is_initialized:
             self.lazy_initialization(k_slc, v_slc)
         if k_slc.shape[0] != self.keys.shape[0]:
@@ -153,7 +150,6 @@ class NsaStaticCacheLayer(CacheLayerMixin):
                 f"the static cache holds {self.keys.shape[0]} rows but {k_slc.shape[0]} were given: build a new "
                 "NsaStaticCache for another batch size."
             )
-        positions = self.cumulative_length + torch.arange(k_slc.shape[1], device=self.cumulative_length.device)
         self.keys.index_copy_(1, positions, k_slc.to(self.keys.dtype))
         self.values.index_copy_(1, positions, v_slc.to(self.values.dtype))
         self._write_ring(k_raw.to(self.keys.dtype), v_raw.to(self.values.dtype), self.raw_cmp_keys, self.raw_cmp_values,

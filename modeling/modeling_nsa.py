@@ -294,6 +294,7 @@ class NsaForwardPlan:
     geometry: StepGeometry | None = None  # cached step: every layer's store sizes after it
     stored_blocks: StoredBlocks | None = None  # static cache: the compressed entries the layers write
     prompt_starts: Tensor | None = None  # static cache's prompt: where each row's document starts [B]
+    cache_positions: Tensor | None = None  # static cache: the step's tokens' index in every row [T]
 
 
 @dataclass
@@ -388,7 +389,8 @@ class NsaAttention(nn.Module):
         separate = self.independent_kv
         if isinstance(cache, NsaStaticCache):  # store in place; a decoding step then reads the stores
             static: NsaStaticCacheLayer = cache.layers[self.layer_idx]
-            static.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
+            static.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw,
+                          plan.cache_positions)
             self._store_blocks(static, plan.stored_blocks, k_raw, v_raw, plan.pointwise)
         if isinstance(cache, NsaStaticCache) and plan.block_tokens is None:
             k_cmp, v_cmp = static.cmp_keys.flatten(0, 1), static.cmp_values.flatten(0, 1)
@@ -675,6 +677,7 @@ class NsaModel(NsaPreTrainedModel):
         plan = self._plan(hidden_states, attention_mask, None, None, None, attention, pointwise)
         starts = _leading_padding(attention_mask.to(device)) if attention_mask is not None else torch.zeros(batch, dtype=torch.long, device=device)
         plan.prompt_starts = starts  # the cache takes them once every layer has stored the prompt
+        plan.cache_positions = torch.arange(seq_len, device=device)  # a prompt fills an empty cache
         l, d = self.config.compress_block_size, self.config.compress_stride
         count = max(num_compressed_blocks(seq_len, l, d), 1)  # a prompt shorter than a block still writes one slot
         slots = torch.arange(count, device=device).expand(batch, -1)
@@ -725,6 +728,7 @@ class NsaModel(NsaPreTrainedModel):
             cos, sin, **kernels, layout=layout, ranges=branch_ranges(layout, self.pattern), block_tokens=None,
             block_cos=None, block_sin=None,
             stored_blocks=StoredBlocks(block_tokens(first, l, batch * 2 * raw), cos, sin, slots, from_ring=True),
+            cache_positions=tokens,
         )
 
     def forward(
