@@ -4,13 +4,16 @@ CUDA; on the CPU the tests check which models may be recorded and that the defau
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache
+from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache, modeling_nsa
 from nsa_hf.compat import CACHE_KWARG
-from nsa_hf.decode_graphs import DecodeGraphs, graphable
+from nsa_hf.decode_graphs import DecodeGraphs, why_not_graphable
 
 from .factories import make_model, tiny_config
 from .test_generate import full_logits
@@ -40,14 +43,121 @@ def generate(model: NsaForCausalLM, prompt: torch.Tensor, **kwargs) -> tuple[tor
 
 def test_plain_triton_models_may_be_recorded_and_others_may_not():
     model = make_model(tiny_config(nsa_backend="triton"))
-    assert graphable(model) is None
-    assert "'reference' attention backend" in graphable(make_model(tiny_config(nsa_backend="reference")))
+    assert why_not_graphable(model) is None
+    assert "'reference' attention backend" in why_not_graphable(make_model(tiny_config(nsa_backend="reference")))
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
-    assert "hooks" in graphable(model) and "model.layers.1.mlp" in graphable(model)
+    assert "hooks" in why_not_graphable(model) and "model.layers.1.mlp" in why_not_graphable(model)
     handle.remove()
     peft = pytest.importorskip("peft")
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    assert "q_proj" in graphable(adapted.base_model.model)
+    assert "q_proj" in why_not_graphable(adapted.base_model.model)
+
+
+def test_the_default_path_decides_per_call_whether_to_decode_from_graphs(monkeypatch):
+    """On a CUDA device (the device faked: only the decision runs), the default path records its steps unless the
+    config switches it off, the call returns its cache or prefills in chunks, or the model cannot be recorded."""
+    from transformers import GenerationConfig
+
+    monkeypatch.setattr(NsaForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    model = make_model(tiny_config(nsa_backend="triton"))
+    assert model._decodes_with_graphs(GenerationConfig())
+    assert not model._decodes_with_graphs(GenerationConfig(return_dict_in_generate=True))
+    assert not model._decodes_with_graphs(GenerationConfig(prefill_chunk_size=16))
+    model.config.cuda_graph_decoding = False
+    assert not model._decodes_with_graphs(GenerationConfig())
+    dynamic = make_model(tiny_config(nsa_backend="triton", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                              "rope_theta": 10000.0}))
+    assert "rope_type='dynamic'" in why_not_graphable(dynamic) and not dynamic._decodes_with_graphs(GenerationConfig())
+
+
+class _ReplayByRunning:
+    """A CPU stand-in for a recorded graph: a replay runs the recorded step on the recorded input buffer."""
+
+    def __init__(self, run, recorded):
+        self.run, self.recorded, self.replays = run, recorded, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.recorded.logits = self.run(self.recorded.input_ids)
+
+
+@pytest.fixture
+def fake_recording(monkeypatch):
+    """`DecodeGraphs._record` without CUDA: the graph is `_ReplayByRunning`; returns the list of recordings."""
+    from nsa_hf.decode_graphs import _RecordedStep
+
+    recordings = []
+
+    def record(self, run, input_ids, key):
+        recorded = _RecordedStep(graph=None, input_ids=input_ids.clone(), logits=torch.empty(0))
+        recorded.graph = _ReplayByRunning(run, recorded)
+        recordings.append(recorded.graph)
+        self._steps[key] = recorded
+        return recorded
+
+    monkeypatch.setattr(DecodeGraphs, "_record", record)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return recordings
+
+
+def test_decode_graphs_run_eagerly_then_record_then_replay_until_the_model_changes(fake_recording):
+    model = make_model(tiny_config(pad_token_id=0))
+    cache = NsaStaticCache(model.config, max_cache_len=64)
+    graphs = DecodeGraphs(cache)
+    graphs.refresh(model)
+    reference = NsaStaticCache(model.config, max_cache_len=64)  # the same steps, eager
+    prompt, ids = torch.randint(1, 97, (2, 9)), torch.randint(1, 97, (2, 1))
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        model(prompt, cache=reference)
+        for _ in range(4):
+            logits = graphs.step(functools.partial(model._step_logits, cache), ids)
+            torch.testing.assert_close(logits, model._step_logits(reference, ids))
+        assert len(fake_recording) == 1 and fake_recording[0].replays == 3  # step 1 eager, step 2 records
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another key: warms up and records its own
+            graphs.step(functools.partial(model._step_logits, cache), ids)
+            graphs.step(functools.partial(model._step_logits, cache), ids)
+        assert len(fake_recording) == 2
+        graphs.refresh(model)  # nothing changed
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2)  # in place: a replay reads it
+        graphs.refresh(model)
+        assert graphs.num_recorded == 2
+        for change in (lambda: setattr(model.lm_head, "weight", torch.nn.Parameter(model.lm_head.weight.clone())),
+                       lambda: model.train(), lambda: setattr(model.config, "fused_kernels", "none")):
+            change()
+            graphs.refresh(model)
+            assert graphs.num_recorded == 0, change
+            graphs.step(functools.partial(model._step_logits, cache), ids)  # eager again first
+            assert graphs.num_recorded == 0
+            graphs.step(functools.partial(model._step_logits, cache), ids)
+            assert graphs.num_recorded == 1
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(monkeypatch, caplog):
+    model = make_model(tiny_config(pad_token_id=0))
+    cache = NsaStaticCache(model.config, max_cache_len=64)
+    graphs = DecodeGraphs(cache)
+    graphs.refresh(model)
+
+    class Unrecordable:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", Unrecordable)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    reference = NsaStaticCache(model.config, max_cache_len=64)
+    prompt, ids = torch.randint(1, 97, (1, 9)), torch.randint(1, 97, (1, 1))
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        model(prompt, cache=cache)
+        model(prompt, cache=reference)
+        for _ in range(3):
+            logits = graphs.step(functools.partial(model._step_logits, cache), ids)
+            torch.testing.assert_close(logits, model._step_logits(reference, ids))
+    assert graphs.num_recorded == 0
+    assert sum("could not record" in record.message for record in caplog.records) == 1
 
 
 def test_the_default_path_off_cuda_or_switched_off_keeps_the_growing_cache():
@@ -142,6 +252,37 @@ def test_gpu_graphs_are_recorded_once_and_follow_the_model():
         assert len(records) == 2
     finally:
         DecodeGraphs._record = original
+
+
+@needs_cuda
+def test_gpu_graphs_under_autocast_read_the_weights_at_every_replay():
+    """An fp32 model decoding under bf16 autocast in two separate autocast regions (the second replays the first's
+    graph): the tokens and logits of the eager static steps, also after an in-place weight update between them."""
+    model = cuda_model("triton", torch.float32)
+    prompt = torch.randint(1, 97, (1, 21), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            graphed, graphed_scores = generate(model, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+            eager, eager_scores = generate(model, prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                           cache_implementation="static", disable_compile=True)
+        assert torch.equal(graphed, eager)
+        assert all(torch.equal(a, b) for a, b in zip(graphed_scores, eager_scores, strict=True))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.5)
+
+
+@needs_cuda
+def test_gpu_graphs_with_weights_too_large_to_stack_match_recomputation(monkeypatch):
+    """While recording, projections whose stacked copy would cost more than a GEMM run apart (`_stacks`): with every
+    weight counted as large, the replayed steps still match the cache-free forward in bf16."""
+    monkeypatch.setattr(modeling_nsa, "_COPY_BYTES_PER_LAUNCH", 0)
+    model = cuda_model("triton", torch.bfloat16, hidden_size=128, head_dim=32)
+    prompt = torch.randint(1, 97, (2, 40), device="cuda")
+    out, scores = generate(model, prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert model._decode_graphs.num_recorded == 1
+    with torch.no_grad():
+        expected = full_logits(model, out)[:, prompt.shape[1] - 1 : -1].float()
+    torch.testing.assert_close(torch.stack(scores, 1).float(), expected, rtol=3e-2, atol=3e-2)
 
 
 @needs_cuda

@@ -9,7 +9,7 @@ kernels back to back, with no compile wait.
 A graph records the model as it is: its parameters' storage, the cache's buffers and the kernels chosen. generate()
 checks `DecodeGraphs.refresh` before every call and drops the graphs once the model's parameters or settings
 changed; models whose modules do things a replay would skip (hooks, adapters, quantized layers) decode eagerly
-(`graphable`).
+(`why_not_graphable`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import logging
 
 from .cache_static import NsaStaticCache
 from .ops.backends import resolve_primitives
 
-__all__ = ["DecodeGraphs", "graphable"]
+__all__ = ["DecodeGraphs", "why_not_graphable"]
+
+logger = logging.get_logger(__name__)
 
 # Modules whose forward a replay reproduces: the model's own and torch.nn's. Anything else (PEFT's LoRA layers,
 # quantized linears) may branch in Python on state that changes between calls (an adapter switched off).
@@ -32,11 +35,14 @@ __all__ = ["DecodeGraphs", "graphable"]
 _PLAIN_MODULE_PREFIXES = ("torch.nn.", "transformers.activations", "nsa_hf.", "transformers_modules.")
 
 
-def graphable(model: nn.Module) -> str | None:
+def why_not_graphable(model: nn.Module) -> str | None:
     """Why `model`'s decoding steps cannot be recorded as CUDA graphs, or None when they can."""
     backend = resolve_primitives(model.config.nsa_backend, model.device)
     if backend != "triton":  # the reference reads sizes from the GPU (host syncs); other backends promise nothing
         return f"the {backend!r} attention backend's decoding step may wait for the GPU, which a graph cannot record"
+    rope_type = (model.config.rope_parameters or {}).get("rope_type", "default")
+    if "dynamic" in rope_type or rope_type == "longrope":  # transformers grows their tables on a host-side check
+        return f"rope_type={rope_type!r} reads the positions on the host at every step"
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks:
             return f"module {name or 'model'!r} has forward hooks, which a replayed graph would not run"
@@ -56,7 +62,9 @@ def _fingerprint(model: nn.Module) -> tuple:
     that choose kernels."""
     tensors = tuple((t.data_ptr(), t.dtype, t.shape) for t in itertools.chain(model.parameters(), model.buffers()))
     config = model.config
-    return tensors, config.nsa_backend, config.fused_kernels, model.training
+    # fp32 GEMMs follow the TF32 settings of the moment they are recorded.
+    precision = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    return tensors, config.nsa_backend, config.fused_kernels, model.training, precision
 
 
 @dataclass
@@ -71,7 +79,10 @@ class DecodeGraphs:
 
     A step shape's first call runs eagerly (it compiles and autotunes the Triton kernels, which a recording may not
     do); the second records the step and replays it; later ones only replay. Only the cache's device tensors
-    change between steps (written in place by the step itself), so one recording serves every position.
+    change between steps (written in place by the step itself), so one recording serves every position. Under
+    autocast the step runs without autocast's weight-cast cache, whose copies live only as long as one autocast
+    region: the graph casts the weights it reads at every replay instead. A step that cannot be recorded runs
+    eagerly from then on, with a warning.
     """
 
     def __init__(self, cache: NsaStaticCache):
@@ -80,6 +91,7 @@ class DecodeGraphs:
         self._fingerprint: tuple | None = None
         self._steps: dict[tuple, _RecordedStep] = {}
         self._warm: set[tuple] = set()
+        self._unrecordable: set[tuple] = set()
 
     def refresh(self, model: nn.Module) -> None:
         """Drop the recorded steps when the model changed since they were recorded (before each generate())."""
@@ -87,6 +99,7 @@ class DecodeGraphs:
         if fingerprint != self._fingerprint:
             self._steps.clear()
             self._warm.clear()
+            self._unrecordable.clear()
             self._fingerprint = fingerprint
 
     @property
@@ -97,25 +110,49 @@ class DecodeGraphs:
         """The logits of `run(input_ids)`, a decoding step that writes the cache in place, from a replayed graph."""
         device_type = input_ids.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if autocast is not None:  # the same autocast, without its cache of weight casts (see the class docstring)
+            run = _without_cast_cache(run, device_type, autocast)
         key = (tuple(input_ids.shape), autocast)
         recorded = self._steps.get(key)
         if recorded is None:
-            if key not in self._warm:
+            if key not in self._warm or key in self._unrecordable:
                 self._warm.add(key)
                 return run(input_ids)
             recorded = self._record(run, input_ids, key)
-        recorded.input_ids.copy_(input_ids)
-        recorded.graph.replay()
+            if recorded is None:
+                return run(input_ids)
+        with torch.cuda.device(input_ids.device):  # a graph replays on its own device's current stream
+            recorded.input_ids.copy_(input_ids)
+            recorded.graph.replay()
         # A copy: the next replay overwrites the graph's output, and a caller may keep the logits of a step.
         return recorded.logits.clone()
 
-    def _record(self, run: Callable[[Tensor], Tensor], input_ids: Tensor, key: tuple) -> _RecordedStep:
+    def _record(self, run: Callable[[Tensor], Tensor], input_ids: Tensor, key: tuple) -> _RecordedStep | None:
+        """Record `run` as a graph (it does not run: the caller's replay does, on the cache as it is now), or None
+        with a warning when the step cannot be recorded (it then runs eagerly for this key)."""
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(False):  # a plain tensor: later calls outside inference_mode copy into it
             static_ids = input_ids.clone()
-        # Recording does not run the step: the caller's replay does, on the cache as it is now. Each graph has its
-        # own memory pool: graphs sharing one must replay in the order they were recorded.
-        with torch.cuda.graph(graph):
-            logits = run(static_ids)
+        # On the model's device, from a stream of its own (torch's default capture stream belongs to whichever device
+        # recorded first). Each graph has its own memory pool: graphs sharing one must replay in recording order.
+        try:
+            with torch.cuda.device(input_ids.device):
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(input_ids.device)):
+                    logits = run(static_ids)
+        except RuntimeError as error:
+            logger.warning(
+                f"generate() could not record its decoding step as a CUDA graph and decodes eagerly instead "
+                f"(`NsaConfig.cuda_graph_decoding=False` skips the attempt): {error}"
+            )
+            self._unrecordable.add(key)
+            return None
         self._steps[key] = _RecordedStep(graph, static_ids, logits)
         return self._steps[key]
+
+
+def _without_cast_cache(run: Callable[[Tensor], Tensor], device_type: str, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    def uncached(input_ids: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+            return run(input_ids)
+
+    return uncached

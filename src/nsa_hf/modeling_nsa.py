@@ -31,7 +31,7 @@ from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
 from .cache_static import DEFAULT_ROLLBACK, NsaStaticCache, NsaStaticCacheLayer
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
-from .decode_graphs import DecodeGraphs, graphable
+from .decode_graphs import DecodeGraphs, why_not_graphable
 from .ops.backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
 from .ops.compression import block_tokens, take_blocks
 from .ops.layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks, seq_idx_starts
@@ -942,7 +942,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             # Room for a verification step's drafts past the last kept token (assisted decoding), as many as
             # the cache can roll back.
             cache = self._static_cache_for(
-                rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate, compiled=not graphs
+                rows, needed + DEFAULT_ROLLBACK, keep=not generation_config.return_dict_in_generate, for_graphs=graphs
             )
             model_kwargs[CACHE_KWARG] = cache
             if graphs:
@@ -960,30 +960,35 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         (`return_dict_in_generate`: the growing `NsaCache` can be continued past any length) nor prefill in chunks."""
         if not self.config.cuda_graph_decoding or self.device.type != "cuda":
             return False
-        if generation_config.return_dict_in_generate or getattr(generation_config, "prefill_chunk_size", None):
-            return False
-        reason = graphable(self)
+        if generation_config.return_dict_in_generate:
+            reason = "the call returns its cache (return_dict_in_generate=True), which is then the growing NsaCache"
+        elif getattr(generation_config, "prefill_chunk_size", None):
+            reason = "the prompt is prefilled in chunks (prefill_chunk_size), which the static cache cannot take"
+        else:
+            reason = why_not_graphable(self)
         if reason is not None:
             logger.warning_once(f"generate() decodes without CUDA graphs (`cuda_graph_decoding`): {reason}.")
         return reason is None
 
-    def _static_cache_for(self, rows: int, max_cache_len: int, keep: bool, compiled: bool = True) -> NsaStaticCache:
+    def _static_cache_for(self, rows: int, max_cache_len: int, keep: bool, for_graphs: bool = False) -> NsaStaticCache:
         """With `keep`, the static cache of the previous static generate() call, reset, when it can hold this one (same
         rows, dtype and device, at least as long), else a new one kept for the next call: reused buffers keep their
         addresses, so the compiled decoding step's CUDA graphs replay instead of being recorded again at every call
         (transformers' own StaticCache is new at each call). Without `keep` (a call that returns its cache to the
         caller, `return_dict_in_generate=True`), a new cache that no later call touches. One generate() at a time
-        per model: calls from several threads at once would share the kept buffers. A new cache for a `compiled` step
-        is as long as the last one at least (the step then meets shapes it has seen, as transformers does); recorded
-        graphs belong to their cache, so the default path's new cache is only as long as the call needs."""
+        per model: calls from several threads at once would share the kept buffers. A new cache for a compiled step is
+        as long as the last one at least (the step then meets shapes it has seen, as transformers does); recorded
+        graphs belong to their cache, so a new cache `for_graphs` is only as long as the call needs, and a new kept
+        cache drops the graphs recorded over the old one."""
         kept = self._kept_static_cache
         if keep and kept is not None and kept.can_hold(rows, max_cache_len, self._cache_dtype(), self.device):
             kept.reset()
             return kept
-        longest = kept.max_cache_len if compiled and kept is not None else 0
+        longest = kept.max_cache_len if kept is not None and not for_graphs else 0
         cache = NsaStaticCache(self.config, max_cache_len=max(max_cache_len, longest))
         if keep:
             self._kept_static_cache = cache
+            self._decode_graphs = None
         return cache
 
     def _cache_dtype(self) -> torch.dtype:
@@ -1026,14 +1031,12 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
         """Args as in `LlamaForCausalLM.forward`; the cache as `cache` or `past_key_values` (see `NsaModel.forward`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache_argument(cache, past_key_values)
-        graphs = self._decode_graphs
-        if (
-            graphs is not None and graphs.enabled and cache is graphs.cache and cache.prefilled
-            and input_ids is not None and inputs_embeds is None and input_ids.shape[1] == 1
-            and labels is None and use_cache is not False and not output_hidden_states
-            and isinstance(logits_to_keep, int) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        ):  # generate()'s default path on CUDA: one token per row, replayed from a recorded graph
-            logits = graphs.step(functools.partial(self._step_logits, cache), input_ids)
+        plain_step = (
+            input_ids is not None and inputs_embeds is None and labels is None and use_cache is not False
+            and not output_hidden_states and isinstance(logits_to_keep, int)
+        )
+        if plain_step and self._replays_step(cache, input_ids):
+            logits = self._decode_graphs.step(functools.partial(self._step_logits, cache), input_ids)
             output = CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
             return output if return_dict else output.to_tuple()
         outputs = self.model(
@@ -1063,6 +1066,15 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)}
         )
         return output if return_dict else output.to_tuple()
+
+    def _replays_step(self, cache: Cache | None, input_ids: Tensor) -> bool:
+        """Whether this forward is a step of generate()'s default path on CUDA, which `DecodeGraphs` replays: one
+        token per row over the prefilled cache of the graphs, without gradients, outside torch.compile."""
+        graphs = self._decode_graphs
+        return (
+            graphs is not None and graphs.enabled and cache is graphs.cache and cache.prefilled
+            and input_ids.shape[1] == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        )
 
     def _step_logits(self, cache: NsaStaticCache, input_ids: Tensor) -> Tensor:
         """A decoding step's logits [B, 1, V] over a prefilled static cache (what `DecodeGraphs` records)."""
