@@ -6,10 +6,12 @@
 As ../shared/BENCHMARKS.md describes: random weights, bf16, greedy, `eos_token_id=None`, `min_new_tokens =
 max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask. Prefill = generate(max_new_tokens=1);
 decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up. NSA runs its
-default generate() (on CUDA: a kept NsaStaticCache whose eager step replays CUDA graphs, `NsaConfig.cuda_graph_decoding`),
-its static one (`cache_implementation="static"`: NsaStaticCache, which generate() compiles with fullgraph=True and
-CUDA graphs) and, as `nsa-dynamic`, the growing NsaCache with eager steps (`cache_implementation="dynamic"`, the
-default path before CUDA-graph decoding); `--llama` adds Llama's default (DynamicCache, eager) and its static path. The `-static-kept` runs pass one static cache made once per row and reset before every call:
+default generate() (on CUDA: a kept NsaStaticCache whose eager step replays CUDA graphs,
+`NsaConfig.cuda_graph_decoding`), its static one (`cache_implementation="static"`: NsaStaticCache, which generate()
+compiles with fullgraph=True and CUDA graphs) and, as `nsa-dynamic`, the growing NsaCache with eager steps
+(`cache_implementation="dynamic"`, the default path before CUDA-graph decoding); `--llama` adds Llama's default
+(DynamicCache, eager) and its static path. The `-static-kept` runs pass one static cache made once per row and
+reset before every call:
 transformers' generate() makes Llama a new StaticCache per call, whose new buffers make CUDA graphs record the step
 again (measured: 3.2 against 1.8 ms per token at 4k on the H200), while NSA's generate() keeps its static cache
 between calls by itself (`NsaForCausalLM._static_cache_for`; results before it show NSA's static row paying the

@@ -908,7 +908,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
             )
             model_kwargs[CACHE_KWARG] = cache
             if graphs:
-                if self._decode_graphs is None or self._decode_graphs.cache is not cache:
+                if self._decode_graphs is None:  # `_static_cache_for` drops the graphs with the cache they belong to
                     self._decode_graphs = DecodeGraphs(cache)
                 self._decode_graphs.refresh(self)
                 self._decode_graphs.enabled = True
