@@ -21,6 +21,8 @@ blocks they may complete.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -129,6 +131,13 @@ class NsaStaticCacheLayer(CacheLayerMixin):
 
     # -- storage operations ---------------------------------------------------------------------
 
+    def _check_rows(self, new: Tensor) -> None:
+        if new.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"the static cache holds {self.keys.shape[0]} rows but {new.shape[0]} were given: build a new "
+                "NsaStaticCache for another batch size."
+            )
+
     def _write_ring(self, keys: Tensor, values: Tensor, ring_keys: Tensor, ring_values: Tensor, positions: Tensor) -> None:
         """Write the newest min(T, R) of a step's tokens [B, T, ...] at slot (position mod R) of both halves of a
         mirrored ring [B, 2R, ...]: one copy per store, from the tokens broadcast over the halves."""
@@ -145,11 +154,7 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         per step for every layer, by the model's plan); in place, no host sync."""
         if not self.is_initialized:
             self.lazy_initialization(k_slc, v_slc)
-        if k_slc.shape[0] != self.keys.shape[0]:
-            raise ValueError(
-                f"the static cache holds {self.keys.shape[0]} rows but {k_slc.shape[0]} were given: build a new "
-                "NsaStaticCache for another batch size."
-            )
+        self._check_rows(k_slc)
         self.keys.index_copy_(1, positions, k_slc.to(self.keys.dtype))
         self.values.index_copy_(1, positions, v_slc.to(self.values.dtype))
         self._write_ring(k_raw.to(self.keys.dtype), v_raw.to(self.values.dtype), self.raw_cmp_keys, self.raw_cmp_values,
@@ -158,6 +163,16 @@ class NsaStaticCacheLayer(CacheLayerMixin):
             self._write_ring(k_win.to(self.keys.dtype), v_win.to(self.values.dtype), self.window_keys,
                              self.window_values, positions)
         self.cumulative_length.add_(k_slc.shape[1])
+
+    def append_token(self, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None, v_win: Tensor | None, k_raw: Tensor,
+                     v_raw: Tensor, positions: Tensor, kernel: Callable[..., tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """`append` for a decoding step of one token per row [B, 1, H, D] after the prompt, as one launch of `kernel`
+        (the fused kernels' `append_token`), which also reads back the raw K/V of the l tokens that end at the new
+        one ([B, 1, l, H, D] each, as `take_blocks` gives them): phi's input when the token completes a block."""
+        self._check_rows(k_slc)
+        return kernel(self.keys, self.values, self.window_keys, self.window_values, self.raw_cmp_keys,
+                      self.raw_cmp_values, self.cumulative_length, k_slc, v_slc, k_win, v_win, k_raw, v_raw, positions,
+                      self.pattern.compress_block_size)
 
     def write_compressed(self, slots: Tensor, k_new: Tensor, v_new: Tensor) -> None:
         """Write compressed entries [B, m, H, D] at each row's `slots` [B, m] (the scratch slot `num_blocks` for

@@ -62,6 +62,8 @@ class PointwiseKernels(NamedTuple):
     silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
     rms_norm: Callable[..., Tensor]  # (x [..., W], weight [W], eps, out_dtype=None) -> RMSNorm(x)
     cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
+    # A static cache layer's decoding token stored in one launch (`ops/triton/store.py::append_token`).
+    append_token: Callable[..., tuple[Tensor, Tensor]]
 
 
 # Looked up once, at import: a constant, so that torch.compile can trace a check of it.
@@ -75,6 +77,7 @@ def triton_available() -> bool:
 def _triton_backend() -> tuple[library_Kernels, Callable[..., Tensor]]:
     from .nsa_ops_triton import (
         KERNELS as triton_KERNELS,
+        append_token as triton_append_token,
         apply_rotary as triton_apply_rotary,
         cross_entropy as triton_cross_entropy,
         gate_branches as triton_gate_branches,
@@ -96,6 +99,7 @@ def _from_primitives(factory: Callable[[], Primitives]) -> Callable[[], tuple[li
 def _triton_pointwise() -> PointwiseKernels:
     from .nsa_ops_triton import (
         KERNELS as triton_KERNELS,
+        append_token as triton_append_token,
         apply_rotary as triton_apply_rotary,
         cross_entropy as triton_cross_entropy,
         gate_branches as triton_gate_branches,
@@ -103,7 +107,7 @@ def _triton_pointwise() -> PointwiseKernels:
         silu_mul as triton_silu_mul,
     )
 
-    return PointwiseKernels(triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy)
+    return PointwiseKernels(triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy, triton_append_token)
 
 
 def _require_triton(setting: str) -> None:

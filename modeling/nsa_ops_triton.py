@@ -1,8 +1,8 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
 """Triton kernels, a module per family: `interval` (compressed and window attention), `block` (selection
 attention), `select` (fused block selection), forward and backward, `decode` (a decoding step's whole attention in
-three launches), and `pointwise` (RMSNorm, RoPE, SwiGLU, the gate mix, cross entropy); `common` holds what they
-share.
+three launches), `store` (a static cache's decoding token in one launch) and `pointwise` (RMSNorm, RoPE, SwiGLU,
+the gate mix, cross entropy); `common` holds what they share.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package imports
 without Triton or CUDA, and CPU tests run these kernels under TRITON_INTERPRET=1.
@@ -14,6 +14,7 @@ from .nsa_ops_triton_decode import decode_attention
 from .nsa_ops_triton_interval import interval_attention, interval_backward, interval_forward
 from .nsa_ops_triton_pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .nsa_ops_triton_select import select_blocks
+from .nsa_ops_triton_store import append_token
 
 # What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
 KERNELS = Kernels(
@@ -22,6 +23,7 @@ KERNELS = Kernels(
 
 __all__ = [
     "KERNELS",
+    "append_token",
     "apply_rotary",
     "block_attention",
     "cross_entropy",

@@ -449,6 +449,48 @@ def test_fused_causal_lm_loss_matches_transformers_loss(num_items, shifted):
     torch.testing.assert_close(grad, grad_ref)
 
 
+@pytest.mark.parametrize("separate_window", [True, False])
+def test_append_token_kernel_stores_like_the_static_cache_and_reads_back_the_last_block(separate_window):
+    """A static cache layer's decoding token in one launch against `append` and the raw ring's gather: every store
+    equal after each of many steps (the rings wrap several times), the counter advanced, and the returned block the
+    last l raw tokens as they were given (tracked here, apart from the cache), from strided, fp32 new tokens."""
+    from nsa_hf.cache_static import NsaStaticCacheLayer
+    from nsa_hf.ops.compression import take_blocks
+
+    torch.manual_seed(21)
+    dtype = DTYPES[0]
+    batch, heads, dim, dim_v, prompt, steps = 2, 2, (64 if CUDA else 8), (32 if CUDA else 4), 5, 40
+    pattern = SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    layers = [NsaStaticCacheLayer(pattern, separate_window, max_cache_len=prompt + steps, max_rollback=3) for _ in "ab"]
+
+    def tokens(width: int, count: int = 1) -> Tensor:  # a strided slice of a wider projection, as the model's are
+        return torch.randn(batch, count, heads, width + 3, device=DEVICE)[..., 1 : width + 1]
+
+    first = [tokens(w, prompt).to(dtype) for w in (dim, dim_v) * 3]
+    for layer in layers:
+        layer.append(*first, torch.arange(prompt, device=DEVICE))
+    raw_history = [first[4], first[5]]
+    for step in range(steps):
+        position = torch.tensor([prompt + step], device=DEVICE)
+        new = [tokens(w) for w in (dim, dim_v) * 3]
+        if not separate_window:
+            new[2] = new[3] = None
+        layers[0].append(*(None if x is None else x.to(dtype) for x in new), position)
+        expected = [take_blocks(ring.flatten(0, 1), torch.arange(batch, device=DEVICE)[:, None, None] * ring.shape[1]
+                                + (prompt + step) % (ring.shape[1] // 2) + ring.shape[1] // 2 - 7
+                                + torch.arange(8, device=DEVICE)) for ring in (layers[0].raw_cmp_keys, layers[0].raw_cmp_values)]
+        blocks = layers[1].append_token(*new, position, triton_ops.append_token)
+        for name, tensor in layers[0]._tensors().items():
+            assert torch.equal(tensor, getattr(layers[1], name)), f"{name} after step {step}"
+        assert int(layers[1].cumulative_length) == prompt + step + 1
+        for got, want, history, raw in zip(blocks, expected, raw_history, new[4:]):
+            assert got.shape == (batch, 1, 8, heads, raw.shape[-1]) and torch.equal(got, want)
+            history = torch.cat([history, raw.to(dtype)], dim=1)
+            if prompt + step >= 7:
+                assert torch.equal(got[:, 0], history[:, -8:])
+        raw_history = [torch.cat([h, r.to(dtype)], dim=1) for h, r in zip(raw_history, new[4:])]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gate_kernel_matches_reference_mix(dtype):
     torch.manual_seed(0)
@@ -624,13 +666,15 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
 
 
 @pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
-@pytest.mark.parametrize("splits,tile_keys", [(1, None), (3, None), (3, 32)])
-def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits, tile_keys, monkeypatch):
+@pytest.mark.parametrize("splits,tile_keys,key_splits", [(1, None, 1), (3, None, 1), (3, 32, 1), (1, 32, 3), (3, 32, 2)])
+def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits, tile_keys, key_splits,
+                                                              monkeypatch):
     """Decoding's three-launch attention (compressed partials, selection from their lse, one merge kernel for the
     selected blocks, the window and the gates) against the reference composition, for rows at different positions
     (one before its first compressed block, one inside its first selection block, stores holding more than each
-    row has written), with the first two launches split over programs or not, and with the merge kernel's key tile
-    holding all selected blocks or two per step (the last step half empty)."""
+    row has written), with the first two launches split over programs or not, with the merge kernel's key tile
+    holding all selected blocks or two per step (the last step half empty), and with the merge kernel's keys shared
+    by one program or several (some with no selection tile, or no window tile, to attend)."""
     if tile_keys is not None:
         if CUDA:
             tile_keys = 128
@@ -648,14 +692,15 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
     )
     num_q = len(positions)
     inputs = nsa_inputs(num_q, num_q * n_cmp, num_q * capacity, heads_q, heads_kv, dim, dtype, grad=False)
-    fused = triton_decode.decode_attention(*inputs, layout, pattern, dim**-0.5, num_splits=splits)
+    fused = triton_decode.decode_attention(*inputs, layout, pattern, dim**-0.5, num_splits=splits, key_splits=key_splits)
     expected = composition.nsa_attention_varlen(*(x.float() for x in inputs), layout, pattern, dim**-0.5)
-    assert_close_rel(fused, expected, dtype, f"decode, {splits} splits")
+    assert_close_rel(fused, expected, dtype, f"decode, {splits} splits, {key_splits} key splits")
     # Each branch and the gates are felt: the output moves when any one of them changes.
-    for i in (2, 4, 6, 7) if splits > 1 else ():
+    for i in (2, 4, 6, 7) if splits > 1 or key_splits > 1 else ():
         moved = [x.clone() for x in inputs]
         moved[i] = moved[i] + 1.0 if i != 7 else moved[i].flip(-1)
-        changed = triton_decode.decode_attention(*moved, layout, pattern, dim**-0.5, num_splits=splits)
+        changed = triton_decode.decode_attention(*moved, layout, pattern, dim**-0.5, num_splits=splits,
+                                                 key_splits=key_splits)
         assert (changed.float() - fused.float()).abs().max() > 1e-3, f"input {i} left the output unchanged"
 
 

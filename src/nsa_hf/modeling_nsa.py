@@ -142,16 +142,18 @@ _ZEROS: dict[tuple, Tensor] = {}
 
 # Inputs of at most this many rows (decoding steps) are memory-bound GEMMs that read each weight once, stacked or not.
 _FEW_ROWS = 64
-# Stacked weight bytes per GEMM saved, above which a compiled decoding step runs separate GEMMs: copying 16 MiB twice
-# takes the H200 about 9 us, several times what one more small GEMM adds to a CUDA graph.
-_COPY_BYTES_PER_LAUNCH = 16 << 20
+# Stacked weight bytes per GEMM saved, above which a compiled or recorded decoding step runs separate GEMMs: inside a
+# CUDA graph one more small GEMM costs about what copying 2 MiB of weights (read and write) does on the H200
+# (benchmarks/results/issue15/session9/README.md: the seed model's stacked copies against its GEMMs).
+_COPY_BYTES_PER_LAUNCH = 2 << 20
 
 
 def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
     """Whether projections of this input run as one GEMM over stacked `weights`. Always when eager: the host's time
     counts there, and one GEMM queues less than several. A decoding step that is compiled or recorded as a CUDA
     graph (only the GPU's time counts) copies every stacked weight per step, twice its bytes: it stacks only while
-    that copy costs less than the GEMM launches it saves (the seed model's projections, not a 1B model's MLP)."""
+    that copy costs less than the GEMM launches it saves (the seed model's attention projections, not its MLP
+    nor a 1B model's projections)."""
     graph = torch.compiler.is_compiling() or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
     if not graph or hidden_states.numel() > _FEW_ROWS * hidden_states.shape[-1]:
         return True
@@ -352,12 +354,18 @@ class NsaAttention(nn.Module):
         (k_cmp,) = rotate_all((self.compress_key(k_blocks),), plan.block_cos, plan.block_sin, plan.pointwise)
         return k_cmp, self.compress_value(v_blocks)
 
-    def _store_blocks(self, layer: NsaStaticCacheLayer, stored: StoredBlocks, k_raw: Tensor, v_raw: Tensor,
-                      pointwise: PointwiseKernels | None) -> None:
-        """Write a static cache's compressed entries of this step: phi and RoPE as in `_compress`, over the prompt's
-        own raw K/V (prefill) or the layer's raw ring (decoding)."""
-        source = (layer.raw_cmp_keys, layer.raw_cmp_values) if stored.from_ring else (k_raw, v_raw)
-        k_blocks, v_blocks = (take_blocks(t.flatten(0, 1), stored.tokens) for t in source)
+    def _store_step(self, layer: NsaStaticCacheLayer, stored: StoredBlocks, new_kv: tuple[Tensor | None, ...],
+                    positions: Tensor | None, pointwise: PointwiseKernels | None) -> None:
+        """Store a step in a static cache: its K/V `new_kv` (k_slc, v_slc, k_win, v_win, k_raw, v_raw), then the
+        compressed entries it writes, phi and RoPE as in `_compress` over the prompt's own raw K/V (prefill) or the
+        layer's raw ring (decoding). A decoding step of one token per row with the fused kernels stores and reads
+        its block back in one launch."""
+        if pointwise is not None and stored.from_ring and new_kv[0].shape[1] == 1:
+            k_blocks, v_blocks = layer.append_token(*new_kv, positions, pointwise.append_token)
+        else:
+            layer.append(*new_kv, positions)
+            source = (layer.raw_cmp_keys, layer.raw_cmp_values) if stored.from_ring else new_kv[4:]
+            k_blocks, v_blocks = (take_blocks(t.flatten(0, 1), stored.tokens) for t in source)
         (k_new,) = rotate_all((self.compress_key(k_blocks),), stored.cos, stored.sin, pointwise)
         layer.write_compressed(stored.slots, k_new, self.compress_value(v_blocks))
 
@@ -388,9 +396,8 @@ class NsaAttention(nn.Module):
         separate = self.independent_kv
         if isinstance(cache, NsaStaticCache):  # store in place; a decoding step then reads the stores
             static: NsaStaticCacheLayer = cache.layers[self.layer_idx]
-            static.append(k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw,
-                          plan.cache_positions)
-            self._store_blocks(static, plan.stored_blocks, k_raw, v_raw, plan.pointwise)
+            new_kv = (k_slc, v_slc, k_win if separate else None, v_win if separate else None, k_raw, v_raw)
+            self._store_step(static, plan.stored_blocks, new_kv, plan.cache_positions, plan.pointwise)
         if isinstance(cache, NsaStaticCache) and plan.block_tokens is None:
             k_cmp, v_cmp = static.cmp_keys.flatten(0, 1), static.cmp_values.flatten(0, 1)
             k_slc, v_slc = static.keys.flatten(0, 1), static.values.flatten(0, 1)

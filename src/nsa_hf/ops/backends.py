@@ -57,6 +57,8 @@ class PointwiseKernels(NamedTuple):
     silu_mul: Callable[[Tensor, int], Tensor]  # (gate_up [..., >= 2 * I], I) -> silu(gate) * up
     rms_norm: Callable[..., Tensor]  # (x [..., W], weight [W], eps, out_dtype=None) -> RMSNorm(x)
     cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
+    # A static cache layer's decoding token stored in one launch (`ops/triton/store.py::append_token`).
+    append_token: Callable[..., tuple[Tensor, Tensor]]
 
 
 # Looked up once, at import: a constant, so that torch.compile can trace a check of it.
@@ -84,7 +86,7 @@ def _from_primitives(factory: Callable[[], Primitives]) -> Callable[[], tuple[li
 def _triton_pointwise() -> PointwiseKernels:
     from . import triton
 
-    return PointwiseKernels(triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy)
+    return PointwiseKernels(triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy, triton.append_token)
 
 
 def _require_triton(setting: str) -> None:
