@@ -666,7 +666,8 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
 
 
 @pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
-@pytest.mark.parametrize("splits,tile_keys,key_splits", [(1, None, 1), (3, None, 1), (3, 32, 1), (1, 32, 3), (3, 32, 2)])
+@pytest.mark.parametrize("splits,tile_keys,key_splits",
+                         [(1, None, 1), (3, None, 1), (3, 32, 1), (1, 32, 3), (3, 32, 2), (1, 16, 2)])
 def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits, tile_keys, key_splits,
                                                               monkeypatch):
     """Decoding's three-launch attention (compressed partials, selection from their lse, one merge kernel for the
@@ -674,7 +675,8 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
     (one before its first compressed block, one inside its first selection block, stores holding more than each
     row has written), with the first two launches split over programs or not, with the merge kernel's key tile
     holding all selected blocks or two per step (the last step half empty), and with the merge kernel's keys shared
-    by one program or several (some with no selection tile, or no window tile, to attend)."""
+    by one program or several (some with no selection tile, or no window tile, to attend; with 16-key tiles the
+    window spans more tiles than there are programs)."""
     if tile_keys is not None:
         if CUDA:
             tile_keys = 128
@@ -682,6 +684,8 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
     torch.manual_seed(12)
     dtype = DTYPES[0]
     pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    if tile_keys == 16 and not CUDA:
+        pattern = dataclasses.replace(pattern, window_size=40)
     positions = [9000, 4000, 70, 20] if CUDA else [700, 60, 5, 13]  # 700: 173 compressed blocks, three shares
     capacity = max(positions) + 7  # each row's stores hold more than it has written
     rows = torch.arange(len(positions), device=DEVICE)
