@@ -49,23 +49,25 @@ def test_static_greedy_equals_recomputation_and_the_default_cache(model, prompt_
 @pytest.mark.parametrize("branch_kv", ["independent", "shared"])
 def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch_kv, monkeypatch):
     """With the fused kernels, each decoding step of one token per row stores itself and reads its block back in one
-    launch (`append_token`; the Triton interpreter on CPU): a left-padded batch decodes past many blocks and the
-    window to the tokens and logits of the PyTorch ops' path, and each row to cache-free recomputation."""
+    launch (`append_token`; the Triton interpreter on CPU, float32 on either): a left-padded batch decodes past many
+    blocks and the window to the tokens and logits of the PyTorch ops' path, and each row to cache-free
+    recomputation."""
     from nsa_hf.ops import backends
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fields = dict(pad_token_id=0, eos_token_id=None, branch_kv=branch_kv, nsa_backend="reference")
-    fused, plain = (make_model(tiny_config(fused_kernels=name, **fields)) for name in ("triton", "none"))
-    kernels = backends.resolve_pointwise("triton", torch.device("cpu"))
+    fused, plain = (make_model(tiny_config(fused_kernels=name, **fields)).to(device) for name in ("triton", "none"))
+    kernels = backends.resolve_pointwise("triton", device)
     calls = []
     counted = kernels._replace(append_token=lambda *args: calls.append(1) or kernels.append_token(*args))
-    monkeypatch.setitem(backends._RESOLVED_POINTWISE, ("triton", "cpu"), counted)
-    prompts = [torch.randint(1, 97, (1, n)) for n in (21, 6)]
-    ids = torch.zeros(2, 21, dtype=torch.long)
-    mask = torch.zeros(2, 21, dtype=torch.long)
+    monkeypatch.setitem(backends._RESOLVED_POINTWISE, ("triton", device.type), counted)
+    prompts = [torch.randint(1, 97, (1, n), device=device) for n in (21, 6)]
+    ids = torch.zeros(2, 21, dtype=torch.long, device=device)
+    mask = torch.zeros(2, 21, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         ids[row, 21 - prompt.shape[1] :], mask[row, 21 - prompt.shape[1] :] = prompt, 1
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                  return_dict_in_generate=True, cache_implementation="static")
+                  return_dict_in_generate=True, cache_implementation="static", disable_compile=True)  # eager steps
     got, want = fused.generate(ids, **kwargs), plain.generate(ids, **kwargs)
     assert len(calls) == (NEW_TOKENS - 1) * fused.config.num_hidden_layers
     assert torch.equal(got.sequences, want.sequences)
