@@ -74,7 +74,8 @@ def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch
     for a, b in zip(got.scores, want.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for row, prompt in enumerate(prompts):
-        assert torch.equal(got.sequences[row, 21:], greedy_without_cache(plain, prompt, NEW_TOKENS)[0, prompt.shape[1] :])
+        alone = greedy_without_cache(plain, prompt, NEW_TOKENS)
+        assert torch.equal(got.sequences[row, 21:], alone[0, prompt.shape[1] :])
 
 
 def test_static_left_padded_batch_equals_each_row_alone(model):

@@ -476,9 +476,10 @@ def test_append_token_kernel_stores_like_the_static_cache_and_reads_back_the_las
         if not separate_window:
             new[2] = new[3] = None
         layers[0].append(*(None if x is None else x.to(dtype) for x in new), position)
+        rings = (layers[0].raw_cmp_keys, layers[0].raw_cmp_values)
         expected = [take_blocks(ring.flatten(0, 1), torch.arange(batch, device=DEVICE)[:, None, None] * ring.shape[1]
                                 + (prompt + step) % (ring.shape[1] // 2) + ring.shape[1] // 2 - 7
-                                + torch.arange(8, device=DEVICE)) for ring in (layers[0].raw_cmp_keys, layers[0].raw_cmp_values)]
+                                + torch.arange(8, device=DEVICE)) for ring in rings]
         blocks = layers[1].append_token(*new, position, triton_ops.append_token)
         for name, tensor in layers[0]._tensors().items():
             assert torch.equal(tensor, getattr(layers[1], name)), f"{name} after step {step}"
@@ -665,6 +666,21 @@ def test_equal_rows_compute_their_query_tiles_in_the_kernels():
     assert torch.equal(chosen.sort(-1).values, expected.sort(-1).values)
 
 
+def decoding_inputs(positions: list[int], pattern: SparsePattern, heads_q: int, heads_kv: int, dim: int,
+                    dtype: torch.dtype) -> tuple[list[Tensor], QueryLayout]:
+    """Random inputs of one decoding step, a query per row at `positions`, each row's stores holding a few keys more
+    than it has written."""
+    capacity = max(positions) + 7
+    rows = torch.arange(len(positions), device=DEVICE)
+    n_cmp = num_compressed_blocks(capacity, pattern.compress_block_size, pattern.compress_stride)
+    layout = QueryLayout(
+        positions=torch.tensor(positions, device=DEVICE), key_offsets=rows * capacity, cmp_offsets=rows * n_cmp,
+        window_offsets=rows * capacity, run_length=1,
+    )
+    num_q = len(positions)
+    return nsa_inputs(num_q, num_q * n_cmp, num_q * capacity, heads_q, heads_kv, dim, dtype, grad=False), layout
+
+
 @pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
 @pytest.mark.parametrize("splits,tile_keys,key_splits",
                          [(1, None, 1), (3, None, 1), (3, 32, 1), (1, 32, 3), (3, 32, 2), (1, 16, 2)])
@@ -687,16 +703,9 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
     if tile_keys == 16 and not CUDA:
         pattern = dataclasses.replace(pattern, window_size=40)
     positions = [9000, 4000, 70, 20] if CUDA else [700, 60, 5, 13]  # 700: 173 compressed blocks, three shares
-    capacity = max(positions) + 7  # each row's stores hold more than it has written
-    rows = torch.arange(len(positions), device=DEVICE)
-    n_cmp = num_compressed_blocks(capacity, pattern.compress_block_size, pattern.compress_stride)
-    layout = QueryLayout(
-        positions=torch.tensor(positions, device=DEVICE), key_offsets=rows * capacity, cmp_offsets=rows * n_cmp,
-        window_offsets=rows * capacity, run_length=1,
-    )
-    num_q = len(positions)
-    inputs = nsa_inputs(num_q, num_q * n_cmp, num_q * capacity, heads_q, heads_kv, dim, dtype, grad=False)
-    fused = triton_decode.decode_attention(*inputs, layout, pattern, dim**-0.5, num_splits=splits, key_splits=key_splits)
+    inputs, layout = decoding_inputs(positions, pattern, heads_q, heads_kv, dim, dtype)
+    fused = triton_decode.decode_attention(*inputs, layout, pattern, dim**-0.5, num_splits=splits,
+                                           key_splits=key_splits)
     expected = composition.nsa_attention_varlen(*(x.float() for x in inputs), layout, pattern, dim**-0.5)
     assert_close_rel(fused, expected, dtype, f"decode, {splits} splits, {key_splits} key splits")
     # Each branch and the gates are felt: the output moves when any one of them changes.
@@ -706,6 +715,24 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
         changed = triton_decode.decode_attention(*moved, layout, pattern, dim**-0.5, num_splits=splits,
                                                  key_splits=key_splits)
         assert (changed.float() - fused.float()).abs().max() > 1e-3, f"input {i} left the output unchanged"
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter runs a grid's programs one after another: no order to vary")
+def test_gpu_merge_kernel_key_shares_give_the_same_bits_whichever_finishes_last():
+    """The merge kernel's shares of a row's keys finish in any order on a GPU, and the last to arrive merges the
+    others' states: many rows x 8 shares, run again and again, give the same bits every time (a share that merged
+    before the others had stored, or a second share storing the output, would race), close to one program's walk
+    over all the keys (the same selection: the first two launches are the same)."""
+    torch.manual_seed(13)
+    pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512)
+    positions = torch.randint(600, 9000, (96,)).tolist()
+    inputs, layout = decoding_inputs(positions, pattern, 12, 2, 64, torch.bfloat16)
+    first = triton_decode.decode_attention(*inputs, layout, pattern, 0.125, key_splits=8)
+    one_program = triton_decode.decode_attention(*inputs, layout, pattern, 0.125, key_splits=1)
+    assert_close_rel(first, one_program, torch.bfloat16, "decode, 8 key splits against 1")
+    for run in range(40):
+        again = triton_decode.decode_attention(*inputs, layout, pattern, 0.125, key_splits=8)
+        assert torch.equal(again, first), f"run {run} differs"
 
 
 def test_decoding_steps_without_gradients_run_the_fused_op(monkeypatch):

@@ -86,7 +86,9 @@ def _from_primitives(factory: Callable[[], Primitives]) -> Callable[[], tuple[li
 def _triton_pointwise() -> PointwiseKernels:
     from . import triton
 
-    return PointwiseKernels(triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy, triton.append_token)
+    return PointwiseKernels(
+        triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy, triton.append_token
+    )
 
 
 def _require_triton(setting: str) -> None:
