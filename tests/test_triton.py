@@ -681,9 +681,16 @@ def decoding_inputs(positions: list[int], pattern: SparsePattern, heads_q: int, 
     return nsa_inputs(num_q, num_q * n_cmp, num_q * capacity, heads_q, heads_kv, dim, dtype, grad=False), layout
 
 
-@pytest.mark.parametrize("heads_q,heads_kv,dim", [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)])
-@pytest.mark.parametrize("splits,tile_keys,key_splits",
-                         [(1, None, 1), (3, None, 1), (3, 32, 1), (1, 32, 3), (3, 32, 2), (1, 16, 2)])
+_DECODE_SIZES = [(4, 2, 16), (3, 1, 8)] if not CUDA else [(12, 2, 64), (16, 1, 128)]
+_DECODE_SPLITS = [(1, None, 1), (3, None, 1), (3, 32, 1)]
+_KEY_SHARES = [(1, 32, 3), (3, 32, 2), (1, 16, 2)]  # on CPU at one size: the interpreter takes seconds per case
+
+
+@pytest.mark.parametrize(
+    "heads_q,heads_kv,dim,splits,tile_keys,key_splits",
+    [size + case for size in _DECODE_SIZES for case in _DECODE_SPLITS]
+    + [size + case for size in (_DECODE_SIZES if CUDA else _DECODE_SIZES[:1]) for case in _KEY_SHARES],
+)
 def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv, dim, splits, tile_keys, key_splits,
                                                               monkeypatch):
     """Decoding's three-launch attention (compressed partials, selection from their lse, one merge kernel for the
