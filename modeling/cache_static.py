@@ -165,7 +165,8 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         self.cumulative_length.add_(k_slc.shape[1])
 
     def append_token(self, k_slc: Tensor, v_slc: Tensor, k_win: Tensor | None, v_win: Tensor | None, k_raw: Tensor,
-                     v_raw: Tensor, positions: Tensor, kernel: Callable[..., tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+                     v_raw: Tensor, positions: Tensor,
+                     kernel: Callable[..., tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """`append` for a decoding step of one token per row [B, 1, H, D] after the prompt, as one launch of `kernel`
         (the fused kernels' `append_token`), which also reads back the raw K/V of the l tokens that end at the new
         one ([B, 1, l, H, D] each, as `take_blocks` gives them): phi's input when the token completes a block."""

@@ -56,8 +56,9 @@ class NsaConfig(PreTrainedConfig):
             `"triton"` (GPU kernels), `"auto"` (Triton on CUDA when available, else the reference), or the name of
             a backend added with `nsa_hf.ops.backends.register_backend`.
         fused_kernels (`str`, defaults to `"auto"`): the fused Triton kernels for RMSNorm, RoPE, SwiGLU, the gate
-            mix, the cross-entropy loss and a static cache's decoding writes: `"triton"`, `"none"` (PyTorch ops) or `"auto"` (Triton on CUDA when
-            available). Under torch.compile the PyTorch ops always run (inductor fuses them).
+            mix, the cross-entropy loss and a static cache's decoding writes: `"triton"`, `"none"` (PyTorch ops) or
+            `"auto"` (Triton on CUDA when available). Under torch.compile the PyTorch ops always run (inductor fuses
+            them).
         cuda_graph_decoding (`bool`, defaults to `True`): on CUDA, generate() without `cache_implementation`
             decodes over an `NsaStaticCache` (kept between calls) and replays each step from a CUDA graph recorded
             from the eager model at the first steps (no torch.compile). `False`, or

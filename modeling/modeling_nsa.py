@@ -145,7 +145,8 @@ _ZEROS: dict[tuple, Tensor] = {}
 _FEW_ROWS = 64
 # Stacked weight bytes per GEMM saved, above which a compiled or recorded decoding step runs separate GEMMs: inside a
 # CUDA graph one more small GEMM costs about what copying 2 MiB of weights (read and write) does on the H200
-# (benchmarks/results/issue15/session9/README.md: the seed model's stacked copies against its GEMMs).
+# (the seed model's stacked copies against its GEMMs in benchmarks/results/issue15/session9/README.md; 2 MiB as set
+# in session10/).
 _COPY_BYTES_PER_LAUNCH = 2 << 20
 
 
@@ -356,7 +357,7 @@ class NsaAttention(nn.Module):
         return k_cmp, self.compress_value(v_blocks)
 
     def _store_step(self, layer: NsaStaticCacheLayer, stored: StoredBlocks, new_kv: tuple[Tensor | None, ...],
-                    positions: Tensor | None, pointwise: PointwiseKernels | None) -> None:
+                    positions: Tensor, pointwise: PointwiseKernels | None) -> None:
         """Store a step in a static cache: its K/V `new_kv` (k_slc, v_slc, k_win, v_win, k_raw, v_raw), then the
         compressed entries it writes, phi and RoPE as in `_compress` over the prompt's own raw K/V (prefill) or the
         layer's raw ring (decoding). A decoding step of one token per row with the fused kernels stores and reads

@@ -107,7 +107,9 @@ def _triton_pointwise() -> PointwiseKernels:
         silu_mul as triton_silu_mul,
     )
 
-    return PointwiseKernels(triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy, triton_append_token)
+    return PointwiseKernels(
+        triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy, triton_append_token
+    )
 
 
 def _require_triton(setting: str) -> None:

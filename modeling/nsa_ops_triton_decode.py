@@ -56,6 +56,7 @@ def _merge_partials(WORK, base, split_stride, read, NUM: tl.constexpr, ROWS: tl.
 
 @triton.jit
 def _store_partial(WORK, base, m_i, l_i, acc, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One branch's online-softmax state at offset `base` of WORK, as `_merge_partials` reads it."""
     rows = tl.arange(0, ROWS)
     tl.store(WORK + base + rows, m_i)
     tl.store(WORK + base + ROWS + rows, l_i)
@@ -150,7 +151,7 @@ def _decode_merge_kernel(
         # Two states of 2 * ROWS + ROWS * BLOCK_DV floats per program, the shares of one (row, key head) adjacent.
         state = ROWS * (2 + BLOCK_DV)
         group = token * tl.num_programs(1) + kv_head
-        first = tl.cast(group * KEY_SPLITS, tl.int64) * (2 * state)
+        first = tl.cast(group, tl.int64) * KEY_SPLITS * (2 * state)
         base = first + share * (2 * state)
         _store_partial(WORK, base, m_slc, l_slc, acc_slc, ROWS, BLOCK_DV)
         _store_partial(WORK, base + state, m_win, l_win, acc_win, ROWS, BLOCK_DV)
@@ -188,7 +189,7 @@ def _decode_merge_kernel(
     g_win = tl.load(GATES + 2, mask=take, other=0.0).to(tl.float32)
     out = o_cmp * g_cmp[:, None] + o_slc * g_slc[:, None] + o_win * g_win[:, None]
     tl.store(_at_row(OUT, token, stride_outt) + head[:, None] * stride_outh + dv[None, :],
-             out.to(OUT.dtype.element_ty), mask=(take)[:, None] & (dv < DV)[None, :])
+             out.to(OUT.dtype.element_ty), mask=take[:, None] & (dv < DV)[None, :])
 
 
 def _merge_tile_keys(dim: int, dim_v: int) -> int:

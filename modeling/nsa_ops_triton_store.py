@@ -110,6 +110,9 @@ def append_token(
     dim_v = v_slc.shape[-1]
     if steps != 1:
         raise ValueError(f"append_token stores one token per row, got {steps}.")
+    if k_raw.shape[-1] != dim or v_raw.shape[-1] != dim_v:
+        raise ValueError(f"`k_raw`/`v_raw` must have head dims {dim}/{dim_v} as the selection K/V, got "
+                         f"{k_raw.shape[-1]}/{v_raw.shape[-1]}.")
     raw_ring = raw_keys.shape[1] // 2
     if raw_ring < block_size:
         raise ValueError(f"the raw ring ({raw_ring} slots) must hold a block of {block_size} tokens.")
@@ -123,7 +126,7 @@ def append_token(
         position, *new, *stores, counter, k_block, v_block,
         *(stride for x in new for stride in (x.stride(0), x.stride(2))),
         *(stride for x in stores for stride in (x.stride(0), x.stride(1), x.stride(2))),
-        stores[2].shape[1] // 2, raw_ring,
+        window_keys.shape[1] // 2 if separate else 1, raw_ring,  # a shared window has no ring of its own
         D=dim, DV=dim_v, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v), L=block_size, BLOCK_L=_pow2(block_size, 1),
         SEPARATE_WINDOW=separate, num_warps=1 if block_size * max(dim, dim_v) <= 4096 else 4,
     )
