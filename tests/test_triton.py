@@ -716,7 +716,7 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
     expected = composition.nsa_attention_varlen(*(x.float() for x in inputs), layout, pattern, dim**-0.5)
     assert_close_rel(fused, expected, dtype, f"decode, {splits} splits, {key_splits} key splits")
     # Each branch and the gates are felt: the output moves when any one of them changes.
-    for i in (2, 4, 6, 7) if splits > 1 or key_splits > 1 else ():
+    for i in (2, 4, 6, 7) if splits > 1 else ():  # several shares in every launch once: (3, 32, 2)
         moved = [x.clone() for x in inputs]
         moved[i] = moved[i] + 1.0 if i != 7 else moved[i].flip(-1)
         changed = triton_decode.decode_attention(*moved, layout, pattern, dim**-0.5, num_splits=splits,
