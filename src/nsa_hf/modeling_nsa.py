@@ -361,11 +361,12 @@ class NsaAttention(nn.Module):
         compressed entries it writes, phi and RoPE as in `_compress` over the prompt's own raw K/V (prefill) or the
         layer's raw ring (decoding). A decoding step of one token per row with the fused kernels stores and reads
         its block back in one launch."""
-        if pointwise is not None and stored.from_ring and new_kv[0].shape[1] == 1:
+        if pointwise is not None and stored.from_ring and positions.shape[0] == 1:
             k_blocks, v_blocks = layer.append_token(*new_kv, positions, pointwise.append_token)
         else:
             layer.append(*new_kv, positions)
-            source = (layer.raw_cmp_keys, layer.raw_cmp_values) if stored.from_ring else new_kv[4:]
+            k_raw, v_raw = new_kv[4:]
+            source = (layer.raw_cmp_keys, layer.raw_cmp_values) if stored.from_ring else (k_raw, v_raw)
             k_blocks, v_blocks = (take_blocks(t.flatten(0, 1), stored.tokens) for t in source)
         (k_new,) = rotate_all((self.compress_key(k_blocks),), stored.cos, stored.sin, pointwise)
         layer.write_compressed(stored.slots, k_new, self.compress_value(v_blocks))
