@@ -24,7 +24,7 @@ from nsa_hf.ops.backends import resolve_backend
 from nsa_hf.ops.layout import QueryLayout, SparsePattern, num_compressed_blocks
 from nsa_hf.ops.triton.decode import decode_attention
 
-SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64)}
+SHAPES = {"paper": (64, 4, 128), "llama": (32, 8, 128), "seed": (12, 2, 64), "1b": (16, 4, 128)}
 PATTERN = SparsePattern(32, 16, 64, 16, 1, 2, 512)
 
 

@@ -18,8 +18,8 @@ between calls by itself (`NsaForCausalLM._static_cache_for`; results before it s
 same). Each NSA row also gives its step's bytes floor: the weights plus the cache bytes one token reads
 (compressed keys, the selected blocks, the window, per layer and row) over the measured copy bandwidth, and the
 fraction of the measured ms/token that floor is. `--profile` adds the GPU kernel time per token (a step whose
-ms/token is far above it waits on the host) and the kernels of one generate() call. Writes generate.json and
-generate.png.
+ms/token is far above it waits on the host) and the decoding steps' kernels per token (the prompt's subtracted).
+Writes generate.json and generate.png.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from bench_decode import copy_bandwidth, nsa_keys_read  # this folder is on the path when run from the repo root
-from bench_training import kernel_table
 from nsa_hf import NsaConfig, NsaForCausalLM, NsaStaticCache
 from nsa_hf.cache_nsa import sparse_pattern
 from nsa_hf.compat import CACHE_KWARG
@@ -91,12 +90,30 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int, kept=None, **kw
     return time.perf_counter() - start
 
 
-def kernel_ms(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, str]:
-    """GPU kernel time of one generate() call (ms) and its kernel table."""
+def kernel_totals(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> dict[str, tuple[float, int]]:
+    """GPU kernel time (ms) and launches of one generate() call, by kernel name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         timed_generate(model, prompt, new_tokens, **kwargs)
-    kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(event.device_time_total for event in kernels) / 1e3, kernel_table(profiler)
+    totals: dict[str, tuple[float, int]] = {}
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            ms, calls = totals.get(event.name, (0.0, 0))
+            totals[event.name] = (ms + event.device_time_total / 1e3, calls + 1)
+    return totals
+
+
+def decoding_kernels(prefill: dict[str, tuple[float, int]], full: dict[str, tuple[float, int]], new_tokens: int,
+                     rows: int = 30) -> str:
+    """The kernels of the decoding steps alone (a call of 1 + N tokens minus a call of 1: the prompt's kernels
+    cancel), per new token, most time first: microseconds, launches, name."""
+    per_token = {
+        name: ((ms - prefill.get(name, (0.0, 0))[0]) * 1e3 / new_tokens, (calls - prefill.get(name, (0.0, 0))[1]) / new_tokens)
+        for name, (ms, calls) in full.items()
+    }
+    ranked = sorted(per_token.items(), key=lambda item: -item[1][0])
+    lines = [f"{us:9.1f} us {calls:6.1f}x  {name[:110]}" for name, (us, calls) in ranked[:rows]]
+    total = sum(us for us, _ in per_token.values())
+    return "\n".join([f"{total:9.1f} us per token of decoding kernels (most time first: us, launches per token)", *lines])
 
 
 def measure(model, batch: int, context: int, new_tokens: int, repeats: int, profile: bool = False, keep: bool = False,
@@ -113,9 +130,11 @@ def measure(model, batch: int, context: int, new_tokens: int, repeats: int, prof
         peak_gib=torch.cuda.max_memory_allocated() / 2**30,
     )
     if profile:  # the GPU's share of a token: kernel time of the decoding steps (generate(1 + N) minus generate(1))
-        prefill_ms, _ = kernel_ms(model, prompt, 1, **kwargs)
-        full_ms, table = kernel_ms(model, prompt, 1 + new_tokens, **kwargs)
-        row.update(kernel_ms_per_token=(full_ms - prefill_ms) / new_tokens, kernels=table)
+        prefill_kernels = kernel_totals(model, prompt, 1, **kwargs)
+        full_kernels = kernel_totals(model, prompt, 1 + new_tokens, **kwargs)
+        total_ms = sum(ms for ms, _ in full_kernels.values()) - sum(ms for ms, _ in prefill_kernels.values())
+        row.update(kernel_ms_per_token=total_ms / new_tokens,
+                   kernels=decoding_kernels(prefill_kernels, full_kernels, new_tokens))
     return row
 
 

@@ -71,11 +71,17 @@ def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
 
 def passkey_batches(args: argparse.Namespace, lengths: list[int], short_steps: int = 0):
     """Training batches of about --tokens-per-step tokens, depths uniform, lengths drawn from --short-lengths for
-    the first `short_steps` batches, then from `lengths`."""
+    the first `short_steps` batches, then from `lengths`: each length as often as the others (--length-sampling
+    steps), or as often as its length (labels: a batch of length L holds --tokens-per-step / L answers, so every
+    length then gives as many answers as the others)."""
     def stream(generator: torch.Generator):
         for step in itertools.count():
             pool = args.short_lengths if step < short_steps else lengths
-            length = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+            if args.length_sampling == "labels":
+                index = torch.multinomial(torch.tensor(pool, dtype=torch.float), 1, generator=generator)
+            else:
+                index = torch.randint(len(pool), (1,), generator=generator)
+            length = pool[int(index)]
             yield make_batch(max(1, args.tokens_per_step // length), length, args.digits, args.vocab, generator)
     return stream
 
@@ -142,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Each row has one answer (--digits labels), so rows of 16k alone give a step a few dozen labels: the short rows
     # (first alone, then in the mix) carry most of them and teach the lookup that the long rows have to stretch.
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384],
-                        help="training contexts, drawn uniformly per step")
+                        help="training contexts, one per step (see --length-sampling)")
+    parser.add_argument("--length-sampling", default="steps", choices=["steps", "labels"],
+                        help="steps: every training length equally often; labels: each as often as its length, so "
+                        "that every length gives as many answers (a step of length L holds --tokens-per-step / L)")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--block", type=int, default=32, help="compressed block l (stride l/2, selection block 2l)")

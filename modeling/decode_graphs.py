@@ -15,8 +15,10 @@ changed; models whose modules do things a replay would skip (hooks, adapters, qu
 
 from __future__ import annotations
 
+import contextvars
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ from transformers.utils import logging
 from .cache_static import NsaStaticCache
 from .nsa_ops_backends import resolve_primitives
 
-__all__ = ["DecodeGraphs", "why_not_graphable"]
+__all__ = ["DecodeGraphs", "KeptStacks", "kept_stack", "why_not_graphable"]
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +70,63 @@ def _fingerprint(model: nn.Module) -> tuple:
     return tensors, config.nsa_backend, config.fused_kernels, model.training, precision
 
 
+class KeptStacks:
+    """Stacked copies of projection weights that a model's recorded decoding steps read (`kept_stack`), so that the
+    projections of one input run as one GEMM with no copy of their weights in every replay. They are copied from the
+    weights when first asked for (outside a recording) and again at every `refresh`, so that a replay never reads
+    weights older than its generate() call. They cost the stacked weights' bytes once more."""
+
+    def __init__(self) -> None:
+        self._stacks: dict[tuple[int, ...], tuple[list[Tensor], Tensor]] = {}
+
+    def get(self, weights: list[Tensor]) -> Tensor | None:
+        """`torch.cat(weights)`, kept; None while a graph is being recorded and no copy was made before (a recording
+        may not run a copy that only this step would see)."""
+        key = tuple(w.data_ptr() for w in weights)
+        if key not in self._stacks:
+            if weights[0].is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, read by later calls too
+                self._stacks[key] = (list(weights), torch.cat(weights))
+        return self._stacks[key][1]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy every kept stack from its weights again (they may have been trained or loaded in place)."""
+        for weights, stacked in self._stacks.values():
+            torch.cat(weights, out=stacked)
+
+    def clear(self) -> None:
+        self._stacks.clear()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(stacked.numel() * stacked.element_size() for _, stacked in self._stacks.values())
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """`kept_stack` answers from these stacks inside the block."""
+        token = _ACTIVE_STACKS.set(self)
+        try:
+            yield
+        finally:
+            _ACTIVE_STACKS.reset(token)
+
+
+_ACTIVE_STACKS: contextvars.ContextVar[KeptStacks | None] = contextvars.ContextVar("nsa_hf_kept_stacks", default=None)
+
+
+def kept_stack(weights: list[Tensor]) -> Tensor | None:
+    """The kept `torch.cat(weights)` of the decoding step being run or recorded by `DecodeGraphs`, or None outside
+    one (and with gradients: a kept copy is not the weights autograd sees)."""
+    if torch.compiler.is_compiling():  # a compiled step stacks as `stacked_projection` decides
+        return None
+    stacks = _ACTIVE_STACKS.get()
+    if stacks is None or torch.is_grad_enabled():
+        return None
+    return stacks.get(weights)
+
+
 @dataclass
 class _RecordedStep:
     graph: torch.cuda.CUDAGraph
@@ -93,15 +152,20 @@ class DecodeGraphs:
         self._steps: dict[tuple, _RecordedStep] = {}
         self._warm: set[tuple] = set()
         self._unrecordable: set[tuple] = set()
+        self.stacks = KeptStacks()  # the stacked attention projections the steps read
 
     def refresh(self, model: nn.Module) -> None:
-        """Drop the recorded steps when the model changed since they were recorded (before each generate())."""
+        """Drop the recorded steps when the model changed since they were recorded, else copy the kept stacks of its
+        weights again (before each generate())."""
         fingerprint = _fingerprint(model)
         if fingerprint != self._fingerprint:
             self._steps.clear()
             self._warm.clear()
             self._unrecordable.clear()
+            self.stacks.clear()
             self._fingerprint = fingerprint
+        else:
+            self.stacks.refresh()
 
     @property
     def num_recorded(self) -> int:
@@ -113,6 +177,7 @@ class DecodeGraphs:
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         if autocast is not None:  # the same autocast, without its cache of weight casts (see the class docstring)
             run = _without_cast_cache(run, device_type, autocast)
+        run = _with_stacks(run, self.stacks)
         key = (tuple(input_ids.shape), autocast)
         recorded = self._steps.get(key)
         if recorded is None:
@@ -149,6 +214,14 @@ class DecodeGraphs:
             return None
         self._steps[key] = _RecordedStep(graph, static_ids, logits)
         return self._steps[key]
+
+
+def _with_stacks(run: Callable[[Tensor], Tensor], stacks: KeptStacks) -> Callable[[Tensor], Tensor]:
+    def stacked(input_ids: Tensor) -> Tensor:
+        with stacks.active():
+            return run(input_ids)
+
+    return stacked
 
 
 def _without_cast_cache(run: Callable[[Tensor], Tensor], device_type: str, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:

@@ -140,6 +140,31 @@ def test_decode_graphs_run_eagerly_then_record_then_replay_until_the_model_chang
             torch.set_float32_matmul_precision(precision)
 
 
+def test_decoding_steps_read_stacked_attention_weights_kept_and_copied_again_per_call(fake_recording):
+    """`DecodeGraphs` keeps one stacked copy of each layer's attention input projections (the MLP's stay apart), so no
+    step stacks them again, and copies the weights into it at every refresh (each generate()): after an in-place
+    update of a projection, the next steps equal the eager model's."""
+    model = make_model(tiny_config(pad_token_id=0))
+    cache, reference = (NsaStaticCache(model.config, max_cache_len=64) for _ in range(2))
+    graphs = DecodeGraphs(cache)
+    graphs.refresh(model)
+    prompt, ids = torch.randint(1, 97, (2, 9)), torch.randint(1, 97, (2, 1))
+    step = functools.partial(model._step_logits, cache)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        model(prompt, cache=reference)
+        for _ in range(3):
+            torch.testing.assert_close(graphs.step(step, ids), model._step_logits(reference, ids))
+        rows = [sum(p.out_features for p in layer.self_attn._input_projections()) for layer in model.model.layers]
+        kept = sum(-(-r // 8) * 8 for r in rows) * model.config.hidden_size * model.dtype.itemsize
+        assert graphs.stacks.num_bytes == kept
+        model.model.layers[1].self_attn.k_proj.weight.mul_(-1.5)
+        graphs.refresh(model)
+        for _ in range(2):
+            torch.testing.assert_close(graphs.step(step, ids), model._step_logits(reference, ids))
+    assert len(fake_recording) == 1
+
+
 def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(monkeypatch, caplog):
     model = make_model(tiny_config(pad_token_id=0))
     cache = NsaStaticCache(model.config, max_cache_len=64)
@@ -237,7 +262,8 @@ def test_gpu_graphs_replay_exactly_the_eager_static_steps(branch_kv):
 @needs_cuda
 def test_gpu_graphs_are_recorded_once_and_follow_the_model():
     """A second call replays the first call's graph over the same kept cache; an in-place weight update is read by
-    the replay; a replaced weight (new storage) makes the next call record again."""
+    the replay (an attention projection's through the stacked copy the graphs keep); a replaced weight (new storage)
+    makes the next call record again."""
     model = cuda_model("triton", torch.bfloat16)
     prompt = torch.randint(1, 97, (1, 21), device="cuda")
     records = []
@@ -256,6 +282,7 @@ def test_gpu_graphs_are_recorded_once_and_follow_the_model():
         assert len(records) == 1 and model._kept_static_cache is cache
         with torch.no_grad():
             model.lm_head.weight.mul_(-1.5)
+            model.model.layers[0].self_attn.q_proj.weight.mul_(-1.5)  # read through the kept stacked copy
         check()
         assert len(records) == 1
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().roll(1, 0).clone())  # new storage

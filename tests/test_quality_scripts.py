@@ -49,6 +49,24 @@ def test_training_starts_with_short_rows_only_then_draws_from_the_training_lengt
     assert lengths[:3] == [16, 16, 16] and set(lengths[3:]) == {32, 64}
 
 
+def test_label_weighted_sampling_gives_every_training_length_about_as_many_answers():
+    """--length-sampling labels draws a length as often as it is long, so long rows (few per step) give as many
+    answers as short ones; the default draws every length equally often (short rows then give most answers)."""
+    retrieval = _load("quality_retrieval")
+    counts = {}
+    for sampling in ("steps", "labels"):
+        args = retrieval.build_parser().parse_args([*TINY, "--short-steps", "0", "--train-lengths", "16", "64",
+                                                    "--length-sampling", sampling])
+        stream = retrieval.passkey_batches(args, args.train_lengths)(torch.Generator().manual_seed(0))
+        answers = {16: 0, 64: 0}
+        for _ in range(400):
+            ids, _ = next(stream)
+            answers[ids.shape[1]] += ids.shape[0]
+        counts[sampling] = answers
+    assert 3 < counts["steps"][16] / counts["steps"][64] < 5  # 8 rows of 16 per step against 2 of 64
+    assert 0.75 < counts["labels"][16] / counts["labels"][64] < 1.33
+
+
 def test_the_nsa_model_from_scratch_takes_the_branch_kv_and_compression_asked_for():
     retrieval = _load("quality_retrieval")
     default = retrieval.build("nsa", retrieval.build_parser().parse_args(TINY)).config

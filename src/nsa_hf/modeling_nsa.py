@@ -31,7 +31,7 @@ from .cache_nsa import NsaCache, NsaCacheLayer, StepGeometry, sparse_pattern
 from .cache_static import DEFAULT_ROLLBACK, NsaStaticCache, NsaStaticCacheLayer
 from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
-from .decode_graphs import DecodeGraphs, why_not_graphable
+from .decode_graphs import DecodeGraphs, kept_stack, why_not_graphable
 from .ops.backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
 from .ops.compression import block_tokens, take_blocks
 from .ops.layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks, seq_idx_starts
@@ -154,7 +154,7 @@ def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
     counts there, and one GEMM queues less than several. A decoding step that is compiled or recorded as a CUDA
     graph (only the GPU's time counts) copies every stacked weight per step, twice its bytes: it stacks only while
     that copy costs less than the GEMM launches it saves (the seed model's attention projections, not its MLP
-    nor a 1B model's projections)."""
+    nor a 1B model's projections), unless the weights are stacked once for all steps (`kept_stack`)."""
     graph = torch.compiler.is_compiling() or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
     if not graph or hidden_states.numel() > _FEW_ROWS * hidden_states.shape[-1]:
         return True
@@ -162,38 +162,42 @@ def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
 
 
 def stacked_projection(
-    hidden_states: Tensor, projections: tuple[nn.Module, ...], with_bias: bool = True
+    hidden_states: Tensor, projections: tuple[nn.Module, ...], with_bias: bool = True, keep: bool = False
 ) -> Tensor | None:
     """The outputs of projections of the same input side by side, from one GEMM over their stacked weights
     (under autocast the input is cast once and its gradient comes back as one tensor, not one per
     projection), possibly followed by zero padding columns; None unless all are plain nn.Linear (LoRA,
     quantized and hooked modules keep their own forward) and `_stacks` the input. `with_bias=False` leaves the
-    biases to the caller."""
+    biases to the caller. `keep`: in a decoding step that `DecodeGraphs` runs or records, read the stacked weights
+    it keeps (`kept_stack`) rather than stacking them in every step."""
     if not all(_plain_linear(p) for p in projections):
         return None
     weights = [p.weight for p in projections]
-    if not _stacks(hidden_states, weights):
-        return None
     sizes = [p.out_features for p in projections]
     # Zero rows up to a multiple of 8 outputs keep the output rows 16-byte aligned in bf16: otherwise cuBLAS
     # falls back to unaligned kernels (as it did for the seed model's 1572 outputs on the H200).
     padding = -sum(sizes) % 8
     weight = weights[0]
     weights += [_zeros((padding, weight.shape[1]), weight)] if padding else []
+    kept = kept_stack(weights) if keep and hidden_states.numel() <= _FEW_ROWS * hidden_states.shape[-1] else None
+    if kept is None and not _stacks(hidden_states, weights[: len(projections)]):
+        return None
     bias = None
     if with_bias and any(p.bias is not None for p in projections):
         biases = [_zeros((p.out_features,), weight) if p.bias is None else p.bias for p in projections]
         bias = torch.cat(biases + ([_zeros((padding,), weight)] if padding else []))
-    return F.linear(hidden_states, torch.cat(weights), bias)
+    return F.linear(hidden_states, torch.cat(weights) if kept is None else kept, bias)
 
 
-def project(hidden_states: Tensor, projections: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
-    """Every projection of the same input: one stacked GEMM where `stacked_projection` allows, split. When only
-    some projections have a bias (NSA's gate among bias-free q/k/v), the GEMM runs without one and each bias is
-    added to its own output: a stacked bias would be copied into the whole output before the GEMM, and its
-    gradient summed over every column."""
+def project(
+    hidden_states: Tensor, projections: tuple[nn.Module, ...], keep: bool = False
+) -> tuple[Tensor, ...]:
+    """Every projection of the same input: one stacked GEMM where `stacked_projection` allows (`keep` as there),
+    split. When only some projections have a bias (NSA's gate among bias-free q/k/v), the GEMM runs without one and
+    each bias is added to its own output: a stacked bias would be copied into the whole output before the GEMM, and
+    its gradient summed over every column."""
     with_bias = all(getattr(p, "bias", None) is not None for p in projections)
-    stacked = stacked_projection(hidden_states, projections, with_bias) if len(projections) > 1 else None
+    stacked = stacked_projection(hidden_states, projections, with_bias, keep) if len(projections) > 1 else None
     if stacked is None:
         return tuple(p(hidden_states) for p in projections)
     sizes = [p.out_features for p in projections]
@@ -380,7 +384,7 @@ class NsaAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         batch, seq_len, _ = hidden_states.shape
         cos, sin = plan.cos, plan.sin
-        *heads, gate_projection = project(hidden_states, self._input_projections())
+        *heads, gate_projection = project(hidden_states, self._input_projections(), keep=True)
         q, k_proj, v_slc, *branch_kv = (h.unflatten(-1, (-1, self.head_dim)) for h in heads)
         fused = plan.pointwise
         if self.config.qk_norm:  # per head, before RoPE and compression (Qwen3)

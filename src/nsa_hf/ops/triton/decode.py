@@ -22,31 +22,30 @@ from torch import Tensor
 from ..layout import BranchRanges, QueryLayout, SparsePattern, branch_ranges
 from .common import _at_row, _cdiv, _key_bases, _kv_tile, _num_splits, _online_softmax_step, _pow2, _softmax_finish
 from .interval import interval_partials
-from .select import ranked_blocks
+from .select import ranked_blocks, selection_tile_blocks
 
 __all__ = ["decode_attention"]
 
 
 @triton.jit
-def _merge_partials(WORK, base, split_stride, read, NUM: tl.constexpr, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _merge_partials(WORK, base, split_stride, read, NUM: tl.constexpr, NUM_PAD: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):
     """One branch's output from NUM programs' online-softmax states (m, l [ROWS], acc [ROWS, BLOCK_DV], fp32, laid
-    out from offset `base` every `split_stride` elements), read only in the rows `read` [ROWS]; rows no program saw
-    keys for give 0. L1 is bypassed: the states were written by other multiprocessors."""
+    out from offset `base` every `split_stride` elements; NUM_PAD a power of two >= NUM), read only in the rows
+    `read` [ROWS]; rows no program saw keys for give 0. All states are loaded at once (a loop over the programs
+    waited on one load after another), bypassing L1: other multiprocessors wrote them."""
+    split = tl.arange(0, NUM_PAD)
     rows = tl.arange(0, ROWS)
     dv = tl.arange(0, BLOCK_DV)
-    top = tl.full([ROWS], float("-inf"), tl.float32)
-    for split in range(NUM):
-        m = tl.load(WORK + base + split * split_stride + rows, mask=read, other=float("-inf"), cache_modifier=".cg")
-        top = tl.maximum(top, m)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    for split in range(NUM):
-        at = WORK + base + split * split_stride
-        weight = tl.exp(tl.load(at + rows, mask=read, other=float("-inf"), cache_modifier=".cg") - top_safe)
-        total += tl.load(at + ROWS + rows, mask=read, other=0.0, cache_modifier=".cg") * weight
-        acc += tl.load(at + 2 * ROWS + rows[:, None] * BLOCK_DV + dv[None, :], mask=read[:, None], other=0.0,
-                       cache_modifier=".cg") * weight[:, None]
+    state = WORK + base + split[:, None] * split_stride  # [NUM_PAD, 1]
+    ok = (split < NUM)[:, None] & read[None, :]
+    m = tl.load(state + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(m, axis=0)
+    weight = tl.exp(m - tl.where(top == float("-inf"), 0.0, top)[None, :])  # [NUM_PAD, ROWS]
+    total = tl.sum(tl.load(state + ROWS + rows[None, :], mask=ok, other=0.0, cache_modifier=".cg") * weight, axis=0)
+    acc = tl.load(state[:, :, None] + 2 * ROWS + rows[None, :, None] * BLOCK_DV + dv[None, None, :],
+                  mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+    acc = tl.sum(acc * weight[:, :, None], axis=0)
     return acc / tl.where(total > 0, total, 1.0)[:, None]
 
 
@@ -69,6 +68,7 @@ def _decode_merge_kernel(
     BLOCK_DV: tl.constexpr, CMP_SPLITS: tl.constexpr, SEL_SPLITS: tl.constexpr, SEL_SPLITS_PAD: tl.constexpr,
     BLOCK_J: tl.constexpr, NUM_SELECTED: tl.constexpr, N_PAD: tl.constexpr, SEL: tl.constexpr, BLOCK_S: tl.constexpr,
     TILE_KEYS: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, KEY_SPLITS: tl.constexpr,
+    KEY_SPLITS_PAD: tl.constexpr, CMP_SPLITS_PAD: tl.constexpr,
 ):
     """One query (row) x one key head x one share of its keys: its G heads in ROWS rows (padded to 16 for the tensor
     cores). SEL_SPLITS = 0: CHOSEN holds the selected blocks; else RANKED holds SEL_SPLITS top lists of BLOCK_J keys.
@@ -157,21 +157,21 @@ def _decode_merge_kernel(
         arrived = tl.atomic_add(ARRIVED + group, 1, sem="acq_rel")
         # Broadcast before comparing: Triton's interpreter turns a scalar bool & a vector into integers.
         take = row_ok & (tl.zeros([ROWS], tl.int32) + arrived == KEY_SPLITS - 1)
-        o_slc = _merge_partials(WORK, first, 2 * state, take, KEY_SPLITS, ROWS, BLOCK_DV)
-        o_win = _merge_partials(WORK, first + state, 2 * state, take, KEY_SPLITS, ROWS, BLOCK_DV)
+        o_slc = _merge_partials(WORK, first, 2 * state, take, KEY_SPLITS, KEY_SPLITS_PAD, ROWS, BLOCK_DV)
+        o_win = _merge_partials(WORK, first + state, 2 * state, take, KEY_SPLITS, KEY_SPLITS_PAD, ROWS, BLOCK_DV)
 
-    # The compressed branch: its shares' partial (o, lse), weighted by their lse.
+    # The compressed branch: its shares' partial (o, lse), weighted by their lse. The largest lse from one load of
+    # all of them, then an unrolled loop whose loads wait on nothing but that.
     O_CMP = _at_row(O_CMP, token, stride_ot) + head[:, None] * stride_oh + dv[None, :]
     LSE_CMP = _at_row(LSE_CMP, token, heads_q) + head
-    top = tl.full([ROWS], float("-inf"), tl.float32)
-    for split in range(CMP_SPLITS):
-        top = tl.maximum(top, tl.load(_at_row(LSE_CMP, split, stride_ls), mask=take, other=float("-inf")))
+    cmp_split = tl.arange(0, CMP_SPLITS_PAD)
+    top = tl.max(tl.load(LSE_CMP[None, :] + cmp_split[:, None] * stride_ls,
+                         mask=(cmp_split < CMP_SPLITS)[:, None] & take[None, :], other=float("-inf")), axis=0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([ROWS], tl.float32)
     o_cmp = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    for split in range(CMP_SPLITS):
-        lse = tl.load(_at_row(LSE_CMP, split, stride_ls), mask=take, other=float("-inf"))
-        weight = tl.exp(lse - top_safe)
+    for split in tl.static_range(CMP_SPLITS):
+        weight = tl.exp(tl.load(LSE_CMP + split * stride_ls, mask=take, other=float("-inf")) - top_safe)
         # A share that saw no key weighs 0 and may not have written its o: never read it.
         part = tl.load(_at_row(O_CMP, split, stride_os), mask=(weight > 0)[:, None] & (dv < DV)[None, :], other=0.0)
         o_cmp += part.to(tl.float32) * weight[:, None]
@@ -200,6 +200,20 @@ def _key_splits(programs: int, tiles: int, device: torch.device) -> int:
     return max(1, min(_num_splits(programs, device, limit=8), _cdiv(tiles, 2)))
 
 
+def _store_splits(num_q: int, heads_kv: int, store_keys: int, pattern: SparsePattern,
+                  device: torch.device) -> tuple[int, int]:
+    """Shares of each row's compressed keys in the first launch and of its selection blocks in the second: enough
+    programs to fill the GPU (`_num_splits`), but none with less than about two steps of work (128 compressed keys;
+    two tiles of selection blocks), since every share costs its fixed work and a partial the next launch merges.
+    Sized by the store (`store_keys` compressed keys of all rows, which a static cache gives each row alike), known
+    on the host, not by the rows' lengths on the GPU."""
+    fill = _num_splits(num_q * heads_kv, device)
+    keys = _cdiv(store_keys, max(num_q, 1))
+    blocks = _cdiv(keys * pattern.compress_stride, pattern.select_block_size)
+    return (max(1, min(fill, _cdiv(keys, 128))),
+            max(1, min(fill, _cdiv(blocks, 2 * selection_tile_blocks(pattern)))))
+
+
 @torch.no_grad()
 def decode_attention(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_win: Tensor, gates: Tensor,
@@ -207,16 +221,19 @@ def decode_attention(
     num_splits: int | None = None, key_splits: int | None = None,
 ) -> Tensor:
     """`composition.nsa_attention_varlen` for one query per row (`layout.run_length == 1`), in three launches;
-    not differentiable. Arguments as there; `num_splits` sets the shares of the first two launches and `key_splits`
-    those of the merge kernel's selected and window keys (None: enough to fill the GPU)."""
+    not differentiable. Arguments as there; `num_splits` sets the shares of the first two launches (None: by the
+    store's size, `_store_splits`) and `key_splits` those of the merge kernel's selected and window keys (None:
+    enough to fill the GPU)."""
     if layout.run_length != 1:
         raise ValueError(f"decode_attention takes one query per row (layout.run_length == 1), got {layout.run_length}.")
     num_q, heads_q, dim = q.shape
     heads_kv, dim_v = k_slc.shape[1], v_slc.shape[2]
     groups = heads_q // heads_kv
     ranges = branch_ranges(layout, pattern) if ranges is None else ranges
-    o_cmp, lse_cmp = interval_partials(q, k_cmp, v_cmp, ranges.cmp_lo, ranges.cmp_hi, scale, 1, num_splits=num_splits)
-    chosen, ranked = ranked_blocks(q, k_cmp, lse_cmp, layout, pattern, scale, num_splits)
+    cmp_shares, select_shares = (num_splits, num_splits) if num_splits else _store_splits(
+        num_q, heads_kv, k_cmp.shape[0], pattern, q.device)
+    o_cmp, lse_cmp = interval_partials(q, k_cmp, v_cmp, ranges.cmp_lo, ranges.cmp_hi, scale, 1, num_splits=cmp_shares)
+    chosen, ranked = ranked_blocks(q, k_cmp, lse_cmp, layout, pattern, scale, select_shares)
     out = torch.empty(num_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
     if num_q == 0:
         return out
@@ -251,6 +268,7 @@ def decode_attention(
         CMP_SPLITS=o_cmp.shape[0], SEL_SPLITS=sel_splits, SEL_SPLITS_PAD=_pow2(max(sel_splits, 1), 1),
         BLOCK_J=ranked.shape[-1] if sel_splits else 1, NUM_SELECTED=pattern.num_selected_blocks,
         N_PAD=_pow2(pattern.num_selected_blocks, 1), SEL=pattern.select_block_size,
-        BLOCK_S=block_s, TILE_KEYS=tile_keys, BLOCKS_PER_TILE=blocks_per_tile, KEY_SPLITS=key_splits, num_warps=8,
+        BLOCK_S=block_s, TILE_KEYS=tile_keys, BLOCKS_PER_TILE=blocks_per_tile, KEY_SPLITS=key_splits,
+        KEY_SPLITS_PAD=_pow2(key_splits, 2), CMP_SPLITS_PAD=_pow2(o_cmp.shape[0], 2), num_warps=8,
     )
     return out

@@ -22,7 +22,7 @@ from .common import (
     known_tiles,
 )
 
-__all__ = ["ranked_blocks", "select_blocks"]
+__all__ = ["ranked_blocks", "select_blocks", "selection_tile_blocks"]
 
 
 @triton.autotune(configs=_tuning_configs(stages=(1, 2, 3)), key=["G_PAD", "BLOCK_T", "BLOCK_D", "BLOCK_J", "NUM_SPLITS"])
@@ -75,12 +75,13 @@ def _select_blocks_kernel(
     LSE = _at_row(LSE, first, heads_q) + token * heads_q + head
     lse = tl.load(LSE, mask=row_ok, other=float("-inf"))
     if LSE_SPLITS > 1:  # log-sum-exp of the shares; a share that saw no key adds exp(-inf) = 0
+        # Unrolled: the shares' loads then wait on nothing (a loop issued one after another's result).
         top = lse
-        for split in range(1, LSE_SPLITS):
+        for split in tl.static_range(1, LSE_SPLITS):
             top = tl.maximum(top, tl.load(_at_row(LSE, split, stride_ls), mask=row_ok, other=float("-inf")))
         top_safe = tl.where(top == float("-inf"), 0.0, top)
         total = tl.zeros_like(top_safe)
-        for split in range(LSE_SPLITS):
+        for split in tl.static_range(LSE_SPLITS):
             total += tl.exp(tl.load(_at_row(LSE, split, stride_ls), mask=row_ok, other=float("-inf")) - top_safe)
         lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -180,6 +181,12 @@ def select_blocks(
     return torch.where(best >= 0, 2**31 - 1 - (best & 0xFFFFFFFF), -1).to(torch.int32)
 
 
+def selection_tile_blocks(pattern: SparsePattern) -> int:
+    """Selection blocks per step of the selection kernel (BLOCK_J), and the length of a share's top list."""
+    m = pattern.select_block_size // pattern.compress_stride
+    return max(_next_pow2(pattern.num_selected_blocks), 16 if m <= 4 else 64 // m)
+
+
 def ranked_blocks(
     q: Tensor, k_cmp: Tensor, lse: Tensor, layout: QueryLayout, pattern: SparsePattern, scale: float,
     num_splits: int | None = None,
@@ -207,7 +214,7 @@ def ranked_blocks(
     # and each step's keys and top-n merge serve more tokens (H200, seed shape G = 6 at 32k: 1.24 ms per
     # layer with 16 tokens, 1.78 with 8). G = 16 keeps 64 rows: 128 measured slower there.
     block_t = _tile_tokens(g_pad, layout.run_length, rows=max(64, 16 * g_pad) if g_pad <= 8 else 64)
-    block_j = max(_next_pow2(n), 16 if m <= 4 else 64 // m)
+    block_j = selection_tile_blocks(pattern)
     first, length, num_tiles, run = _document_tiles(layout, block_t)
     splits = num_splits or _num_splits(num_tiles * heads_kv, q.device)
     ranked = torch.empty(splits, num_q, heads_kv, block_j, device=q.device, dtype=torch.int64) if splits > 1 else out
