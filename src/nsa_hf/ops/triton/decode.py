@@ -32,20 +32,24 @@ def _merge_partials(WORK, base, split_stride, read, NUM: tl.constexpr, NUM_PAD: 
                     BLOCK_DV: tl.constexpr):
     """One branch's output from NUM programs' online-softmax states (m, l [ROWS], acc [ROWS, BLOCK_DV], fp32, laid
     out from offset `base` every `split_stride` elements; NUM_PAD a power of two >= NUM), read only in the rows
-    `read` [ROWS]; rows no program saw keys for give 0. All states are loaded at once (a loop over the programs
-    waited on one load after another), bypassing L1: other multiprocessors wrote them."""
+    `read` [ROWS]; rows no program saw keys for give 0. The largest m from one load of all of them, then an unrolled
+    loop whose loads wait on nothing but that (a loop issued each load after the previous one's result). L1 is
+    bypassed: other multiprocessors wrote the states."""
     split = tl.arange(0, NUM_PAD)
     rows = tl.arange(0, ROWS)
     dv = tl.arange(0, BLOCK_DV)
-    state = WORK + base + split[:, None] * split_stride  # [NUM_PAD, 1]
-    ok = (split < NUM)[:, None] & read[None, :]
-    m = tl.load(state + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+    m = tl.load(WORK + base + split[:, None] * split_stride + rows[None, :], mask=(split < NUM)[:, None] & read[None, :],
+                other=float("-inf"), cache_modifier=".cg")
     top = tl.max(m, axis=0)
-    weight = tl.exp(m - tl.where(top == float("-inf"), 0.0, top)[None, :])  # [NUM_PAD, ROWS]
-    total = tl.sum(tl.load(state + ROWS + rows[None, :], mask=ok, other=0.0, cache_modifier=".cg") * weight, axis=0)
-    acc = tl.load(state[:, :, None] + 2 * ROWS + rows[None, :, None] * BLOCK_DV + dv[None, None, :],
-                  mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-    acc = tl.sum(acc * weight[:, :, None], axis=0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    for i in tl.static_range(NUM):
+        at = WORK + base + i * split_stride
+        weight = tl.exp(tl.load(at + rows, mask=read, other=float("-inf"), cache_modifier=".cg") - top_safe)
+        total += tl.load(at + ROWS + rows, mask=read, other=0.0, cache_modifier=".cg") * weight
+        acc += tl.load(at + 2 * ROWS + rows[:, None] * BLOCK_DV + dv[None, :], mask=read[:, None], other=0.0,
+                       cache_modifier=".cg") * weight[:, None]
     return acc / tl.where(total > 0, total, 1.0)[:, None]
 
 
