@@ -9,8 +9,8 @@ The other file is imported beside this tree's decode (it imports the rest of the
 shape, context and batch: both decodes' ms per call in a CUDA graph (two alternating rounds each), and their largest
 output difference. `--parts` adds this tree's launches one by one (the compressed partials, the selection) and its
 decode with the selection in one share (the merge kernel then reads the chosen blocks: no top-n of its own) and
-with the first two launches split to fill the GPU (as before they were sized by the store). Prints JSON lines;
-writes them to --out.
+with the first two launches split to fill the GPU (as before they were sized by the store), and with 4 warps per
+merge-kernel program rather than 8. Prints JSON lines; writes them to --out.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def parts(q, k_cmp, v_cmp, k, v, gates, layout, dim, call) -> dict[str, float]:
             timings[f"{name}_ms"] = triton.testing.do_bench_cudagraph(lambda: call(this_tree))
         finally:
             this_tree._store_splits = sized
+    warps = this_tree._MERGE_WARPS
+    this_tree._MERGE_WARPS = 4
+    try:
+        timings["merge_4_warps_ms"] = triton.testing.do_bench_cudagraph(lambda: call(this_tree))
+    finally:
+        this_tree._MERGE_WARPS = warps
     return timings
 
 

@@ -196,6 +196,10 @@ def _decode_merge_kernel(
              out.to(OUT.dtype.element_ty), mask=take[:, None] & (dv < DV)[None, :])
 
 
+# Warps of a merge-kernel program: `_merge_tile_keys` sizes its tiles for 8.
+_MERGE_WARPS = 8
+
+
 def _merge_tile_keys(dim: int, dim_v: int) -> int:
     """Keys per step of the merge kernel: K and V tiles of 8K elements each (128 keys at head dim 64, 64 at 128), as
     many as 8 warps hold without spilling registers (sm_90, compiled ahead of time)."""
@@ -277,6 +281,6 @@ def decode_attention(
         BLOCK_J=ranked.shape[-1] if sel_splits else 1, NUM_SELECTED=pattern.num_selected_blocks,
         N_PAD=_pow2(pattern.num_selected_blocks, 1), SEL=pattern.select_block_size,
         BLOCK_S=block_s, TILE_KEYS=tile_keys, BLOCKS_PER_TILE=blocks_per_tile, KEY_SPLITS=key_splits,
-        KEY_SPLITS_PAD=_pow2(key_splits, 2), CMP_SPLITS_PAD=_pow2(o_cmp.shape[0], 2), num_warps=8,
+        KEY_SPLITS_PAD=_pow2(key_splits, 2), CMP_SPLITS_PAD=_pow2(o_cmp.shape[0], 2), num_warps=_MERGE_WARPS,
     )
     return out
