@@ -153,7 +153,7 @@ def main() -> None:
                         help="the generate() paths to measure (default: NSA's two, and Llama's two with --llama)")
     parser.add_argument("--label", default="", help="a name for this tree in the results (e.g. old/new commit)")
     parser.add_argument("--profile", action="store_true",
-                        help="also each row's GPU kernel time per token and the kernels of one generate() call")
+                        help="also each row's GPU kernel time per token and its decoding kernels per token")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

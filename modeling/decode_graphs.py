@@ -7,9 +7,10 @@ GPU, sets the pace. A static cache's step has fixed shapes, keeps its lengths in
 sync, so it can be recorded once as a CUDA graph and replayed at every later position: the GPU then runs the same
 kernels back to back, with no compile wait.
 
-A graph records the model as it is: its parameters' storage, the cache's buffers and the kernels chosen. generate()
-checks `DecodeGraphs.refresh` before every call and drops the graphs once the model's parameters or settings
-changed; models whose modules do things a replay would skip (hooks, adapters, quantized layers) decode eagerly
+A graph records the model as it is: its parameters' storage, the cache's buffers and the kernels chosen, and reads
+the attention's input projections from stacked copies kept beside it (`KeptStacks`). generate() calls
+`DecodeGraphs.refresh` before every call, which copies the weights into those stacks again, or drops the graphs once
+the model's parameters or settings changed; models whose modules do things a replay would skip (hooks, adapters, quantized layers) decode eagerly
 (`why_not_graphable`).
 """
 

@@ -29,7 +29,7 @@ README = REPO_ROOT / "README.md"
 # The README's first two blocks, in this order: what a newcomer runs first.
 KNOWN_BASH_BLOCKS = [
     'pip install torch==2.13.0 && pip install -e ".[demo]" && nsa-hf demo',
-    'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest tests -q',
+    'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest tests -q -n auto',
 ]
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -201,6 +201,8 @@ def test_readme_bash_commands_name_what_the_repository_has(command: str):
 
             assert build_parser().parse_args(argv[1:]).command == argv[1]
         elif argv[:3] == ["python", "-m", "pytest"]:
-            assert (REPO_ROOT / argv[3]).is_dir() and "pytest" in setup["options.extras_require"]["test"]
+            test_extra = setup["options.extras_require"]["test"]
+            assert (REPO_ROOT / argv[3]).is_dir() and "pytest" in test_extra
+            assert "-n" not in argv or "pytest-xdist" in test_extra  # the workers' option is pytest-xdist's
         else:
             pytest.fail(f"unexpected command in a README bash block: {part!r}")
