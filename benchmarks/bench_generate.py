@@ -106,14 +106,15 @@ def decoding_kernels(prefill: dict[str, tuple[float, int]], full: dict[str, tupl
                      rows: int = 30) -> str:
     """The kernels of the decoding steps alone (a call of 1 + N tokens minus a call of 1: the prompt's kernels
     cancel), per new token, most time first: microseconds, launches, name."""
-    per_token = {
-        name: ((ms - prefill.get(name, (0.0, 0))[0]) * 1e3 / new_tokens, (calls - prefill.get(name, (0.0, 0))[1]) / new_tokens)
-        for name, (ms, calls) in full.items()
-    }
+    per_token = {}
+    for name in full.keys() | prefill.keys():
+        (ms, calls), (ms_prompt, calls_prompt) = full.get(name, (0.0, 0)), prefill.get(name, (0.0, 0))
+        per_token[name] = ((ms - ms_prompt) * 1e3 / new_tokens, (calls - calls_prompt) / new_tokens)
     ranked = sorted(per_token.items(), key=lambda item: -item[1][0])
     lines = [f"{us:9.1f} us {calls:6.1f}x  {name[:110]}" for name, (us, calls) in ranked[:rows]]
     total = sum(us for us, _ in per_token.values())
-    return "\n".join([f"{total:9.1f} us per token of decoding kernels (most time first: us, launches per token)", *lines])
+    header = f"{total:9.1f} us per token of decoding kernels (most time first: us, launches per token)"
+    return "\n".join([header, *lines])
 
 
 def measure(model, batch: int, context: int, new_tokens: int, repeats: int, profile: bool = False, keep: bool = False,

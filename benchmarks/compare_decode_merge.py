@@ -63,7 +63,8 @@ def parts(q, k_cmp, v_cmp, k, v, gates, layout, dim, call) -> dict[str, float]:
     )
     sized = this_tree._store_splits
     fill = _num_splits(q.shape[0] * heads_kv, q.device)
-    for name, shares in (("one_selection_share", lambda *a: (sized(*a)[0], 1)), ("filled_shares", lambda *a: (fill, fill))):
+    variants = (("one_selection_share", lambda *a: (sized(*a)[0], 1)), ("filled_shares", lambda *a: (fill, fill)))
+    for name, shares in variants:
         this_tree._store_splits = shares
         try:
             timings[f"{name}_ms"] = triton.testing.do_bench_cudagraph(lambda: call(this_tree))

@@ -71,9 +71,9 @@ def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
 
 def passkey_batches(args: argparse.Namespace, lengths: list[int], short_steps: int = 0):
     """Training batches of about --tokens-per-step tokens, depths uniform, lengths drawn from --short-lengths for
-    the first `short_steps` batches, then from `lengths`: each length as often as the others (--length-sampling
-    steps), or as often as its length (labels: a batch of length L holds --tokens-per-step / L answers, so every
-    length then gives as many answers as the others)."""
+    the first `short_steps` batches, then from `lengths`; from either pool each length as often as the others
+    (--length-sampling steps), or as often as it is long (labels: a batch of length L holds --tokens-per-step / L
+    answers, so every length then gives as many answers as the others)."""
     def stream(generator: torch.Generator):
         for step in itertools.count():
             pool = args.short_lengths if step < short_steps else lengths

@@ -10,8 +10,8 @@ kernels back to back, with no compile wait.
 A graph records the model as it is: its parameters' storage, the cache's buffers and the kernels chosen, and reads
 the attention's input projections from stacked copies kept beside it (`KeptStacks`). generate() calls
 `DecodeGraphs.refresh` before every call, which copies the weights into those stacks again, or drops the graphs once
-the model's parameters or settings changed; models whose modules do things a replay would skip (hooks, adapters, quantized layers) decode eagerly
-(`why_not_graphable`).
+the model's parameters or settings changed; models whose modules do things a replay would skip (hooks, adapters,
+quantized layers) decode eagerly (`why_not_graphable`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .cache_static import NsaStaticCache
 from .nsa_ops_backends import resolve_primitives
 
-__all__ = ["DecodeGraphs", "KeptStacks", "kept_stack", "why_not_graphable"]
+__all__ = ["DecodeGraphs", "why_not_graphable"]
 
 logger = logging.get_logger(__name__)
 
@@ -74,8 +74,9 @@ def _fingerprint(model: nn.Module) -> tuple:
 class KeptStacks:
     """Stacked copies of projection weights that a model's recorded decoding steps read (`kept_stack`), so that the
     projections of one input run as one GEMM with no copy of their weights in every replay. They are copied from the
-    weights when first asked for (outside a recording) and again at every `refresh`, so that a replay never reads
-    weights older than its generate() call. They cost the stacked weights' bytes once more."""
+    weights when first asked for (outside a recording) and again at every `refresh`, so that a step never reads
+    weights older than its generate() call (an update made during a call, from a callback, is not seen until the
+    next). They cost the stacked weights' bytes once more, until the graphs are dropped."""
 
     def __init__(self) -> None:
         self._stacks: dict[tuple[int, ...], tuple[list[Tensor], Tensor]] = {}

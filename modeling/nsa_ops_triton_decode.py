@@ -42,8 +42,8 @@ def _merge_partials(WORK, base, split_stride, read, NUM: tl.constexpr, NUM_PAD: 
     split = tl.arange(0, NUM_PAD)
     rows = tl.arange(0, ROWS)
     dv = tl.arange(0, BLOCK_DV)
-    m = tl.load(WORK + base + split[:, None] * split_stride + rows[None, :], mask=(split < NUM)[:, None] & read[None, :],
-                other=float("-inf"), cache_modifier=".cg")
+    m = tl.load(WORK + base + split[:, None] * split_stride + rows[None, :],
+                mask=(split < NUM)[:, None] & read[None, :], other=float("-inf"), cache_modifier=".cg")
     top = tl.max(m, axis=0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([ROWS], tl.float32)
@@ -173,6 +173,7 @@ def _decode_merge_kernel(
     O_CMP = _at_row(O_CMP, token, stride_ot) + head[:, None] * stride_oh + dv[None, :]
     LSE_CMP = _at_row(LSE_CMP, token, heads_q) + head
     cmp_split = tl.arange(0, CMP_SPLITS_PAD)
+    # Offsets past the row's base in int32: at most CMP_SPLITS x the rows x heads of one decoding step.
     top = tl.max(tl.load(LSE_CMP[None, :] + cmp_split[:, None] * stride_ls,
                          mask=(cmp_split < CMP_SPLITS)[:, None] & take[None, :], other=float("-inf")), axis=0)
     top_safe = tl.where(top == float("-inf"), 0.0, top)
@@ -215,15 +216,23 @@ def _key_splits(programs: int, tiles: int, device: torch.device) -> int:
 def _store_splits(num_q: int, heads_kv: int, store_keys: int, pattern: SparsePattern,
                   device: torch.device) -> tuple[int, int]:
     """Shares of each row's compressed keys in the first launch and of its selection blocks in the second: enough
-    programs to fill the GPU (`_num_splits`), but none with less than about two steps of work (128 compressed keys;
-    two tiles of selection blocks), since every share costs its fixed work and a partial the next launch merges.
-    Sized by the store (`store_keys` compressed keys of all rows, which a static cache gives each row alike), known
-    on the host, not by the rows' lengths on the GPU."""
+    programs to fill the GPU (`_num_splits`), but none with less than two steps of work (128 compressed keys; two
+    tiles of selection blocks), since every share costs its fixed work and a partial the next launch merges. Sized
+    by the store (`store_keys` compressed keys of all rows, which a static cache gives each row alike), known on the
+    host, not by the rows' lengths on the GPU; a power of two below that bound, since each count compiles the
+    kernels anew and a growing cache's store changes size as it decodes."""
     fill = _num_splits(num_q * heads_kv, device)
     keys = _cdiv(store_keys, max(num_q, 1))
     blocks = _cdiv(keys * pattern.compress_stride, pattern.select_block_size)
-    return (max(1, min(fill, _cdiv(keys, 128))),
-            max(1, min(fill, _cdiv(blocks, 2 * selection_tile_blocks(pattern)))))
+
+    def shares(work: int, step: int) -> int:
+        return min(fill, _prev_pow2(max(1, work // step)))
+
+    return shares(keys, 128), shares(blocks, 2 * selection_tile_blocks(pattern))
+
+
+def _prev_pow2(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
 
 
 @torch.no_grad()

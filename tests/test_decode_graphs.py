@@ -158,10 +158,15 @@ def test_decoding_steps_read_stacked_attention_weights_kept_and_copied_again_per
         rows = [sum(p.out_features for p in layer.self_attn._input_projections()) for layer in model.model.layers]
         kept = sum(-(-r // 8) * 8 for r in rows) * model.config.hidden_size * model.dtype.itemsize
         assert graphs.stacks.num_bytes == kept
-        model.model.layers[1].self_attn.k_proj.weight.mul_(-1.5)
+        weight = model.model.layers[1].self_attn.k_proj.weight
+        weight.mul_(-1.5)
         graphs.refresh(model)
         for _ in range(2):
             torch.testing.assert_close(graphs.step(step, ids), model._step_logits(reference, ids))
+        # Until the next refresh the steps read the stacked copy, not the weight (the last step here: it stores K/V
+        # of the old weight).
+        weight.mul_(-1.5)
+        assert not torch.allclose(graphs.step(step, ids), model._step_logits(reference, ids), atol=1e-3)
     assert len(fake_recording) == 1
 
 

@@ -724,21 +724,24 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
         assert (changed.float() - fused.float()).abs().max() > 1e-3, f"input {i} left the output unchanged"
 
 
-def test_decoding_shares_are_sized_by_the_store_and_leave_none_nearly_empty(monkeypatch):
-    """The first two decode launches split each row's compressed keys and selection blocks only as far as every share
-    keeps about two steps of work (128 compressed keys, two tiles of selection blocks), and no further than fills the
-    GPU (32 programs per row and key head here)."""
+def test_decoding_shares_are_sized_by_the_store_and_compile_few_kernels(monkeypatch):
+    """The first two decode launches split each row's compressed keys and selection blocks no further than every
+    share keeps two steps of work (128 compressed keys, two tiles of selection blocks) and the GPU is filled (32
+    programs per row and key head here), nearly as far as that allows, and in powers of two: a growing cache's
+    store, decoded from 100 tokens to 128k, meets few share counts (each compiles the kernels anew)."""
     monkeypatch.setattr(triton_decode, "_num_splits", lambda programs, device: 32)
     pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512)
     tile = triton_select.selection_tile_blocks(pattern)
-    for context, rows in itertools.product((100, 4096, 32768, 131072), (1, 8)):
+    seen = set()
+    for context, rows in itertools.product(range(100, 131073, 997), (1, 8)):
         keys = num_compressed_blocks(context, 32, 16) + 1  # a static cache's store: one spare slot per row
-        cmp_shares, select_shares = triton_decode._store_splits(rows, 2, rows * keys, pattern, torch.device("cpu"))
-        blocks = -(-keys * 16 // 64)
-        for shares, work, step in ((cmp_shares, keys, 128), (select_shares, blocks, 2 * tile)):
-            assert 1 <= shares <= 32
-            assert shares == 1 or work / shares > step / 2, (context, rows, shares, work)  # none nearly empty
-            assert shares == 32 or -(-work // shares) <= step, (context, rows, shares, work)  # as far as that allows
+        counts = triton_decode._store_splits(rows, 2, rows * keys, pattern, torch.device("cpu"))
+        for shares, work, step in zip(counts, (keys, -(-keys * 16 // 64)), (128, 2 * tile), strict=True):
+            assert shares & (shares - 1) == 0 and shares <= 32, (context, shares)
+            assert shares == 1 or work / shares >= step, (context, rows, shares, work)  # none short of work
+            assert shares == 32 or work / shares < 4 * step, (context, rows, shares, work)  # none long
+        seen.add(counts)
+    assert len(seen) <= 8
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter runs a grid's programs one after another: no order to vary")

@@ -149,6 +149,10 @@ _FEW_ROWS = 64
 _COPY_BYTES_PER_LAUNCH = 2 << 20
 
 
+def _few_rows(hidden_states: Tensor) -> bool:
+    return hidden_states.numel() <= _FEW_ROWS * hidden_states.shape[-1]
+
+
 def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
     """Whether projections of this input run as one GEMM over stacked `weights`. Always when eager: the host's time
     counts there, and one GEMM queues less than several. A decoding step that is compiled or recorded as a CUDA
@@ -156,7 +160,7 @@ def _stacks(hidden_states: Tensor, weights: list[Tensor]) -> bool:
     that copy costs less than the GEMM launches it saves (the seed model's attention projections, not its MLP
     nor a 1B model's projections), unless the weights are stacked once for all steps (`kept_stack`)."""
     graph = torch.compiler.is_compiling() or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
-    if not graph or hidden_states.numel() > _FEW_ROWS * hidden_states.shape[-1]:
+    if not graph or not _few_rows(hidden_states):
         return True
     return sum(w.numel() * w.element_size() for w in weights) < (len(weights) - 1) * _COPY_BYTES_PER_LAUNCH
 
@@ -179,7 +183,7 @@ def stacked_projection(
     padding = -sum(sizes) % 8
     weight = weights[0]
     weights += [_zeros((padding, weight.shape[1]), weight)] if padding else []
-    kept = kept_stack(weights) if keep and hidden_states.numel() <= _FEW_ROWS * hidden_states.shape[-1] else None
+    kept = kept_stack(weights) if keep and _few_rows(hidden_states) else None
     if kept is None and not _stacks(hidden_states, weights[: len(projections)]):
         return None
     bias = None
@@ -1012,7 +1016,7 @@ class NsaForCausalLM(NsaPreTrainedModel, GenerationMixin):
 
     def release_static_cache(self) -> None:
         """Drop the static cache that generate() keeps between calls (cache_implementation="static", and the default
-        path on CUDA), and the CUDA graphs recorded over it."""
+        path on CUDA), and the CUDA graphs recorded over it with the stacked attention weights they read."""
         self._kept_static_cache = None
         self._decode_graphs = None
 
