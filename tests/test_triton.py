@@ -724,6 +724,22 @@ def test_fused_decode_attention_equals_the_composed_reference(heads_q, heads_kv,
         assert (changed.float() - fused.float()).abs().max() > 1e-3, f"input {i} left the output unchanged"
 
 
+def test_fused_decode_merges_the_key_shares_of_large_scores(monkeypatch):
+    """Scores in the hundreds (a query 50 times larger): the merge kernel's key shares and the compressed branch's
+    shares are merged relative to their largest softmax maximum, so nothing overflows and the output is the
+    reference's."""
+    monkeypatch.setattr(triton_decode, "_merge_tile_keys", lambda dim, dim_v: 32 if not CUDA else 128)
+    torch.manual_seed(15)
+    pattern = SparsePattern(32, 16, 64, 16, 1, 2, 512) if CUDA else SparsePattern(8, 4, 16, 3, 1, 1, 12)
+    dtype = DTYPES[0]
+    inputs, layout = decoding_inputs([9000, 4000, 70, 20] if CUDA else [700, 60, 5, 13], pattern, 4, 2, 16, dtype)
+    inputs[0] = inputs[0] * 50
+    fused = triton_decode.decode_attention(*inputs, layout, pattern, 0.25, num_splits=3, key_splits=3)
+    expected = composition.nsa_attention_varlen(*(x.float() for x in inputs), layout, pattern, 0.25)
+    assert torch.isfinite(fused).all()
+    assert_close_rel(fused, expected, dtype, "decode with large scores")
+
+
 def test_decoding_shares_are_sized_by_the_store_and_compile_few_kernels(monkeypatch):
     """The first two decode launches split each row's compressed keys and selection blocks no further than every
     share keeps two steps of work (128 compressed keys, two tiles of selection blocks) and the GPU is filled (32
@@ -842,6 +858,10 @@ def test_block_selection_merges_partial_lse_of_the_compressed_branch():
     merged = triton_select.select_blocks(q, k_cmp, lse, layout, pattern, 0.25)
     assert torch.equal(triton_select.select_blocks(q, k_cmp, partials, layout, pattern, 0.25), merged)
     assert not torch.equal(triton_select.select_blocks(q, k_cmp, partials[0], layout, pattern, 0.25), merged)
+    # A first share with almost none of the mass: the merge must scale by the largest share, not the first (exp(100)
+    # overflows fp32).
+    lopsided = torch.stack([lse - 100, lse])
+    assert torch.equal(triton_select.select_blocks(q, k_cmp, lopsided, layout, pattern, 0.25), merged)
 
 
 def test_fused_decode_attention_refuses_more_than_one_query_per_row():
