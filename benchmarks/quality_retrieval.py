@@ -72,15 +72,18 @@ def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
 def passkey_batches(args: argparse.Namespace, lengths: list[int], short_steps: int = 0):
     """Training batches of about --tokens-per-step tokens, depths uniform, lengths drawn from --short-lengths for
     the first `short_steps` batches, then from `lengths`; from either pool each length as often as the others
-    (--length-sampling steps), or as often as it is long (labels: a batch of length L holds --tokens-per-step / L
-    answers, so every length then gives as many answers as the others)."""
+    (--length-sampling steps), as often as it is long (labels: a batch of length L holds --tokens-per-step / L
+    answers, so every length then gives as many answers as the others), or half of each (mixed)."""
     def stream(generator: torch.Generator):
         for step in itertools.count():
             pool = args.short_lengths if step < short_steps else lengths
-            if args.length_sampling == "labels":
-                index = torch.multinomial(torch.tensor(pool, dtype=torch.float), 1, generator=generator)
-            else:
+            if args.length_sampling == "steps":  # as the published runs drew them, to reproduce them
                 index = torch.randint(len(pool), (1,), generator=generator)
+            else:
+                by_length = torch.tensor(pool, dtype=torch.float) / sum(pool)
+                uniform = torch.full((len(pool),), 1 / len(pool))
+                weights = by_length if args.length_sampling == "labels" else (by_length + uniform) / 2
+                index = torch.multinomial(weights, 1, generator=generator)
             length = pool[int(index)]
             yield make_batch(max(1, args.tokens_per_step // length), length, args.digits, args.vocab, generator)
     return stream
@@ -149,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     # (first alone, then in the mix) carry most of them and teach the lookup that the long rows have to stretch.
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384],
                         help="training contexts, one per step (see --length-sampling)")
-    parser.add_argument("--length-sampling", default="steps", choices=["steps", "labels"],
+    parser.add_argument("--length-sampling", default="steps", choices=["steps", "labels", "mixed"],
                         help="steps: every training length equally often; labels: each as often as its length, so "
-                        "that every length gives as many answers (a step of length L holds --tokens-per-step / L)")
+                        "that every length gives as many answers (a step of length L holds --tokens-per-step / L); "
+                        "mixed: half of each")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--block", type=int, default=32, help="compressed block l (stride l/2, selection block 2l)")

@@ -51,10 +51,11 @@ def test_training_starts_with_short_rows_only_then_draws_from_the_training_lengt
 
 def test_label_weighted_sampling_gives_every_training_length_about_as_many_answers():
     """--length-sampling labels draws a length as often as it is long, so long rows (few per step) give as many
-    answers as short ones; the default draws every length equally often (short rows then give most answers)."""
+    answers as short ones; the default draws every length equally often (short rows then give most answers); mixed
+    lies between."""
     retrieval = _load("quality_retrieval")
     counts = {}
-    for sampling in ("steps", "labels"):
+    for sampling in ("steps", "labels", "mixed"):
         args = retrieval.build_parser().parse_args([*TINY, "--short-steps", "0", "--train-lengths", "16", "64",
                                                     "--length-sampling", sampling])
         stream = retrieval.passkey_batches(args, args.train_lengths)(torch.Generator().manual_seed(0))
@@ -65,6 +66,8 @@ def test_label_weighted_sampling_gives_every_training_length_about_as_many_answe
         counts[sampling] = answers
     assert 3 < counts["steps"][16] / counts["steps"][64] < 5  # 8 rows of 16 per step against 2 of 64
     assert 0.75 < counts["labels"][16] / counts["labels"][64] < 1.33
+    # mixed: a 64-token step 13/20 of the time (half of 1/2 and half of 4/5); 8 answers per 16-token step, 2 per 64
+    assert 1.6 < counts["mixed"][16] / counts["mixed"][64] < 3.2
 
 
 def test_the_nsa_model_from_scratch_takes_the_branch_kv_and_compression_asked_for():
