@@ -35,6 +35,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from bench_decode import copy_bandwidth, nsa_keys_read  # this folder is on the path when run from the repo root
+from bench_training import kernel_totals
 from nsa_hf import NsaConfig, NsaForCausalLM, NsaStaticCache
 from nsa_hf.cache_nsa import sparse_pattern
 from nsa_hf.compat import CACHE_KWARG
@@ -90,16 +91,11 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int, kept=None, **kw
     return time.perf_counter() - start
 
 
-def kernel_totals(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> dict[str, tuple[float, int]]:
+def generate_kernels(model, prompt: torch.Tensor, new_tokens: int, **kwargs) -> dict[str, tuple[float, int]]:
     """GPU kernel time (ms) and launches of one generate() call, by kernel name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         timed_generate(model, prompt, new_tokens, **kwargs)
-    totals: dict[str, tuple[float, int]] = {}
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            ms, calls = totals.get(event.name, (0.0, 0))
-            totals[event.name] = (ms + event.device_time_total / 1e3, calls + 1)
-    return totals
+    return kernel_totals(profiler)
 
 
 def decoding_kernels(prefill: dict[str, tuple[float, int]], full: dict[str, tuple[float, int]], new_tokens: int,
@@ -131,8 +127,8 @@ def measure(model, batch: int, context: int, new_tokens: int, repeats: int, prof
         peak_gib=torch.cuda.max_memory_allocated() / 2**30,
     )
     if profile:  # the GPU's share of a token: kernel time of the decoding steps (generate(1 + N) minus generate(1))
-        prefill_kernels = kernel_totals(model, prompt, 1, **kwargs)
-        full_kernels = kernel_totals(model, prompt, 1 + new_tokens, **kwargs)
+        prefill_kernels = generate_kernels(model, prompt, 1, **kwargs)
+        full_kernels = generate_kernels(model, prompt, 1 + new_tokens, **kwargs)
         total_ms = sum(ms for ms, _ in full_kernels.values()) - sum(ms for ms, _ in prefill_kernels.values())
         row.update(kernel_ms_per_token=total_ms / new_tokens,
                    kernels=decoding_kernels(prefill_kernels, full_kernels, new_tokens))

@@ -47,14 +47,19 @@ def build(kind: str, length: int) -> torch.nn.Module:
     return model.cuda().train()
 
 
-def kernel_table(profiler: torch.profiler.profile, rows: int = 40) -> str:
-    """The GPU kernels of a profiled step, most time first: total ms, calls, name."""
-    totals: dict[str, list[float]] = {}
+def kernel_totals(profiler: torch.profiler.profile) -> dict[str, tuple[float, int]]:
+    """GPU kernel time (ms) and launches of a profiled region, by kernel name."""
+    totals: dict[str, tuple[float, int]] = {}
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = totals.setdefault(event.name, [0.0, 0])
-            entry[0] += event.device_time_total / 1e3
-            entry[1] += 1
+            ms, calls = totals.get(event.name, (0.0, 0))
+            totals[event.name] = (ms + event.device_time_total / 1e3, calls + 1)
+    return totals
+
+
+def kernel_table(profiler: torch.profiler.profile, rows: int = 40) -> str:
+    """The GPU kernels of a profiled step, most time first: total ms, calls, name."""
+    totals = kernel_totals(profiler)
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])
     lines = [f"{ms:9.2f} ms {calls:6d}x  {name[:110]}" for name, (ms, calls) in ranked[:rows]]
     return "\n".join([f"{sum(ms for ms, _ in totals.values()):9.2f} ms total GPU time", *lines])

@@ -33,6 +33,11 @@ def _next_pow2(x: int) -> int:
     return 0 if x <= 0 else 1 << (x - 1).bit_length()
 
 
+def _prev_pow2(x: int) -> int:
+    """The largest power of two <= x (x >= 1)."""
+    return 1 << (x.bit_length() - 1)
+
+
 def _cdiv(a: int, b: int) -> int:
     """`triton.cdiv` in plain Python, for the same reason as `_next_pow2`."""
     return (a + b - 1) // b

@@ -24,7 +24,9 @@ except ImportError:
 from torch import Tensor
 
 from .nsa_ops_layout import BranchRanges, QueryLayout, SparsePattern, branch_ranges
-from .nsa_ops_triton_common import _at_row, _cdiv, _key_bases, _kv_tile, _num_splits, _online_softmax_step, _pow2, _softmax_finish
+from .nsa_ops_triton_common import (
+    _at_row, _cdiv, _key_bases, _kv_tile, _num_splits, _online_softmax_step, _pow2, _prev_pow2, _softmax_finish,
+)
 from .nsa_ops_triton_interval import interval_partials
 from .nsa_ops_triton_select import ranked_blocks, selection_tile_blocks
 
@@ -229,10 +231,6 @@ def _store_splits(num_q: int, heads_kv: int, store_keys: int, pattern: SparsePat
         return min(fill, _prev_pow2(max(1, work // step)))
 
     return shares(keys, 128), shares(blocks, 2 * selection_tile_blocks(pattern))
-
-
-def _prev_pow2(x: int) -> int:
-    return 1 << (x.bit_length() - 1)
 
 
 @torch.no_grad()

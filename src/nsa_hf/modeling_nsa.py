@@ -193,9 +193,7 @@ def stacked_projection(
     return F.linear(hidden_states, torch.cat(weights) if kept is None else kept, bias)
 
 
-def project(
-    hidden_states: Tensor, projections: tuple[nn.Module, ...], keep: bool = False
-) -> tuple[Tensor, ...]:
+def project(hidden_states: Tensor, projections: tuple[nn.Module, ...], keep: bool = False) -> tuple[Tensor, ...]:
     """Every projection of the same input: one stacked GEMM where `stacked_projection` allows (`keep` as there),
     split. When only some projections have a bias (NSA's gate among bias-free q/k/v), the GEMM runs without one and
     each bias is added to its own output: a stacked bias would be copied into the whole output before the GEMM, and

@@ -20,7 +20,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..layout import BranchRanges, QueryLayout, SparsePattern, branch_ranges
-from .common import _at_row, _cdiv, _key_bases, _kv_tile, _num_splits, _online_softmax_step, _pow2, _softmax_finish
+from .common import (
+    _at_row, _cdiv, _key_bases, _kv_tile, _num_splits, _online_softmax_step, _pow2, _prev_pow2, _softmax_finish,
+)
 from .interval import interval_partials
 from .select import ranked_blocks, selection_tile_blocks
 
@@ -225,10 +227,6 @@ def _store_splits(num_q: int, heads_kv: int, store_keys: int, pattern: SparsePat
         return min(fill, _prev_pow2(max(1, work // step)))
 
     return shares(keys, 128), shares(blocks, 2 * selection_tile_blocks(pattern))
-
-
-def _prev_pow2(x: int) -> int:
-    return 1 << (x.bit_length() - 1)
 
 
 @torch.no_grad()
