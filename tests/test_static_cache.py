@@ -46,20 +46,24 @@ def test_static_greedy_equals_recomputation_and_the_default_cache(model, prompt_
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("branch_kv", ["independent", "shared"])
-def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch_kv, monkeypatch):
+@pytest.mark.parametrize(("branch_kv", "compression"), [("independent", "mlp"), ("shared", "mean"), ("shared", "linear")])
+def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch_kv, compression, monkeypatch):
     """With the fused kernels, each decoding step of one token per row stores itself and reads its block back in one
-    launch (`append_token`; the Triton interpreter on CPU, float32 on either): a left-padded batch decodes past many
-    blocks and the window to the tokens and logits of the PyTorch ops' path, and each row to cache-free
-    recomputation."""
+    launch (`append_token`), then writes that block's compressed entry in one more (`store_compressed`; the Triton
+    interpreter on CPU, float32 on either): a left-padded batch decodes past many blocks and the window to the tokens
+    and logits of the PyTorch ops' path, and each row to cache-free recomputation, with each phi."""
     from nsa_hf.ops import backends
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fields = dict(pad_token_id=0, eos_token_id=None, branch_kv=branch_kv, nsa_backend="reference")
+    fields = dict(pad_token_id=0, eos_token_id=None, branch_kv=branch_kv, nsa_backend="reference",
+                  compression_type=compression)
     fused, plain = (make_model(tiny_config(fused_kernels=name, **fields)).to(device) for name in ("triton", "none"))
     kernels = backends.resolve_pointwise("triton", device)
-    calls = []
-    counted = kernels._replace(append_token=lambda *args: calls.append(1) or kernels.append_token(*args))
+    calls, entries = [], []
+    counted = kernels._replace(
+        append_token=lambda *args: calls.append(1) or kernels.append_token(*args),
+        store_compressed=lambda *args: entries.append(1) or kernels.store_compressed(*args),
+    )
     monkeypatch.setitem(backends._RESOLVED_POINTWISE, ("triton", device.type), counted)
     prompts = [torch.randint(1, 97, (1, n), device=device) for n in (21, 6)]
     ids = torch.zeros(2, 21, dtype=torch.long, device=device)
@@ -69,7 +73,7 @@ def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
                   return_dict_in_generate=True, cache_implementation="static", disable_compile=True)  # eager steps
     got, want = fused.generate(ids, **kwargs), plain.generate(ids, **kwargs)
-    assert len(calls) == (NEW_TOKENS - 1) * fused.config.num_hidden_layers
+    assert len(calls) == len(entries) == (NEW_TOKENS - 1) * fused.config.num_hidden_layers
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -460,3 +464,24 @@ def test_a_kept_static_cache_follows_the_autocast_dtype():
     assert kept().layers[0].keys.dtype == torch.bfloat16
     model.generate(prompt, **kwargs)
     assert model._kept_static_cache.layers[0].keys.dtype == torch.float32
+
+
+def test_fused_compressed_entry_is_skipped_for_phi_layers_that_run_their_own_forward():
+    """`store_compressed` computes phi from the weights alone: a compressor whose layers are not plain nn.Linear (a
+    LoRA or quantized layer), or which is hooked, gives no weights, and the decoding step runs its forward."""
+    config = tiny_config(compression_type="mlp")
+    compressor = modeling_nsa.NsaCompressor(config)
+    phi = compressor.fused_weights()
+    assert phi.kind == "mlp" and phi.hidden is compressor.fc1.weight and phi.out_bias is compressor.fc2.bias
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    wrapped = modeling_nsa.NsaCompressor(config)
+    wrapped.fc2 = Scaled(wrapped.fc2.in_features, wrapped.fc2.out_features)
+    assert wrapped.fused_weights() is None
+    hooked = modeling_nsa.NsaCompressor(tiny_config(compression_type="mean"))
+    assert hooked.fused_weights() == ("mean", None, None, None, None)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    assert hooked.fused_weights() is None

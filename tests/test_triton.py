@@ -492,6 +492,59 @@ def test_append_token_kernel_stores_like_the_static_cache_and_reads_back_the_las
         raw_history = [torch.cat([h, r.to(dtype)], dim=1) for h, r in zip(raw_history, new[4:])]
 
 
+@pytest.mark.parametrize("kind", ["mlp", "linear", "mean"])
+def test_store_compressed_kernel_writes_rotated_phi_of_each_block_at_its_slot(kind):
+    """A decoding step's compressed entries in one launch (two for the MLP phi) against phi written out here from
+    its definition: per row and head, the block's mean, W . block or W2 . silu(W1 . block + b1) + b2 over the block
+    flattened as (l, D); the key rotated by RoPE's halves at its row's (cos, sin); each row's entry at its own slot
+    and nothing else in the stores changed. Blocks are the strided views `append_token` returns; rows and heads not
+    multiples of the tiles."""
+    from nsa_hf.ops.compression import PhiWeights
+
+    torch.manual_seed(3)
+    dtype = DTYPES[0]
+    batch, heads, block, dim, dim_v, width, slots_per_row = 3, 5, 4, (64 if CUDA else 8), (32 if CUDA else 6), 24, 7
+    k_blocks = torch.randn(batch, 1, heads, block, dim, device=DEVICE, dtype=dtype).transpose(-3, -2)
+    v_blocks = torch.randn(batch, 1, heads, block, dim_v, device=DEVICE, dtype=dtype).transpose(-3, -2)
+    angles = torch.rand(batch, 1, dim, device=DEVICE) * 6.0
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.tensor([[2], [6], [0]], device=DEVICE)
+    stores = [torch.randn(batch, slots_per_row, heads, d, device=DEVICE, dtype=dtype) for d in (dim, dim_v)]
+    before = [s.clone() for s in stores]
+
+    def weights(d: int) -> tuple[PhiWeights, Tensor]:
+        features = block * d
+        flat = lambda blocks: blocks[:, 0].transpose(1, 2).reshape(batch, heads, features).float()  # (l, D) order
+        if kind == "mean":
+            return PhiWeights("mean"), None
+        if kind == "linear":
+            w = torch.randn(d, features, device=DEVICE, dtype=dtype) / features**0.5
+            return PhiWeights("linear", out=w), lambda blocks: flat(blocks) @ w.float().T
+        w1 = torch.randn(width, features, device=DEVICE, dtype=dtype) / features**0.5
+        b1, b2 = torch.randn(width, device=DEVICE, dtype=dtype), torch.randn(d, device=DEVICE, dtype=dtype)
+        w2 = torch.randn(d, width, device=DEVICE, dtype=dtype) / width**0.5
+        hidden = lambda blocks: torch.nn.functional.silu(flat(blocks) @ w1.float().T + b1.float())
+        return PhiWeights("mlp", w1, b1, w2, b2), lambda blocks: hidden(blocks) @ w2.float().T + b2.float()
+
+    (phi_k, ref_k), (phi_v, ref_v) = weights(dim), weights(dim_v)
+    if kind == "mean":
+        ref_k = ref_v = lambda blocks: blocks[:, 0].float().mean(dim=1)
+    triton_ops.store_compressed(k_blocks, v_blocks, phi_k, phi_v, cos, sin, slots, *stores)
+
+    keys, values = ref_k(k_blocks), ref_v(v_blocks)  # [B, H, D]
+    half = dim // 2
+    c, s_ = cos.float()[:, 0, None, :], sin.float()[:, 0, None, :]
+    lo, hi = keys[..., :half], keys[..., half:]
+    keys = torch.cat([lo * c[..., :half] - hi * s_[..., :half], hi * c[..., half:] + lo * s_[..., half:]], dim=-1)
+    for store, old, want in zip(stores, before, (keys, values)):
+        expected = old.clone()
+        expected[torch.arange(batch), slots[:, 0]] = want.to(dtype)
+        torch.testing.assert_close(store, expected, **tolerance(dtype))
+        untouched = torch.ones(batch, slots_per_row, dtype=torch.bool, device=DEVICE)
+        untouched[torch.arange(batch), slots[:, 0]] = False
+        assert torch.equal(store[untouched], old[untouched])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gate_kernel_matches_reference_mix(dtype):
     torch.manual_seed(0)

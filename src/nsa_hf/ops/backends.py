@@ -59,6 +59,8 @@ class PointwiseKernels(NamedTuple):
     cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
     # A static cache layer's decoding token stored in one launch (`ops/triton/store.py::append_token`).
     append_token: Callable[..., tuple[Tensor, Tensor]]
+    # The compressed entry of the block that token completes: phi, RoPE and the store (`store.py::store_compressed`).
+    store_compressed: Callable[..., None]
 
 
 # Looked up once, at import: a constant, so that torch.compile can trace a check of it.
@@ -87,7 +89,8 @@ def _triton_pointwise() -> PointwiseKernels:
     from . import triton
 
     return PointwiseKernels(
-        triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy, triton.append_token
+        triton.apply_rotary, triton.silu_mul, triton.rms_norm, triton.cross_entropy, triton.append_token,
+        triton.store_compressed,
     )
 
 

@@ -1,6 +1,6 @@
 """Triton kernels, a module per family: `interval` (compressed and window attention), `block` (selection
 attention), `select` (fused block selection), forward and backward, `decode` (a decoding step's whole attention in
-three launches), `store` (a static cache's decoding token in one launch) and `pointwise` (RMSNorm, RoPE, SwiGLU,
+three launches), `store` (a static cache's decoding token and its compressed entry) and `pointwise` (RMSNorm, RoPE, SwiGLU,
 the gate mix, cross entropy); `common` holds what they share.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package imports
@@ -13,7 +13,7 @@ from .decode import decode_attention
 from .interval import interval_attention, interval_backward, interval_forward
 from .pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .select import select_blocks
-from .store import append_token
+from .store import append_token, store_compressed
 
 # What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
 KERNELS = Kernels(
@@ -32,4 +32,5 @@ __all__ = [
     "rms_norm",
     "select_blocks",
     "silu_mul",
+    "store_compressed",
 ]

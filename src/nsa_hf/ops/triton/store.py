@@ -1,10 +1,16 @@
-"""A static cache's decoding step written in one launch: `append_token`.
+"""A static cache's decoding step written in few launches: `append_token` (the token), `store_compressed` (the
+compressed entry of the block it completes).
 
 `NsaStaticCacheLayer.append` stores a step's tokens with PyTorch ops (a copy into the selection history, one into
 each mirrored ring, the slots' arithmetic, the counter) and the model then gathers the block of the last l raw
 tokens for phi: about a dozen kernels per layer and step, each of which reads or writes a few kilobytes. Inside a
 recorded decoding step their launches, not their bytes, set the time; this kernel does all of it for one token
 per row. The semantics are `NsaStaticCacheLayer.append` followed by `take_blocks` over the raw ring.
+
+The block's compressed entry is then phi (`NsaCompressor`: a mean, a linear map or a two-layer MLP of the block),
+RoPE on the key at the block's last token, and a scatter into the compressed stores (`write_compressed`): up to nine
+more kernels per layer in PyTorch. `store_compressed` computes it in one launch (two for the MLP: its hidden layer
+is a GEMM over every row's block that the output layer needs whole), K and V in the same launch.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import _at_row, _pow2
+from ..compression import PhiWeights
+from .common import _at_row, _cdiv, _pow2
 
-__all__ = ["append_token"]
+__all__ = ["append_token", "store_compressed"]
 
 
 @triton.jit
@@ -127,3 +134,194 @@ def append_token(
         SEPARATE_WINDOW=separate, num_warps=1 if block_size * max(dim, dim_v) <= 4096 else 4,
     )
     return k_block.transpose(-3, -2), v_block.transpose(-3, -2)
+
+
+@triton.jit
+def _dot(x, w, FP32: tl.constexpr):
+    """x [M, K] @ w [K, N] in fp32; fp32 operands exactly (no TF32), as PyTorch's default matmul."""
+    if FP32:
+        return tl.dot(x, w, input_precision="ieee")
+    return tl.dot(x, w)
+
+
+@triton.jit
+def _phi_hidden_part(X, W, BIAS, HIDDEN, num_rows, features, width, row0, col0,
+                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """HIDDEN[r, i] = silu(X[r] . W[i] + BIAS[i]) for BLOCK_R rows from row0 and BLOCK_I columns from col0; X
+    [R, F] and W [I, F] contiguous, W cast to X's dtype (as autocast would)."""
+    r = row0 + tl.arange(0, BLOCK_R)
+    i = col0 + tl.arange(0, BLOCK_I)
+    r_ok, i_ok = r < num_rows, i < width
+    acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
+    for f0 in range(0, features, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = f < features
+        x = tl.load(X + r[:, None] * features + f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        w = tl.load(W + i[:, None] * features + f[None, :], mask=i_ok[:, None] & f_ok[None, :], other=0.0)
+        acc += _dot(x, tl.trans(w.to(x.dtype)), FP32)
+    acc += tl.load(BIAS + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+    hidden = acc * tl.sigmoid(acc)
+    tl.store(HIDDEN + r[:, None] * width + i[None, :], hidden.to(HIDDEN.dtype.element_ty),
+             mask=r_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def _phi_hidden_kernel(XK, XV, WK, WV, BK, BV, HK, HV, num_rows, features_k, features_v, width,
+                       BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """The MLP phi's hidden layer for the keys' (axis 2 = 0) or the values' (1) blocks: a tile of rows by columns."""
+    col0, row0 = tl.program_id(0) * BLOCK_I, tl.program_id(1) * BLOCK_R
+    if tl.program_id(2) == 0:
+        _phi_hidden_part(XK, WK, BK, HK, num_rows, features_k, width, row0, col0, BLOCK_R, BLOCK_I, BLOCK_F, FP32)
+    else:
+        _phi_hidden_part(XV, WV, BV, HV, num_rows, features_v, width, row0, col0, BLOCK_R, BLOCK_I, BLOCK_F, FP32)
+
+
+@triton.jit
+def _entry_half(X, W, row0, num_rows, features, col0, half,
+                MEAN: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """Columns col0 .. col0 + half of phi's output for BLOCK_R rows [BLOCK_R, BLOCK_HALF], fp32: the block's mean
+    (X [R, L, D]) or X [R, F] . W[col]."""
+    r = row0 + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_HALF)
+    r_ok, c_ok = r < num_rows, c < half
+    acc = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
+    if MEAN:
+        for t in range(L):
+            x = tl.load(X + r[:, None] * (L * D) + t * D + col0 + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                        other=0.0)
+            acc += x.to(tl.float32)
+        acc = acc / L
+    else:
+        for f0 in range(0, features, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = f < features
+            x = tl.load(X + r[:, None] * features + f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+            w = tl.load(W + (col0 + c[:, None]) * features + f[None, :], mask=c_ok[:, None] & f_ok[None, :], other=0.0)
+            acc += _dot(x, tl.trans(w.to(x.dtype)), FP32)
+    return acc
+
+
+@triton.jit
+def _entry_part(X, W, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows, features, heads, s_b, s_t, s_h,
+                ROTATE: tl.constexpr, MEAN: tl.constexpr, HAS_BIAS: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """phi's output for BLOCK_R rows (row = batch row * heads + head), RoPE'd at the row's (cos, sin) [B, D] when
+    ROTATE, into STORE [B, N, H, D] at the row's slot SLOTS [B]."""
+    half = D // 2
+    lo = _entry_half(X, W, row0, num_rows, features, 0, half, MEAN, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32)
+    hi = _entry_half(X, W, row0, num_rows, features, half, half, MEAN, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32)
+    r = row0 + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_HALF)
+    r_ok, c_ok = r < num_rows, c < half
+    mask = r_ok[:, None] & c_ok[None, :]
+    if HAS_BIAS:
+        lo += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        hi += tl.load(BIAS + half + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    batch_row = r // heads
+    head = r % heads
+    if ROTATE:  # as `apply_rotary`: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x_hi, x_lo)
+        phase = batch_row[:, None] * D + c[None, :]
+        cos_lo = tl.load(COS + phase, mask=mask, other=0.0).to(tl.float32)
+        cos_hi = tl.load(COS + phase + half, mask=mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(SIN + phase, mask=mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(SIN + phase + half, mask=mask, other=0.0).to(tl.float32)
+        lo, hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+    slot = tl.load(SLOTS + batch_row, mask=r_ok, other=0)
+    entry = STORE + batch_row.to(tl.int64)[:, None] * s_b + slot[:, None] * s_t + head[:, None] * s_h + c[None, :]
+    tl.store(entry, lo.to(STORE.dtype.element_ty), mask=mask)
+    tl.store(entry + half, hi.to(STORE.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_compressed_kernel(
+    XK, XV, WK, WV, BK, BV, COS, SIN, SLOTS, CMP_K, CMP_V, num_rows, features_k, features_v, heads,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+    MEAN: tl.constexpr, HAS_BIAS: tl.constexpr, L: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HALF_V: tl.constexpr, BLOCK_F: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    """A tile of rows' compressed keys (axis 1 = 0, rotated) or values (1)."""
+    row0 = tl.program_id(0) * BLOCK_R
+    if tl.program_id(1) == 0:
+        _entry_part(XK, WK, BK, COS, SIN, SLOTS, CMP_K, row0, num_rows, features_k, heads, s_kb, s_kt, s_kh,
+                    True, MEAN, HAS_BIAS, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32)
+    else:
+        _entry_part(XV, WV, BV, COS, SIN, SLOTS, CMP_V, row0, num_rows, features_v, heads, s_vb, s_vt, s_vh,
+                    False, MEAN, HAS_BIAS, L, DV, BLOCK_R, BLOCK_HALF_V, BLOCK_F, FP32)
+
+
+_PHI_KINDS = ("mean", "linear", "mlp")
+
+
+def _check_phi(name: str, phi: PhiWeights, features: int, dim: int) -> None:
+    if phi.kind not in _PHI_KINDS:
+        raise ValueError(f"`{name}.kind` must be one of {_PHI_KINDS}, got {phi.kind!r}.")
+    if phi.kind == "mean":
+        return
+    width = phi.hidden.shape[0] if phi.kind == "mlp" else features
+    if phi.kind == "mlp" and tuple(phi.hidden.shape) != (width, features):
+        raise ValueError(f"`{name}.hidden` must be [I, l * D] = [I, {features}], got {tuple(phi.hidden.shape)}.")
+    if tuple(phi.out.shape) != (dim, width):
+        raise ValueError(f"`{name}.out` must be [D, {width}] = [{dim}, {width}], got {tuple(phi.out.shape)}.")
+
+
+def store_compressed(
+    k_blocks: Tensor, v_blocks: Tensor, phi_k: PhiWeights, phi_v: PhiWeights, cos: Tensor, sin: Tensor,
+    slots: Tensor, cmp_keys: Tensor, cmp_values: Tensor,
+) -> None:
+    """The compressed entries of one block per row, written in place: `cmp_keys[b, slots[b]] = RoPE(phi_k(k
+    block), cos[b], sin[b])` and `cmp_values[b, slots[b]] = phi_v(v block)`, per head, as `NsaCompressor`,
+    `apply_rotary` and `NsaStaticCacheLayer.write_compressed` compute them (accumulated in fp32 and rounded once).
+    `k_blocks`/`v_blocks` [B, 1, l, H, D]: `append_token`'s blocks (views of [B, H, l, D] storage); `cos`/`sin`
+    [B, 1, D]; `slots` [B, 1]; the stores [B, N, H, D]. No autograd: a decoding step's cache write."""
+    batch, one, block, heads, dim = k_blocks.shape
+    dim_v = v_blocks.shape[-1]
+    if one != 1 or v_blocks.shape[:4] != k_blocks.shape[:4]:
+        raise ValueError(f"store_compressed takes one block per row: `k_blocks` [B, 1, l, H, D], `v_blocks` alike, "
+                         f"got {tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}.")
+    if phi_k.kind != phi_v.kind:
+        raise ValueError(f"`phi_k` and `phi_v` must be of one kind, got {phi_k.kind!r} and {phi_v.kind!r}.")
+    if dim % 2 or dim_v % 2:
+        raise ValueError(f"head dims must be even (RoPE's halves), got {dim} and {dim_v}.")
+    _check_phi("phi_k", phi_k, block * dim, dim)
+    _check_phi("phi_v", phi_v, block * dim_v, dim_v)
+    # [B, H, l, D] contiguous: each row's block is l * D features in phi's order (`NsaCompressor` flattens (l, D)).
+    xk = k_blocks.transpose(-3, -2).contiguous()
+    xv = v_blocks.transpose(-3, -2).contiguous()
+    rows = batch * heads
+    fp32 = xk.dtype == torch.float32
+    block_r = min(64, _pow2(rows))
+    kind = phi_k.kind
+    weights_k, weights_v, features_k, features_v = xk, xv, block * dim, block * dim_v  # placeholders for "mean"
+    bias_k = bias_v = None
+    if kind == "mlp":
+        width = phi_k.hidden.shape[0]
+        if phi_v.hidden.shape[0] != width:
+            raise ValueError(
+                f"`phi_k` and `phi_v` must have one hidden width, got {width} and {phi_v.hidden.shape[0]}."
+            )
+        hidden_k = torch.empty(rows, width, device=xk.device, dtype=xk.dtype)
+        hidden_v = torch.empty(rows, width, device=xk.device, dtype=xv.dtype)
+        block_i = 16  # the weights are most of the bytes: spread them over many programs
+        _phi_hidden_kernel[(_cdiv(width, block_i), _cdiv(rows, block_r), 2)](
+            xk, xv, phi_k.hidden.contiguous(), phi_v.hidden.contiguous(), phi_k.hidden_bias, phi_v.hidden_bias,
+            hidden_k, hidden_v, rows, block * dim, block * dim_v, width, BLOCK_R=block_r, BLOCK_I=block_i,
+            BLOCK_F=128, FP32=fp32, num_warps=4,
+        )
+        xk, xv, features_k, features_v = hidden_k, hidden_v, width, width
+    if kind != "mean":
+        weights_k, weights_v = phi_k.out.contiguous(), phi_v.out.contiguous()
+        bias_k, bias_v = phi_k.out_bias, phi_v.out_bias
+    has_bias = bias_k is not None
+    if has_bias != (bias_v is not None):
+        raise ValueError("`phi_k` and `phi_v` must both have an output bias or neither.")
+    _store_compressed_kernel[(_cdiv(rows, block_r), 2)](
+        xk, xv, weights_k, weights_v, bias_k if has_bias else weights_k, bias_v if has_bias else weights_v,
+        cos.reshape(batch, dim).contiguous(), sin.reshape(batch, dim).contiguous(), slots.reshape(batch).contiguous(),
+        cmp_keys, cmp_values, rows, features_k, features_v, heads,
+        cmp_keys.stride(0), cmp_keys.stride(1), cmp_keys.stride(2),
+        cmp_values.stride(0), cmp_values.stride(1), cmp_values.stride(2),
+        MEAN=kind == "mean", HAS_BIAS=has_bias, L=block, D=dim, DV=dim_v, BLOCK_R=block_r,
+        BLOCK_HALF=_pow2(dim // 2), BLOCK_HALF_V=_pow2(dim_v // 2), BLOCK_F=64, FP32=fp32, num_warps=4,
+    )
