@@ -122,10 +122,11 @@ def measure(model, batch: int, context: int, new_tokens: int, repeats: int, prof
     torch.cuda.reset_peak_memory_stats()
     prefill = min(timed_generate(model, prompt, 1, **kwargs) for _ in range(repeats))
     full = min(timed_generate(model, prompt, 1 + new_tokens, **kwargs) for _ in range(repeats))
-    row = dict(
-        prefill_s=prefill, ms_per_token=1e3 * (full - prefill) / new_tokens,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-    )
+    row = dict(prefill_s=prefill, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    if full > prefill:
+        row["ms_per_token"] = 1e3 * (full - prefill) / new_tokens
+    else:  # a long prompt's run-to-run spread exceeded the whole decode: no figure rather than a negative one
+        row["error"] = f"generate(1 + N) took no longer than generate(1) ({full:.3f} s): raise --new-tokens or --repeats"
     if profile:  # the GPU's share of a token: kernel time of the decoding steps (generate(1 + N) minus generate(1))
         prefill_kernels = generate_kernels(model, prompt, 1, **kwargs)
         full_kernels = generate_kernels(model, prompt, 1 + new_tokens, **kwargs)

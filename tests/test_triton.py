@@ -28,6 +28,7 @@ from nsa_hf.ops.triton import common as triton_common
 from nsa_hf.ops.triton import interval as triton_interval
 from nsa_hf.ops.triton import pointwise as triton_pointwise
 from nsa_hf.ops.triton import select as triton_select
+from nsa_hf.ops.triton import store as triton_store
 
 from .factories import make_model, tiny_config
 
@@ -503,7 +504,9 @@ def test_store_compressed_kernel_writes_rotated_phi_of_each_block_at_its_slot(ki
 
     torch.manual_seed(3)
     dtype = DTYPES[0]
-    batch, heads, block, dim, dim_v, width, slots_per_row = 3, 5, 4, (64 if CUDA else 8), (32 if CUDA else 6), 24, 7
+    # l * D = 256 key features: the MLP's hidden layer splits them into shares (the values' 48 into one and an empty
+    # one).
+    batch, heads, block, dim, dim_v, width, slots_per_row = 3, 5, 8, 32, 6, 24, 7
     k_blocks = torch.randn(batch, 1, heads, block, dim, device=DEVICE, dtype=dtype).transpose(-3, -2)
     v_blocks = torch.randn(batch, 1, heads, block, dim_v, device=DEVICE, dtype=dtype).transpose(-3, -2)
     angles = torch.rand(batch, 1, dim, device=DEVICE) * 6.0
@@ -530,6 +533,7 @@ def test_store_compressed_kernel_writes_rotated_phi_of_each_block_at_its_slot(ki
     if kind == "mean":
         ref_k = ref_v = lambda blocks: blocks[:, 0].float().mean(dim=1)
     triton_ops.store_compressed(k_blocks, v_blocks, phi_k, phi_v, cos, sin, slots, *stores)
+    assert triton_store._hidden_shares(width, 1, block * dim) == 2  # the values' second share is empty
 
     keys, values = ref_k(k_blocks), ref_v(v_blocks)  # [B, H, D]
     half = dim // 2

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..compression import PhiWeights
-from .common import _at_row, _cdiv, _pow2
+from .common import _at_row, _cdiv, _pow2, _prev_pow2
 
 __all__ = ["append_token", "store_compressed"]
 
@@ -145,72 +145,100 @@ def _dot(x, w, FP32: tl.constexpr):
 
 
 @triton.jit
-def _phi_hidden_part(X, W, BIAS, HIDDEN, num_rows, features, width, row0, col0,
-                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
-    """HIDDEN[r, i] = silu(X[r] . W[i] + BIAS[i]) for BLOCK_R rows from row0 and BLOCK_I columns from col0; X
-    [R, F] and W [I, F] contiguous, W cast to X's dtype (as autocast would)."""
+def _hidden_share(X, W, PARTIAL, num_rows, features, width, row0, col0, split, share,
+                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """The MLP phi's hidden pre-activations over one share of the features (`share` of them from split * share):
+    PARTIAL[split, r, i] = sum over the share of X[r, f] * W[i, f], fp32, for a tile of rows and columns; X [R, F]
+    and W [I, F] contiguous, W cast to X's dtype (as autocast would)."""
     r = row0 + tl.arange(0, BLOCK_R)
     i = col0 + tl.arange(0, BLOCK_I)
     r_ok, i_ok = r < num_rows, i < width
     acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
-    for f0 in range(0, features, BLOCK_F):
+    for f0 in range(split * share, tl.minimum(split * share + share, features), BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
         f_ok = f < features
         x = tl.load(X + r[:, None] * features + f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
         w = tl.load(W + i[:, None] * features + f[None, :], mask=i_ok[:, None] & f_ok[None, :], other=0.0)
         acc += _dot(x, tl.trans(w.to(x.dtype)), FP32)
-    acc += tl.load(BIAS + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-    hidden = acc * tl.sigmoid(acc)
-    tl.store(HIDDEN + r[:, None] * width + i[None, :], hidden.to(HIDDEN.dtype.element_ty),
+    tl.store(PARTIAL + split * num_rows * width + r[:, None] * width + i[None, :], acc,
              mask=r_ok[:, None] & i_ok[None, :])
 
 
 @triton.jit
-def _phi_hidden_kernel(XK, XV, WK, WV, BK, BV, HK, HV, num_rows, features_k, features_v, width,
+def _phi_hidden_kernel(XK, XV, WK, WV, PK, PV, num_rows, features_k, features_v, width, share_k, share_v,
                        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
-    """The MLP phi's hidden layer for the keys' (axis 2 = 0) or the values' (1) blocks: a tile of rows by columns."""
+    """The MLP phi's hidden layer, split over its columns, rows and feature shares (the weights are most of the
+    bytes: many programs read them side by side); axis 2 = 2 * share + (0 for the keys' blocks, 1 the values')."""
     col0, row0 = tl.program_id(0) * BLOCK_I, tl.program_id(1) * BLOCK_R
-    if tl.program_id(2) == 0:
-        _phi_hidden_part(XK, WK, BK, HK, num_rows, features_k, width, row0, col0, BLOCK_R, BLOCK_I, BLOCK_F, FP32)
+    split = tl.program_id(2) // 2
+    if tl.program_id(2) % 2 == 0:
+        _hidden_share(XK, WK, PK, num_rows, features_k, width, row0, col0, split, share_k, BLOCK_R, BLOCK_I, BLOCK_F,
+                      FP32)
     else:
-        _phi_hidden_part(XV, WV, BV, HV, num_rows, features_v, width, row0, col0, BLOCK_R, BLOCK_I, BLOCK_F, FP32)
+        _hidden_share(XV, WV, PV, num_rows, features_v, width, row0, col0, split, share_v, BLOCK_R, BLOCK_I, BLOCK_F,
+                      FP32)
+
+
+_MEAN, _LINEAR, _MLP = 0, 1, 2  # phi's kinds in the kernels
 
 
 @triton.jit
-def _entry_half(X, W, row0, num_rows, features, col0, half,
-                MEAN: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
-    """Columns col0 .. col0 + half of phi's output for BLOCK_R rows [BLOCK_R, BLOCK_HALF], fp32: the block's mean
-    (X [R, L, D]) or X [R, F] . W[col]."""
+def _phi_input(X, HIDDEN_BIAS, r, f, r_ok, f_ok, num_rows, features, MODE: tl.constexpr, SPLITS: tl.constexpr,
+               DOT_DTYPE: tl.constexpr):
+    """Columns f of phi's output layer's input for rows r: the flat block (linear), or the MLP's hidden layer from
+    its shares' pre-activations, its bias and SiLU, in the dtype PyTorch computes it in."""
+    mask = r_ok[:, None] & f_ok[None, :]
+    if MODE == 1:
+        return tl.load(X + r[:, None] * features + f[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+    pre = tl.zeros((r.shape[0], f.shape[0]), dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        pre += tl.load(X + split * num_rows * features + r[:, None] * features + f[None, :], mask=mask, other=0.0)
+    pre += tl.load(HIDDEN_BIAS + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    return (pre * tl.sigmoid(pre)).to(DOT_DTYPE)
+
+
+@triton.jit
+def _phi_output(X, W, HIDDEN_BIAS, row0, num_rows, features, MODE: tl.constexpr, SPLITS: tl.constexpr,
+                L: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                BLOCK_F: tl.constexpr, FP32: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """phi's output for BLOCK_R rows as its two halves (RoPE pairs column c with c + D/2), each [BLOCK_R,
+    BLOCK_HALF] fp32, from one pass over the input: the block's mean (X [R, L, D]) or the output layer's input
+    (`_phi_input`, F features) . W."""
+    half = D // 2
     r = row0 + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_HALF)
     r_ok, c_ok = r < num_rows, c < half
-    acc = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
-    if MEAN:
+    lo = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
+    hi = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
+    if MODE == 0:
+        mask = r_ok[:, None] & c_ok[None, :]
         for t in range(L):
-            x = tl.load(X + r[:, None] * (L * D) + t * D + col0 + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                        other=0.0)
-            acc += x.to(tl.float32)
-        acc = acc / L
+            x = X + r[:, None] * (L * D) + t * D + c[None, :]
+            lo += tl.load(x, mask=mask, other=0.0).to(tl.float32)
+            hi += tl.load(x + half, mask=mask, other=0.0).to(tl.float32)
+        lo, hi = lo / L, hi / L
     else:
         for f0 in range(0, features, BLOCK_F):
             f = f0 + tl.arange(0, BLOCK_F)
             f_ok = f < features
-            x = tl.load(X + r[:, None] * features + f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
-            w = tl.load(W + (col0 + c[:, None]) * features + f[None, :], mask=c_ok[:, None] & f_ok[None, :], other=0.0)
-            acc += _dot(x, tl.trans(w.to(x.dtype)), FP32)
-    return acc
+            x = _phi_input(X, HIDDEN_BIAS, r, f, r_ok, f_ok, num_rows, features, MODE, SPLITS, DOT_DTYPE)
+            w = W + c[:, None] * features + f[None, :]
+            w_mask = c_ok[:, None] & f_ok[None, :]
+            lo += _dot(x, tl.trans(tl.load(w, mask=w_mask, other=0.0).to(DOT_DTYPE)), FP32)
+            hi += _dot(x, tl.trans(tl.load(w + half * features, mask=w_mask, other=0.0).to(DOT_DTYPE)), FP32)
+    return lo, hi
 
 
 @triton.jit
-def _entry_part(X, W, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows, features, heads, s_b, s_t, s_h,
-                ROTATE: tl.constexpr, MEAN: tl.constexpr, HAS_BIAS: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+def _entry_part(X, W, HIDDEN_BIAS, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows, features, heads, s_b, s_t, s_h,
+                ROTATE: tl.constexpr, MODE: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                L: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                BLOCK_F: tl.constexpr, FP32: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """phi's output for BLOCK_R rows (row = batch row * heads + head), RoPE'd at the row's (cos, sin) [B, D] when
     ROTATE, into STORE [B, N, H, D] at the row's slot SLOTS [B]."""
     half = D // 2
-    lo = _entry_half(X, W, row0, num_rows, features, 0, half, MEAN, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32)
-    hi = _entry_half(X, W, row0, num_rows, features, half, half, MEAN, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32)
+    lo, hi = _phi_output(X, W, HIDDEN_BIAS, row0, num_rows, features, MODE, SPLITS, L, D, BLOCK_R, BLOCK_HALF,
+                         BLOCK_F, FP32, DOT_DTYPE)
     r = row0 + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_HALF)
     r_ok, c_ok = r < num_rows, c < half
@@ -235,35 +263,49 @@ def _entry_part(X, W, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows, features, he
 
 @triton.jit
 def _store_compressed_kernel(
-    XK, XV, WK, WV, BK, BV, COS, SIN, SLOTS, CMP_K, CMP_V, num_rows, features_k, features_v, heads,
+    XK, XV, WK, WV, HBK, HBV, BK, BV, COS, SIN, SLOTS, CMP_K, CMP_V, num_rows, features_k, features_v, heads,
     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-    MEAN: tl.constexpr, HAS_BIAS: tl.constexpr, L: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HALF_V: tl.constexpr, BLOCK_F: tl.constexpr,
-    FP32: tl.constexpr,
+    MODE: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HALF_V: tl.constexpr,
+    BLOCK_F: tl.constexpr, FP32: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """A tile of rows' compressed keys (axis 1 = 0, rotated) or values (1)."""
     row0 = tl.program_id(0) * BLOCK_R
     if tl.program_id(1) == 0:
-        _entry_part(XK, WK, BK, COS, SIN, SLOTS, CMP_K, row0, num_rows, features_k, heads, s_kb, s_kt, s_kh,
-                    True, MEAN, HAS_BIAS, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32)
+        _entry_part(XK, WK, HBK, BK, COS, SIN, SLOTS, CMP_K, row0, num_rows, features_k, heads, s_kb, s_kt, s_kh,
+                    True, MODE, SPLITS, HAS_BIAS, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32, DOT_DTYPE)
     else:
-        _entry_part(XV, WV, BV, COS, SIN, SLOTS, CMP_V, row0, num_rows, features_v, heads, s_vb, s_vt, s_vh,
-                    False, MEAN, HAS_BIAS, L, DV, BLOCK_R, BLOCK_HALF_V, BLOCK_F, FP32)
+        _entry_part(XV, WV, HBV, BV, COS, SIN, SLOTS, CMP_V, row0, num_rows, features_v, heads, s_vb, s_vt, s_vh,
+                    False, MODE, SPLITS, HAS_BIAS, L, DV, BLOCK_R, BLOCK_HALF_V, BLOCK_F, FP32, DOT_DTYPE)
 
 
-_PHI_KINDS = ("mean", "linear", "mlp")
+_PHI_KINDS = {"mean": _MEAN, "linear": _LINEAR, "mlp": _MLP}
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+# Programs the MLP's hidden layer aims for: its weights (1 MiB per compressor at the seed shape) are read by many
+# programs at once, each a share of the columns and features.
+_HIDDEN_PROGRAMS = 128
+_HIDDEN_BLOCK_I, _HIDDEN_BLOCK_F = 16, 128
 
 
 def _check_phi(name: str, phi: PhiWeights, features: int, dim: int) -> None:
     if phi.kind not in _PHI_KINDS:
-        raise ValueError(f"`{name}.kind` must be one of {_PHI_KINDS}, got {phi.kind!r}.")
+        raise ValueError(f"`{name}.kind` must be one of {tuple(_PHI_KINDS)}, got {phi.kind!r}.")
     if phi.kind == "mean":
         return
     width = phi.hidden.shape[0] if phi.kind == "mlp" else features
     if phi.kind == "mlp" and tuple(phi.hidden.shape) != (width, features):
         raise ValueError(f"`{name}.hidden` must be [I, l * D] = [I, {features}], got {tuple(phi.hidden.shape)}.")
+    if phi.kind == "mlp" and (phi.hidden_bias is None or phi.out_bias is None):
+        raise ValueError(f"`{name}`: the MLP phi has both biases (`hidden_bias`, `out_bias`).")
     if tuple(phi.out.shape) != (dim, width):
         raise ValueError(f"`{name}.out` must be [D, {width}] = [{dim}, {width}], got {tuple(phi.out.shape)}.")
+
+
+def _hidden_shares(width: int, row_tiles: int, features: int) -> int:
+    """How many feature shares the MLP's hidden layer splits into: a power of two that brings its programs near
+    `_HIDDEN_PROGRAMS`, each share at least one BLOCK_F of features."""
+    base = _cdiv(width, _HIDDEN_BLOCK_I) * row_tiles * 2
+    return max(1, min(_prev_pow2(max(1, _HIDDEN_PROGRAMS // base)), _prev_pow2(max(1, features // _HIDDEN_BLOCK_F))))
 
 
 def store_compressed(
@@ -272,9 +314,10 @@ def store_compressed(
 ) -> None:
     """The compressed entries of one block per row, written in place: `cmp_keys[b, slots[b]] = RoPE(phi_k(k
     block), cos[b], sin[b])` and `cmp_values[b, slots[b]] = phi_v(v block)`, per head, as `NsaCompressor`,
-    `apply_rotary` and `NsaStaticCacheLayer.write_compressed` compute them (accumulated in fp32 and rounded once).
-    `k_blocks`/`v_blocks` [B, 1, l, H, D]: `append_token`'s blocks (views of [B, H, l, D] storage); `cos`/`sin`
-    [B, 1, D]; `slots` [B, 1]; the stores [B, N, H, D]. No autograd: a decoding step's cache write."""
+    `apply_rotary` and `NsaStaticCacheLayer.write_compressed` compute them (accumulated in fp32, rounded where
+    PyTorch rounds the MLP's hidden layer, and once at the end). `k_blocks`/`v_blocks` [B, 1, l, H, D]:
+    `append_token`'s blocks (views of [B, H, l, D] storage); `cos`/`sin` [B, 1, D]; `slots` [B, 1]; the stores
+    [B, N, H, D]. One launch (two for the MLP phi). No autograd: a decoding step's cache write."""
     batch, one, block, heads, dim = k_blocks.shape
     dim_v = v_blocks.shape[-1]
     if one != 1 or v_blocks.shape[:4] != k_blocks.shape[:4]:
@@ -292,36 +335,41 @@ def store_compressed(
     rows = batch * heads
     fp32 = xk.dtype == torch.float32
     block_r = min(64, _pow2(rows))
-    kind = phi_k.kind
-    weights_k, weights_v, features_k, features_v = xk, xv, block * dim, block * dim_v  # placeholders for "mean"
-    bias_k = bias_v = None
-    if kind == "mlp":
+    mode = _PHI_KINDS[phi_k.kind]
+    features_k, features_v = block * dim, block * dim_v
+    weights_k = weights_v = hidden_bias_k = hidden_bias_v = bias_k = bias_v = xk  # unread placeholders
+    splits = 1
+    if mode == _MLP:
         width = phi_k.hidden.shape[0]
         if phi_v.hidden.shape[0] != width:
             raise ValueError(
                 f"`phi_k` and `phi_v` must have one hidden width, got {width} and {phi_v.hidden.shape[0]}."
             )
-        hidden_k = torch.empty(rows, width, device=xk.device, dtype=xk.dtype)
-        hidden_v = torch.empty(rows, width, device=xk.device, dtype=xv.dtype)
-        block_i = 16  # the weights are most of the bytes: spread them over many programs
-        _phi_hidden_kernel[(_cdiv(width, block_i), _cdiv(rows, block_r), 2)](
-            xk, xv, phi_k.hidden.contiguous(), phi_v.hidden.contiguous(), phi_k.hidden_bias, phi_v.hidden_bias,
-            hidden_k, hidden_v, rows, block * dim, block * dim_v, width, BLOCK_R=block_r, BLOCK_I=block_i,
-            BLOCK_F=128, FP32=fp32, num_warps=4,
+        row_tiles = _cdiv(rows, block_r)
+        splits = _hidden_shares(width, row_tiles, max(features_k, features_v))
+        share_k, share_v = (_cdiv(_cdiv(f, splits), _HIDDEN_BLOCK_F) * _HIDDEN_BLOCK_F for f in (features_k, features_v))
+        partial_k, partial_v = (torch.empty(splits, rows, width, device=xk.device, dtype=torch.float32) for _ in "kv")
+        _phi_hidden_kernel[(_cdiv(width, _HIDDEN_BLOCK_I), row_tiles, 2 * splits)](
+            xk, xv, phi_k.hidden.contiguous(), phi_v.hidden.contiguous(), partial_k, partial_v, rows, features_k,
+            features_v, width, share_k, share_v, BLOCK_R=block_r, BLOCK_I=_HIDDEN_BLOCK_I, BLOCK_F=_HIDDEN_BLOCK_F,
+            FP32=fp32, num_warps=4,
         )
-        xk, xv, features_k, features_v = hidden_k, hidden_v, width, width
-    if kind != "mean":
+        xk, xv, features_k, features_v = partial_k, partial_v, width, width
+        hidden_bias_k, hidden_bias_v = phi_k.hidden_bias, phi_v.hidden_bias
+    if mode != _MEAN:
         weights_k, weights_v = phi_k.out.contiguous(), phi_v.out.contiguous()
-        bias_k, bias_v = phi_k.out_bias, phi_v.out_bias
-    has_bias = bias_k is not None
-    if has_bias != (bias_v is not None):
+    has_bias = phi_k.out_bias is not None
+    if has_bias != (phi_v.out_bias is not None):
         raise ValueError("`phi_k` and `phi_v` must both have an output bias or neither.")
+    if has_bias:
+        bias_k, bias_v = phi_k.out_bias, phi_v.out_bias
     _store_compressed_kernel[(_cdiv(rows, block_r), 2)](
-        xk, xv, weights_k, weights_v, bias_k if has_bias else weights_k, bias_v if has_bias else weights_v,
+        xk, xv, weights_k, weights_v, hidden_bias_k, hidden_bias_v, bias_k, bias_v,
         cos.reshape(batch, dim).contiguous(), sin.reshape(batch, dim).contiguous(), slots.reshape(batch).contiguous(),
         cmp_keys, cmp_values, rows, features_k, features_v, heads,
         cmp_keys.stride(0), cmp_keys.stride(1), cmp_keys.stride(2),
         cmp_values.stride(0), cmp_values.stride(1), cmp_values.stride(2),
-        MEAN=kind == "mean", HAS_BIAS=has_bias, L=block, D=dim, DV=dim_v, BLOCK_R=block_r,
-        BLOCK_HALF=_pow2(dim // 2), BLOCK_HALF_V=_pow2(dim_v // 2), BLOCK_F=64, FP32=fp32, num_warps=4,
+        MODE=mode, SPLITS=splits, HAS_BIAS=has_bias, L=block, D=dim, DV=dim_v, BLOCK_R=block_r,
+        BLOCK_HALF=_pow2(dim // 2), BLOCK_HALF_V=_pow2(dim_v // 2), BLOCK_F=64, FP32=fp32,
+        DOT_DTYPE=_TL_DTYPES[k_blocks.dtype], num_warps=4,
     )
