@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .cache_nsa import sparse_pattern
 from .configuration_nsa import NsaConfig
+from .nsa_ops_compression import PhiWeights
 from .nsa_ops_layout import SparsePattern, num_compressed_blocks
 
 __all__ = ["DEFAULT_ROLLBACK", "NsaStaticCache", "NsaStaticCacheLayer"]
@@ -174,6 +175,12 @@ class NsaStaticCacheLayer(CacheLayerMixin):
         return kernel(self.keys, self.values, self.window_keys, self.window_values, self.raw_cmp_keys,
                       self.raw_cmp_values, self.cumulative_length, k_slc, v_slc, k_win, v_win, k_raw, v_raw, positions,
                       self.pattern.compress_block_size)
+
+    def store_compressed(self, slots: Tensor, k_blocks: Tensor, v_blocks: Tensor, phi_k: PhiWeights, phi_v: PhiWeights,
+                         cos: Tensor, sin: Tensor, kernel: Callable[..., None]) -> None:
+        """`write_compressed` of phi(block) (the key RoPE'd at `cos`/`sin` [B, 1, D]) for `append_token`'s blocks, in
+        one launch of `kernel` (the fused kernels' `store_compressed`; two for the MLP phi)."""
+        kernel(k_blocks, v_blocks, phi_k, phi_v, cos, sin, slots, self.cmp_keys, self.cmp_values)
 
     def write_compressed(self, slots: Tensor, k_new: Tensor, v_new: Tensor) -> None:
         """Write compressed entries [B, m, H, D] at each row's `slots` [B, m] (the scratch slot `num_blocks` for

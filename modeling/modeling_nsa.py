@@ -34,7 +34,7 @@ from .compat import CACHE_KWARG, cache_argument
 from .configuration_nsa import NsaConfig
 from .decode_graphs import DecodeGraphs, kept_stack, why_not_graphable
 from .nsa_ops_backends import NsaBackend, PointwiseKernels, prepare_backends, resolve_backend, resolve_pointwise
-from .nsa_ops_compression import block_tokens, take_blocks
+from .nsa_ops_compression import PhiWeights, block_tokens, take_blocks
 from .nsa_ops_layout import BranchRanges, QueryLayout, branch_ranges, num_compressed_blocks, seq_idx_starts
 from .nsa_ops_library import document_layout
 
@@ -248,6 +248,19 @@ class NsaCompressor(nn.Module):
             self.act_fn = nn.SiLU()
             self.fc2 = nn.Linear(config.compress_intermediate_size, config.head_dim, bias=True)
 
+    def fused_weights(self) -> PhiWeights | None:
+        """phi's weights for the fused decoding kernel (`store_compressed`), or None when a layer runs its own forward
+        (LoRA, quantized, hooked), which the kernel would skip."""
+        if self._forward_hooks or self._forward_pre_hooks or "forward" in self.__dict__:
+            return None
+        if self.compression_type == "mean":
+            return PhiWeights("mean")
+        if self.compression_type == "linear":
+            return PhiWeights("linear", out=self.proj.weight) if _plain_linear(self.proj) else None
+        if not (_plain_linear(self.fc1) and _plain_linear(self.fc2) and type(self.act_fn) is nn.SiLU):
+            return None
+        return PhiWeights("mlp", self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
     def forward(self, blocks: Tensor) -> Tensor:
         if self.compression_type == "mean":
             return blocks.mean(dim=-3)
@@ -367,9 +380,14 @@ class NsaAttention(nn.Module):
         """Store a step in a static cache: its K/V `new_kv` (k_slc, v_slc, k_win, v_win, k_raw, v_raw), then the
         compressed entries it writes, phi and RoPE as in `_compress` over the prompt's own raw K/V (prefill) or the
         layer's raw ring (decoding). A decoding step of one token per row with the fused kernels stores and reads
-        its block back in one launch."""
+        its block back in one launch, and its compressed entry in one more (two for the MLP phi)."""
         if pointwise is not None and stored.from_ring and positions.shape[0] == 1:
             k_blocks, v_blocks = layer.append_token(*new_kv, positions, pointwise.append_token)
+            phis = self.compress_key.fused_weights(), self.compress_value.fused_weights()
+            if all(p is not None for p in phis) and not torch.is_grad_enabled():  # phi, RoPE, store: 1-2 launches
+                layer.store_compressed(stored.slots, k_blocks, v_blocks, *phis, stored.cos, stored.sin,
+                                       pointwise.store_compressed)
+                return
         else:
             layer.append(*new_kv, positions)
             k_raw, v_raw = new_kv[4:]

@@ -64,6 +64,8 @@ class PointwiseKernels(NamedTuple):
     cross_entropy: Callable[[Tensor, Tensor, int], Tensor]  # (logits [N, V], labels [N], ignore_index) -> losses [N]
     # A static cache layer's decoding token stored in one launch (`ops/triton/store.py::append_token`).
     append_token: Callable[..., tuple[Tensor, Tensor]]
+    # The compressed entry of the block that token completes: phi, RoPE and the store (`store.py::store_compressed`).
+    store_compressed: Callable[..., None]
 
 
 # Looked up once, at import: a constant, so that torch.compile can trace a check of it.
@@ -83,6 +85,7 @@ def _triton_backend() -> tuple[library_Kernels, Callable[..., Tensor]]:
         gate_branches as triton_gate_branches,
         rms_norm as triton_rms_norm,
         silu_mul as triton_silu_mul,
+        store_compressed as triton_store_compressed,
     )  # lazy: the package imports without Triton
 
     return triton_KERNELS, triton_gate_branches
@@ -105,10 +108,12 @@ def _triton_pointwise() -> PointwiseKernels:
         gate_branches as triton_gate_branches,
         rms_norm as triton_rms_norm,
         silu_mul as triton_silu_mul,
+        store_compressed as triton_store_compressed,
     )
 
     return PointwiseKernels(
-        triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy, triton_append_token
+        triton_apply_rotary, triton_silu_mul, triton_rms_norm, triton_cross_entropy, triton_append_token,
+        triton_store_compressed,
     )
 
 

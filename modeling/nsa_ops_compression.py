@@ -7,12 +7,25 @@ the model (`NsaCompressor`); it maps the blocks returned here to one key or valu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .nsa_ops_layout import QueryLayout, cu_seqlens_from_batch
 
-__all__ = ["block_tokens", "compress_blocks", "gather_blocks", "mean_compress", "take_blocks"]
+__all__ = ["PhiWeights", "block_tokens", "compress_blocks", "gather_blocks", "mean_compress", "take_blocks"]
+
+
+class PhiWeights(NamedTuple):
+    """One `NsaCompressor`'s phi: `kind` "mean" (no weights), "linear" (`out` [D, l * D], no bias) or "mlp"
+    (`hidden` [I, l * D] and its bias, SiLU, `out` [D, I] and its bias)."""
+
+    kind: str
+    hidden: Tensor | None = None
+    hidden_bias: Tensor | None = None
+    out: Tensor | None = None
+    out_bias: Tensor | None = None
 
 
 def block_tokens(token_starts: Tensor, block_size: int, num_tokens: int) -> Tensor:

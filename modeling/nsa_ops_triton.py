@@ -1,7 +1,7 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
 """Triton kernels, a module per family: `interval` (compressed and window attention), `block` (selection
 attention), `select` (fused block selection), forward and backward, `decode` (a decoding step's whole attention in
-three launches), `store` (a static cache's decoding token in one launch) and `pointwise` (RMSNorm, RoPE, SwiGLU,
+three launches), `store` (a static cache's decoding token and its compressed entry) and `pointwise` (RMSNorm, RoPE, SwiGLU,
 the gate mix, cross entropy); `common` holds what they share.
 
 Accumulation is fp32; inputs bf16, fp16 or fp32. Import is lazy (`nsa_hf.ops.backends`): the package imports
@@ -14,7 +14,7 @@ from .nsa_ops_triton_decode import decode_attention
 from .nsa_ops_triton_interval import interval_attention, interval_backward, interval_forward
 from .nsa_ops_triton_pointwise import apply_rotary, cross_entropy, gate_branches, rms_norm, silu_mul
 from .nsa_ops_triton_select import select_blocks
-from .nsa_ops_triton_store import append_token
+from .nsa_ops_triton_store import append_token, store_compressed
 
 # What the custom ops of `nsa_hf.ops.library` run for nsa_backend="triton".
 KERNELS = Kernels(
@@ -33,4 +33,5 @@ __all__ = [
     "rms_norm",
     "select_blocks",
     "silu_mul",
+    "store_compressed",
 ]

@@ -1,11 +1,17 @@
 # Generated from src/nsa_hf by `nsa-hf export-remote-code` (nsa_hf/remote_code.py); do not edit.
-"""A static cache's decoding step written in one launch: `append_token`.
+"""A static cache's decoding step written in few launches: `append_token` (the token), `store_compressed` (the
+compressed entry of the block it completes).
 
 `NsaStaticCacheLayer.append` stores a step's tokens with PyTorch ops (a copy into the selection history, one into
 each mirrored ring, the slots' arithmetic, the counter) and the model then gathers the block of the last l raw
 tokens for phi: about a dozen kernels per layer and step, each of which reads or writes a few kilobytes. Inside a
 recorded decoding step their launches, not their bytes, set the time; this kernel does all of it for one token
 per row. The semantics are `NsaStaticCacheLayer.append` followed by `take_blocks` over the raw ring.
+
+The block's compressed entry is then phi (`NsaCompressor`: a mean, a linear map or a two-layer MLP of the block),
+RoPE on the key at the block's last token, and a scatter into the compressed stores (`write_compressed`): up to nine
+more kernels per layer in PyTorch. `store_compressed` computes it in one launch (two for the MLP: its hidden layer
+is a GEMM over every row's block that the output layer needs whole), K and V in the same launch.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ except ImportError:
     raise
 from torch import Tensor
 
-from .nsa_ops_triton_common import _at_row, _pow2
+from .nsa_ops_compression import PhiWeights
+from .nsa_ops_triton_common import _at_row, _cdiv, _pow2, _prev_pow2
 
-__all__ = ["append_token"]
+__all__ = ["append_token", "store_compressed"]
 
 
 @triton.jit
@@ -131,3 +138,242 @@ def append_token(
         SEPARATE_WINDOW=separate, num_warps=1 if block_size * max(dim, dim_v) <= 4096 else 4,
     )
     return k_block.transpose(-3, -2), v_block.transpose(-3, -2)
+
+
+@triton.jit
+def _dot(x, w, FP32: tl.constexpr):
+    """x [M, K] @ w [K, N] in fp32; fp32 operands exactly (no TF32), as PyTorch's default matmul."""
+    if FP32:
+        return tl.dot(x, w, input_precision="ieee")
+    return tl.dot(x, w)
+
+
+@triton.jit
+def _hidden_share(X, W, PARTIAL, num_rows, features, width, row0, col0, split, share,
+                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """The MLP phi's hidden pre-activations over one share of the features (`share` of them from split * share):
+    PARTIAL[split, r, i] = sum over the share of X[r, f] * W[i, f], fp32, for a tile of rows and columns; X [R, F]
+    and W [I, F] contiguous, W cast to X's dtype (as autocast would)."""
+    r = row0 + tl.arange(0, BLOCK_R)
+    i = col0 + tl.arange(0, BLOCK_I)
+    r_ok, i_ok = r < num_rows, i < width
+    acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
+    for f0 in range(split * share, tl.minimum(split * share + share, features), BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = f < features
+        x = tl.load(X + r[:, None] * features + f[None, :], mask=r_ok[:, None] & f_ok[None, :], other=0.0)
+        w = tl.load(W + i[:, None] * features + f[None, :], mask=i_ok[:, None] & f_ok[None, :], other=0.0)
+        acc += _dot(x, tl.trans(w.to(x.dtype)), FP32)
+    tl.store(PARTIAL + split * num_rows * width + r[:, None] * width + i[None, :], acc,
+             mask=r_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def _phi_hidden_kernel(XK, XV, WK, WV, PK, PV, num_rows, features_k, features_v, width, share_k, share_v,
+                       BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, FP32: tl.constexpr):
+    """The MLP phi's hidden layer, split over its columns, rows and feature shares (the weights are most of the
+    bytes: many programs read them side by side); axis 2 = 2 * share + (0 for the keys' blocks, 1 the values')."""
+    col0, row0 = tl.program_id(0) * BLOCK_I, tl.program_id(1) * BLOCK_R
+    split = tl.program_id(2) // 2
+    if tl.program_id(2) % 2 == 0:
+        _hidden_share(XK, WK, PK, num_rows, features_k, width, row0, col0, split, share_k, BLOCK_R, BLOCK_I, BLOCK_F,
+                      FP32)
+    else:
+        _hidden_share(XV, WV, PV, num_rows, features_v, width, row0, col0, split, share_v, BLOCK_R, BLOCK_I, BLOCK_F,
+                      FP32)
+
+
+_MEAN, _LINEAR, _MLP = 0, 1, 2  # phi's kinds in the kernels
+
+
+@triton.jit
+def _phi_input(X, HIDDEN_BIAS, r, f, r_ok, f_ok, num_rows, features, MODE: tl.constexpr, SPLITS: tl.constexpr,
+               DOT_DTYPE: tl.constexpr):
+    """Columns f of phi's output layer's input for rows r: the flat block (linear), or the MLP's hidden layer from
+    its shares' pre-activations, its bias and SiLU, in the dtype PyTorch computes it in."""
+    mask = r_ok[:, None] & f_ok[None, :]
+    if MODE == 1:
+        return tl.load(X + r[:, None] * features + f[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+    pre = tl.zeros((r.shape[0], f.shape[0]), dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        pre += tl.load(X + split * num_rows * features + r[:, None] * features + f[None, :], mask=mask, other=0.0)
+    pre += tl.load(HIDDEN_BIAS + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    return (pre * tl.sigmoid(pre)).to(DOT_DTYPE)
+
+
+@triton.jit
+def _phi_output(X, W, HIDDEN_BIAS, row0, num_rows, features, MODE: tl.constexpr, SPLITS: tl.constexpr,
+                L: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                BLOCK_F: tl.constexpr, FP32: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """phi's output for BLOCK_R rows as its two halves (RoPE pairs column c with c + D/2), each [BLOCK_R,
+    BLOCK_HALF] fp32, from one pass over the input: the block's mean (X [R, L, D]) or the output layer's input
+    (`_phi_input`, F features) . W."""
+    half = D // 2
+    r = row0 + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_HALF)
+    r_ok, c_ok = r < num_rows, c < half
+    lo = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
+    hi = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
+    if MODE == 0:
+        mask = r_ok[:, None] & c_ok[None, :]
+        for t in range(L):
+            x = X + r[:, None] * (L * D) + t * D + c[None, :]
+            lo += tl.load(x, mask=mask, other=0.0).to(tl.float32)
+            hi += tl.load(x + half, mask=mask, other=0.0).to(tl.float32)
+        lo, hi = lo / L, hi / L
+    else:
+        for f0 in range(0, features, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = f < features
+            x = _phi_input(X, HIDDEN_BIAS, r, f, r_ok, f_ok, num_rows, features, MODE, SPLITS, DOT_DTYPE)
+            w = W + c[:, None] * features + f[None, :]
+            w_mask = c_ok[:, None] & f_ok[None, :]
+            lo += _dot(x, tl.trans(tl.load(w, mask=w_mask, other=0.0).to(DOT_DTYPE)), FP32)
+            hi += _dot(x, tl.trans(tl.load(w + half * features, mask=w_mask, other=0.0).to(DOT_DTYPE)), FP32)
+    return lo, hi
+
+
+@triton.jit
+def _entry_part(X, W, HIDDEN_BIAS, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows, features, heads, s_b, s_t, s_h,
+                ROTATE: tl.constexpr, MODE: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                L: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                BLOCK_F: tl.constexpr, FP32: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """phi's output for BLOCK_R rows (row = batch row * heads + head), RoPE'd at the row's (cos, sin) [B, D] when
+    ROTATE, into STORE [B, N, H, D] at the row's slot SLOTS [B]."""
+    half = D // 2
+    lo, hi = _phi_output(X, W, HIDDEN_BIAS, row0, num_rows, features, MODE, SPLITS, L, D, BLOCK_R, BLOCK_HALF,
+                         BLOCK_F, FP32, DOT_DTYPE)
+    r = row0 + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_HALF)
+    r_ok, c_ok = r < num_rows, c < half
+    mask = r_ok[:, None] & c_ok[None, :]
+    if HAS_BIAS:
+        lo += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        hi += tl.load(BIAS + half + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    batch_row = r // heads
+    head = r % heads
+    if ROTATE:  # as `apply_rotary`: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x_hi, x_lo)
+        phase = batch_row[:, None] * D + c[None, :]
+        cos_lo = tl.load(COS + phase, mask=mask, other=0.0).to(tl.float32)
+        cos_hi = tl.load(COS + phase + half, mask=mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(SIN + phase, mask=mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(SIN + phase + half, mask=mask, other=0.0).to(tl.float32)
+        lo, hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+    slot = tl.load(SLOTS + batch_row, mask=r_ok, other=0)
+    entry = STORE + batch_row.to(tl.int64)[:, None] * s_b + slot[:, None] * s_t + head[:, None] * s_h + c[None, :]
+    tl.store(entry, lo.to(STORE.dtype.element_ty), mask=mask)
+    tl.store(entry + half, hi.to(STORE.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_compressed_kernel(
+    XK, XV, WK, WV, HBK, HBV, BK, BV, COS, SIN, SLOTS, CMP_K, CMP_V, num_rows, features_k, features_v, heads,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+    MODE: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HALF_V: tl.constexpr,
+    BLOCK_F: tl.constexpr, FP32: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """A tile of rows' compressed keys (axis 1 = 0, rotated) or values (1)."""
+    row0 = tl.program_id(0) * BLOCK_R
+    if tl.program_id(1) == 0:
+        _entry_part(XK, WK, HBK, BK, COS, SIN, SLOTS, CMP_K, row0, num_rows, features_k, heads, s_kb, s_kt, s_kh,
+                    True, MODE, SPLITS, HAS_BIAS, L, D, BLOCK_R, BLOCK_HALF, BLOCK_F, FP32, DOT_DTYPE)
+    else:
+        _entry_part(XV, WV, HBV, BV, COS, SIN, SLOTS, CMP_V, row0, num_rows, features_v, heads, s_vb, s_vt, s_vh,
+                    False, MODE, SPLITS, HAS_BIAS, L, DV, BLOCK_R, BLOCK_HALF_V, BLOCK_F, FP32, DOT_DTYPE)
+
+
+_PHI_KINDS = {"mean": _MEAN, "linear": _LINEAR, "mlp": _MLP}
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+# Programs the MLP's hidden layer aims for: its weights (1 MiB per compressor at the seed shape) are read by many
+# programs at once, each a share of the columns and features.
+_HIDDEN_PROGRAMS = 128
+_HIDDEN_BLOCK_I, _HIDDEN_BLOCK_F = 16, 128
+
+
+def _check_phi(name: str, phi: PhiWeights, features: int, dim: int) -> None:
+    if phi.kind not in _PHI_KINDS:
+        raise ValueError(f"`{name}.kind` must be one of {tuple(_PHI_KINDS)}, got {phi.kind!r}.")
+    if phi.kind == "mean":
+        return
+    width = phi.hidden.shape[0] if phi.kind == "mlp" else features
+    if phi.kind == "mlp" and tuple(phi.hidden.shape) != (width, features):
+        raise ValueError(f"`{name}.hidden` must be [I, l * D] = [I, {features}], got {tuple(phi.hidden.shape)}.")
+    if phi.kind == "mlp" and (phi.hidden_bias is None or phi.out_bias is None):
+        raise ValueError(f"`{name}`: the MLP phi has both biases (`hidden_bias`, `out_bias`).")
+    if tuple(phi.out.shape) != (dim, width):
+        raise ValueError(f"`{name}.out` must be [D, {width}] = [{dim}, {width}], got {tuple(phi.out.shape)}.")
+
+
+def _hidden_shares(width: int, row_tiles: int, features: int) -> int:
+    """How many feature shares the MLP's hidden layer splits into: a power of two that brings its programs near
+    `_HIDDEN_PROGRAMS`, each share at least one BLOCK_F of features."""
+    base = _cdiv(width, _HIDDEN_BLOCK_I) * row_tiles * 2
+    return max(1, min(_prev_pow2(max(1, _HIDDEN_PROGRAMS // base)), _prev_pow2(max(1, features // _HIDDEN_BLOCK_F))))
+
+
+def store_compressed(
+    k_blocks: Tensor, v_blocks: Tensor, phi_k: PhiWeights, phi_v: PhiWeights, cos: Tensor, sin: Tensor,
+    slots: Tensor, cmp_keys: Tensor, cmp_values: Tensor,
+) -> None:
+    """The compressed entries of one block per row, written in place: `cmp_keys[b, slots[b]] = RoPE(phi_k(k
+    block), cos[b], sin[b])` and `cmp_values[b, slots[b]] = phi_v(v block)`, per head, as `NsaCompressor`,
+    `apply_rotary` and `NsaStaticCacheLayer.write_compressed` compute them (accumulated in fp32, rounded where
+    PyTorch rounds the MLP's hidden layer, and once at the end). `k_blocks`/`v_blocks` [B, 1, l, H, D]:
+    `append_token`'s blocks (views of [B, H, l, D] storage); `cos`/`sin` [B, 1, D]; `slots` [B, 1]; the stores
+    [B, N, H, D]. One launch (two for the MLP phi). No autograd: a decoding step's cache write."""
+    batch, one, block, heads, dim = k_blocks.shape
+    dim_v = v_blocks.shape[-1]
+    if one != 1 or v_blocks.shape[:4] != k_blocks.shape[:4]:
+        raise ValueError(f"store_compressed takes one block per row: `k_blocks` [B, 1, l, H, D], `v_blocks` alike, "
+                         f"got {tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}.")
+    if phi_k.kind != phi_v.kind:
+        raise ValueError(f"`phi_k` and `phi_v` must be of one kind, got {phi_k.kind!r} and {phi_v.kind!r}.")
+    if dim % 2 or dim_v % 2:
+        raise ValueError(f"head dims must be even (RoPE's halves), got {dim} and {dim_v}.")
+    _check_phi("phi_k", phi_k, block * dim, dim)
+    _check_phi("phi_v", phi_v, block * dim_v, dim_v)
+    # [B, H, l, D] contiguous: each row's block is l * D features in phi's order (`NsaCompressor` flattens (l, D)).
+    xk = k_blocks.transpose(-3, -2).contiguous()
+    xv = v_blocks.transpose(-3, -2).contiguous()
+    rows = batch * heads
+    fp32 = xk.dtype == torch.float32
+    block_r = min(64, _pow2(rows))
+    mode = _PHI_KINDS[phi_k.kind]
+    features_k, features_v = block * dim, block * dim_v
+    weights_k = weights_v = hidden_bias_k = hidden_bias_v = bias_k = bias_v = xk  # unread placeholders
+    splits = 1
+    if mode == _MLP:
+        width = phi_k.hidden.shape[0]
+        if phi_v.hidden.shape[0] != width:
+            raise ValueError(
+                f"`phi_k` and `phi_v` must have one hidden width, got {width} and {phi_v.hidden.shape[0]}."
+            )
+        row_tiles = _cdiv(rows, block_r)
+        splits = _hidden_shares(width, row_tiles, max(features_k, features_v))
+        share_k, share_v = (_cdiv(_cdiv(f, splits), _HIDDEN_BLOCK_F) * _HIDDEN_BLOCK_F for f in (features_k, features_v))
+        partial_k, partial_v = (torch.empty(splits, rows, width, device=xk.device, dtype=torch.float32) for _ in "kv")
+        _phi_hidden_kernel[(_cdiv(width, _HIDDEN_BLOCK_I), row_tiles, 2 * splits)](
+            xk, xv, phi_k.hidden.contiguous(), phi_v.hidden.contiguous(), partial_k, partial_v, rows, features_k,
+            features_v, width, share_k, share_v, BLOCK_R=block_r, BLOCK_I=_HIDDEN_BLOCK_I, BLOCK_F=_HIDDEN_BLOCK_F,
+            FP32=fp32, num_warps=4,
+        )
+        xk, xv, features_k, features_v = partial_k, partial_v, width, width
+        hidden_bias_k, hidden_bias_v = phi_k.hidden_bias, phi_v.hidden_bias
+    if mode != _MEAN:
+        weights_k, weights_v = phi_k.out.contiguous(), phi_v.out.contiguous()
+    has_bias = phi_k.out_bias is not None
+    if has_bias != (phi_v.out_bias is not None):
+        raise ValueError("`phi_k` and `phi_v` must both have an output bias or neither.")
+    if has_bias:
+        bias_k, bias_v = phi_k.out_bias, phi_v.out_bias
+    _store_compressed_kernel[(_cdiv(rows, block_r), 2)](
+        xk, xv, weights_k, weights_v, hidden_bias_k, hidden_bias_v, bias_k, bias_v,
+        cos.reshape(batch, dim).contiguous(), sin.reshape(batch, dim).contiguous(), slots.reshape(batch).contiguous(),
+        cmp_keys, cmp_values, rows, features_k, features_v, heads,
+        cmp_keys.stride(0), cmp_keys.stride(1), cmp_keys.stride(2),
+        cmp_values.stride(0), cmp_values.stride(1), cmp_values.stride(2),
+        MODE=mode, SPLITS=splits, HAS_BIAS=has_bias, L=block, D=dim, DV=dim_v, BLOCK_R=block_r,
+        BLOCK_HALF=_pow2(dim // 2), BLOCK_HALF_V=_pow2(dim_v // 2), BLOCK_F=64, FP32=fp32,
+        DOT_DTYPE=_TL_DTYPES[k_blocks.dtype], num_warps=4,
+    )
