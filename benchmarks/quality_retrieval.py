@@ -24,6 +24,7 @@ import itertools
 import json
 import platform
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NsaConfig.branch_kv of the NSA model trained from scratch (conversion always shares)")
     parser.add_argument("--compression", default="mlp", choices=["mlp", "linear", "mean"],
                         help="NsaConfig.compression_type (phi) of the NSA model trained from scratch")
+    parser.add_argument("--models", nargs="+", default=["nsa", "llama"], choices=["nsa", "llama"],
+                        help="which from-scratch models to train (both by default; one each in two processes to "
+                        "fit a time limit, each with its own --out)")
     parser.add_argument("--conversion", action="store_true",
                         help="instead: a dense model trained at --short-lengths (<= the window) for --conversion-steps, "
                         "then converted to NSA and continued at --train-lengths, against the dense model continued alike")
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "(the needle and the question)")
     if not 0 <= args.short_steps <= args.steps:
         raise SystemExit(f"--short-steps must be between 0 and --steps ({args.steps}), got {args.short_steps}")
+    if args.conversion and "--models" in (argv if argv is not None else sys.argv[1:]):
+        raise SystemExit("--models picks the from-scratch models; --conversion trains its own pair")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     long_batches = passkey_batches(args, args.train_lengths)
     scratch_batches = passkey_batches(args, args.train_lengths, args.short_steps)
-    runs = {"nsa": lambda: build("nsa", args), "llama": lambda: build("llama", args)}
+    runs = {name: lambda name=name: build(name, args) for name in dict.fromkeys(args.models)}
     batches = scratch_batches
     if args.conversion:
         # A dense model trained at short context only (no length past the window), then converted to NSA: both

@@ -102,6 +102,13 @@ def test_retrieval_benchmark_runs_and_writes_its_results(tmp_path):
         assert all(0.0 <= value <= 1.0 for value in accuracy.values())
 
 
+def test_retrieval_models_option_trains_only_the_named_model(tmp_path):
+    record = _load("quality_retrieval").main([*TINY, "--models", "llama", "--out", str(tmp_path)])
+    assert set(record["accuracy"]) == {"llama"} and set(record["losses"]) == {"llama"}
+    with pytest.raises(SystemExit, match="--models"):
+        _load("quality_retrieval").main([*TINY, "--conversion", "--models", "nsa", "--out", str(tmp_path)])
+
+
 def test_a_retrieval_run_cut_short_keeps_the_models_it_finished(tmp_path, monkeypatch):
     """A GPU run stopped by its time limit during the second model still leaves the first model's results."""
     retrieval = _load("quality_retrieval")
