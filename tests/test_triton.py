@@ -493,60 +493,143 @@ def test_append_token_kernel_stores_like_the_static_cache_and_reads_back_the_las
         raw_history = [torch.cat([h, r.to(dtype)], dim=1) for h, r in zip(raw_history, new[4:])]
 
 
-@pytest.mark.parametrize("kind", ["mlp", "linear", "mean"])
-def test_store_compressed_kernel_writes_rotated_phi_of_each_block_at_its_slot(kind):
-    """A decoding step's compressed entries in one launch (two for the MLP phi) against phi written out here from
-    its definition: per row and head, the block's mean, W . block or W2 . silu(W1 . block + b1) + b2 over the block
-    flattened as (l, D); the key rotated by RoPE's halves at its row's (cos, sin); each row's entry at its own slot
-    and nothing else in the stores changed. Blocks are the strided views `append_token` returns; rows and heads not
-    multiples of the tiles."""
-    from nsa_hf.ops.compression import PhiWeights
+@dataclasses.dataclass(frozen=True)
+class EntryCase:
+    """One shape and dtype for `store_compressed`: `weights_dtype` None = the blocks' dtype."""
 
+    batch: int = 3
+    heads: int = 5
+    dim: int = 32
+    dim_v: int = 6
+    dtype: torch.dtype = DTYPES[0]
+    weights_dtype: torch.dtype | None = None
+
+
+ENTRY_CASES = {
+    # l * D = 256 key features: the MLP's hidden layer splits them into shares (the values' 48 into one and an
+    # empty one).
+    "base": EntryCase(),
+    "fp16": EntryCase(dtype=torch.float16),
+    "rows_past_one_tile": EntryCase(batch=9, heads=8, dim=8),  # 72 rows: two tiles of 64, the second partial
+    "dim_48": EntryCase(dim=48, dim_v=10),  # head dims not powers of two: masked halves
+    # Weights left in fp32 with bf16 blocks (a model run under autocast): the kernel casts them as autocast would.
+    # fp16 blocks under the interpreter, whose tl.dot multiplies bf16 operands' bit patterns (Triton 3.9: it keeps
+    # bf16 as uint16); the weights' cast is the same code in either dtype.
+    "fp32_weights_half_blocks": EntryCase(dtype=torch.bfloat16 if CUDA else torch.float16,
+                                          weights_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", ENTRY_CASES)
+@pytest.mark.parametrize("kind", ["mlp", "linear", "mean"])
+def test_store_compressed_kernel_writes_rotated_phi_of_each_block_at_its_slot(kind, case):
+    """A decoding step's compressed entries in one launch (two for the MLP phi) against the model's own modules in
+    fp32 from the same (rounded) inputs, FlashAttention-style tolerances: `NsaCompressor.forward` of each block, the
+    key rotated by `modeling_nsa.apply_rotary` at its row's (cos, sin); each row's entry at its own slot and nothing
+    else in the stores changed. Blocks are the strided views `append_token` returns; rows and heads not multiples
+    of the tiles; fp16, several row tiles, head dims that are not powers of two, fp32 weights with bf16 blocks."""
+    from nsa_hf.modeling_nsa import NsaCompressor
+
+    case = ENTRY_CASES[case]
     torch.manual_seed(3)
-    dtype = DTYPES[0]
-    # l * D = 256 key features: the MLP's hidden layer splits them into shares (the values' 48 into one and an empty
-    # one).
-    batch, heads, block, dim, dim_v, width, slots_per_row = 3, 5, 8, 32, 6, 24, 7
+    batch, heads, dim, dim_v, dtype = case.batch, case.heads, case.dim, case.dim_v, case.dtype
+    block, width, slots_per_row = 8, 24, 7
     k_blocks = torch.randn(batch, 1, heads, block, dim, device=DEVICE, dtype=dtype).transpose(-3, -2)
     v_blocks = torch.randn(batch, 1, heads, block, dim_v, device=DEVICE, dtype=dtype).transpose(-3, -2)
     angles = torch.rand(batch, 1, dim, device=DEVICE) * 6.0
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    slots = torch.tensor([[2], [6], [0]], device=DEVICE)
+    slots = torch.randint(0, slots_per_row, (batch, 1), device=DEVICE)
     stores = [torch.randn(batch, slots_per_row, heads, d, device=DEVICE, dtype=dtype) for d in (dim, dim_v)]
     before = [s.clone() for s in stores]
-
-    def weights(d: int) -> tuple[PhiWeights, Tensor]:
-        features = block * d
-        flat = lambda blocks: blocks[:, 0].transpose(1, 2).reshape(batch, heads, features).float()  # (l, D) order
-        if kind == "mean":
-            return PhiWeights("mean"), None
-        if kind == "linear":
-            w = torch.randn(d, features, device=DEVICE, dtype=dtype) / features**0.5
-            return PhiWeights("linear", out=w), lambda blocks: flat(blocks) @ w.float().T
-        w1 = torch.randn(width, features, device=DEVICE, dtype=dtype) / features**0.5
-        b1, b2 = torch.randn(width, device=DEVICE, dtype=dtype), torch.randn(d, device=DEVICE, dtype=dtype)
-        w2 = torch.randn(d, width, device=DEVICE, dtype=dtype) / width**0.5
-        hidden = lambda blocks: torch.nn.functional.silu(flat(blocks) @ w1.float().T + b1.float())
-        return PhiWeights("mlp", w1, b1, w2, b2), lambda blocks: hidden(blocks) @ w2.float().T + b2.float()
-
-    (phi_k, ref_k), (phi_v, ref_v) = weights(dim), weights(dim_v)
-    if kind == "mean":
-        ref_k = ref_v = lambda blocks: blocks[:, 0].float().mean(dim=1)
+    compressors = []
+    for d in (dim, dim_v):
+        config = tiny_config(head_dim=d, compress_block_size=block, compress_intermediate_size=width,
+                             compression_type=kind)
+        compressor = NsaCompressor(config).to(DEVICE, case.weights_dtype or dtype)
+        with torch.no_grad():  # biases as large as the weights' outputs, so that a dropped bias shows
+            for name, p in compressor.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.randn_like(p))
+        compressors.append(compressor)
+    phi_k, phi_v = (c.fused_weights() for c in compressors)
+    assert phi_k.kind == kind
     triton_ops.store_compressed(k_blocks, v_blocks, phi_k, phi_v, cos, sin, slots, *stores)
-    assert triton_store._hidden_shares(width, 1, block * dim) == 2  # the values' second share is empty
+    if case == ENTRY_CASES["base"]:
+        assert triton_store._hidden_shares(width, 1, block * dim) == 2  # the values' second share is empty
 
-    keys, values = ref_k(k_blocks), ref_v(v_blocks)  # [B, H, D]
-    half = dim // 2
-    c, s_ = cos.float()[:, 0, None, :], sin.float()[:, 0, None, :]
-    lo, hi = keys[..., :half], keys[..., half:]
-    keys = torch.cat([lo * c[..., :half] - hi * s_[..., :half], hi * c[..., half:] + lo * s_[..., half:]], dim=-1)
-    for store, old, want in zip(stores, before, (keys, values)):
+    reference_k, reference_v = (copy.deepcopy(c).float() for c in compressors)
+    with torch.no_grad():
+        keys = apply_rotary(reference_k(k_blocks.float()), cos.float(), sin.float())[:, 0]  # [B, H, D]
+        values = reference_v(v_blocks.float())[:, 0]
+    for store, old, want in zip(stores, before, (keys, values), strict=True):
         expected = old.clone()
         expected[torch.arange(batch), slots[:, 0]] = want.to(dtype)
         torch.testing.assert_close(store, expected, **tolerance(dtype))
         untouched = torch.ones(batch, slots_per_row, dtype=torch.bool, device=DEVICE)
         untouched[torch.arange(batch), slots[:, 0]] = False
         assert torch.equal(store[untouched], old[untouched])
+
+
+def _entry_arguments(device: str = DEVICE, batch: int = 2, heads: int = 3, dim: int = 8, block: int = 4,
+                     width: int = 16) -> dict:
+    """Valid `store_compressed` arguments for an MLP phi, by parameter name."""
+    from nsa_hf.ops.compression import PhiWeights
+
+    def phi() -> PhiWeights:
+        return PhiWeights("mlp", torch.randn(width, block * dim, device=device), torch.randn(width, device=device),
+                          torch.randn(dim, width, device=device), torch.randn(dim, device=device))
+
+    return {
+        "k_blocks": torch.randn(batch, 1, block, heads, dim, device=device),
+        "v_blocks": torch.randn(batch, 1, block, heads, dim, device=device), "phi_k": phi(), "phi_v": phi(),
+        "cos": torch.randn(batch, 1, dim, device=device), "sin": torch.randn(batch, 1, dim, device=device),
+        "slots": torch.zeros(batch, 1, dtype=torch.long, device=device),
+        "cmp_keys": torch.zeros(batch, 5, heads, dim, device=device),
+        "cmp_values": torch.zeros(batch, 5, heads, dim, device=device),
+    }
+
+
+BAD_ENTRY_ARGUMENTS = {  # parameter named in the error (a trailing space: a second case): its bad value
+    "k_blocks": lambda a: a["k_blocks"].double(),
+    "v_blocks": lambda a: a["v_blocks"].half(),  # not the keys' dtype
+    "phi_v": lambda a: a["phi_v"]._replace(kind="mean"),  # not the keys' kind
+    "phi_k.hidden": lambda a: a["phi_k"]._replace(hidden=None),
+    "phi_v.out": lambda a: a["phi_v"]._replace(out=None),
+    "phi_k.out_bias": lambda a: a["phi_k"]._replace(out_bias=a["phi_k"].out_bias.double()),
+    "phi_v.hidden_bias": lambda a: a["phi_v"]._replace(hidden_bias=a["phi_v"].hidden_bias[:-1]),
+    "cos": lambda a: a["cos"][..., :-2],
+    "sin": lambda a: a["sin"].to(torch.int32),
+    "slots": lambda a: torch.zeros(3, 1, dtype=torch.long),  # B + 1 elements
+    "slots ": lambda a: a["slots"].float(),
+    "cmp_keys": lambda a: a["cmp_keys"][:, :, :2],  # H - 1 heads
+    "cmp_values": lambda a: a["cmp_values"][..., :6],  # another head dim
+    "cmp_values ": lambda a: a["cmp_values"].to("meta"),  # another device
+}
+
+
+@pytest.mark.parametrize("name", BAD_ENTRY_ARGUMENTS)
+def test_store_compressed_names_a_bad_argument_before_any_launch(name):
+    """Each bad argument of `store_compressed` (a dtype the kernels do not compute in, the keys' and values' blocks
+    of two dtypes, an MLP phi missing a weight, cos/sin/slots of another batch, stores of other heads, head dim or
+    device) raises a ValueError that names it, and the stores stay as they were."""
+    arguments = _entry_arguments()
+    stores = [arguments["cmp_keys"], arguments["cmp_values"]]
+    before = [store.clone() for store in stores]
+    parameter = name.strip()
+    arguments[parameter.split(".")[0]] = BAD_ENTRY_ARGUMENTS[name](arguments)  # `phi_k.hidden`: in phi_k
+    with pytest.raises(ValueError, match=f"`{parameter}"):
+        triton_ops.store_compressed(**arguments)
+    assert all(torch.equal(store, old) for store, old in zip(stores, before, strict=True))
+
+
+def test_store_compressed_refuses_stores_whose_tile_offsets_pass_int32():
+    """A program writes from an int64 base at its tile's first batch row with int32 offsets: a store whose batch
+    stride would take a tile's offsets past 2**31 is refused, naming it (meta tensors: no memory, no launch)."""
+    arguments = _entry_arguments("meta")
+    # Two batch rows in the one tile: the second row's last entry lies 2**31 - 64 + 119 elements past the base.
+    arguments["cmp_keys"] = torch.empty_strided((2, 5, 3, 8), (2**31 - 64, 24, 8, 1), device="meta")
+    with pytest.raises(ValueError, match="`cmp_keys`"):
+        triton_ops.store_compressed(**arguments)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
