@@ -46,18 +46,10 @@ def test_static_greedy_equals_recomputation_and_the_default_cache(model, prompt_
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("branch_kv", "compression"), [("independent", "mlp"), ("shared", "mean"), ("shared", "linear")])
-def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch_kv, compression, monkeypatch):
-    """With the fused kernels, each decoding step of one token per row stores itself and reads its block back in one
-    launch (`append_token`), then writes that block's compressed entry in one more (`store_compressed`; the Triton
-    interpreter on CPU, float32 on either): a left-padded batch decodes past many blocks and the window to the tokens
-    and logits of the PyTorch ops' path, and each row to cache-free recomputation, with each phi."""
+def count_fused_store_kernels(monkeypatch, device: torch.device) -> tuple[list, list]:
+    """Lists that grow by one per call of the fused kernels' `append_token` and `store_compressed` on `device`."""
     from nsa_hf.ops import backends
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fields = dict(pad_token_id=0, eos_token_id=None, branch_kv=branch_kv, nsa_backend="reference",
-                  compression_type=compression)
-    fused, plain = (make_model(tiny_config(fused_kernels=name, **fields)).to(device) for name in ("triton", "none"))
     kernels = backends.resolve_pointwise("triton", device)
     calls, entries = [], []
     counted = kernels._replace(
@@ -65,6 +57,20 @@ def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch
         store_compressed=lambda *args: entries.append(1) or kernels.store_compressed(*args),
     )
     monkeypatch.setitem(backends._RESOLVED_POINTWISE, ("triton", device.type), counted)
+    return calls, entries
+
+
+@pytest.mark.parametrize(("branch_kv", "compression"), [("independent", "mlp"), ("shared", "mean"), ("shared", "linear")])
+def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch_kv, compression, monkeypatch):
+    """With the fused kernels, each decoding step of one token per row stores itself and reads its block back in one
+    launch (`append_token`), then writes that block's compressed entry in one more (`store_compressed`; the Triton
+    interpreter on CPU, float32 on either): a left-padded batch decodes past many blocks and the window to the tokens
+    and logits of the PyTorch ops' path, and each row to cache-free recomputation, with each phi."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fields = dict(pad_token_id=0, eos_token_id=None, branch_kv=branch_kv, nsa_backend="reference",
+                  compression_type=compression)
+    fused, plain = (make_model(tiny_config(fused_kernels=name, **fields)).to(device) for name in ("triton", "none"))
+    calls, entries = count_fused_store_kernels(monkeypatch, device)
     prompts = [torch.randint(1, 97, (1, n), device=device) for n in (21, 6)]
     ids = torch.zeros(2, 21, dtype=torch.long, device=device)
     mask = torch.zeros(2, 21, dtype=torch.long, device=device)
@@ -80,6 +86,57 @@ def test_static_decoding_with_the_fused_store_kernel_equals_recomputation(branch
     for row, prompt in enumerate(prompts):
         alone = greedy_without_cache(plain, prompt, NEW_TOKENS)
         assert torch.equal(got.sequences[row, 21:], alone[0, prompt.shape[1] :])
+
+
+def test_static_decoding_with_a_hooked_compressor_runs_its_forward_not_the_fused_entry(monkeypatch):
+    """A forward hook on `compress_key` (as a user's probe or an adapter adds one) makes `fused_weights` None: each
+    decoding step still stores its token with `append_token` but computes the compressed entry with the modules'
+    forward, so the hook fires at every step, and the model decodes to the tokens and logits of the model without
+    the hook (which takes the fused entry)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = tiny_config(pad_token_id=0, eos_token_id=None, nsa_backend="reference", compression_type="mlp",
+                         fused_kernels="triton")
+    plain = make_model(config).to(device)
+    hooked = copy.deepcopy(plain)
+    fired = []
+    for layer in hooked.model.layers:
+        layer.self_attn.compress_key.register_forward_hook(lambda module, args, out: fired.append(out.shape))
+    calls, entries = count_fused_store_kernels(monkeypatch, device)
+    prompt, new_tokens = torch.randint(1, 97, (2, 9), device=device), 10
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  cache_implementation="static", disable_compile=True)
+    hooked.generate(prompt, **{**kwargs, "max_new_tokens": 1})  # the prompt alone: how often its pass fires
+    prompt_fired = len(fired)
+    got = hooked.generate(prompt, **kwargs)
+    steps = (new_tokens - 1) * config.num_hidden_layers  # decoding steps of each layer after the prompt
+    assert len(calls) == steps and not entries
+    assert len(fired) == 2 * prompt_fired + steps  # then once per layer and step
+    want = plain.generate(prompt, **kwargs)
+    assert len(entries) == steps  # the model without the hook takes the fused entry
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_static_decoding_step_under_grad_mode_computes_its_compressed_entry_with_autograd(monkeypatch):
+    """The fused compressed entry has no backward: a decoding step of one token per row under grad mode (with an
+    MLP phi the kernel could compute) writes it with the modules' forward, so that a loss on the step's logits
+    reaches phi's weights."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = tiny_config(pad_token_id=0, eos_token_id=None, nsa_backend="reference", compression_type="mlp",
+                         fused_kernels="triton")
+    model = make_model(config).to(device)
+    assert all(layer.self_attn.compress_key.fused_weights() is not None for layer in model.model.layers)
+    calls, entries = count_fused_store_kernels(monkeypatch, device)
+    cache = NsaStaticCache(config, max_cache_len=16)
+    prompt = torch.randint(1, 97, (2, 11), device=device)  # the step's token (position 11) ends a block (l 8, d 4)
+    with torch.no_grad():
+        token = model(input_ids=prompt, cache=cache).logits[:, -1:].argmax(-1)
+    model(input_ids=token, cache=cache).logits.sum().backward()
+    assert len(calls) == config.num_hidden_layers and not entries
+    for layer in model.model.layers:
+        assert layer.self_attn.compress_key.fc1.weight.grad is not None
+        assert layer.self_attn.compress_value.fc2.weight.grad is not None
 
 
 def test_static_left_padded_batch_equals_each_row_alone(model):
@@ -467,20 +524,50 @@ def test_a_kept_static_cache_follows_the_autocast_dtype():
 
 
 def test_fused_compressed_entry_is_skipped_for_phi_layers_that_run_their_own_forward():
-    """`store_compressed` computes phi from the weights alone: a compressor whose layers are not plain nn.Linear (a
-    LoRA or quantized layer), or which is hooked, gives no weights, and the decoding step runs its forward."""
+    """`store_compressed` computes phi from the weights alone: a compressor whose layers are not plain nn.Linear and
+    nn.SiLU (a LoRA or quantized layer, another activation), which is hooked or overrides `forward`, or whose
+    weights are not plain bf16/fp16/fp32 tensors gives no weights, and the decoding step runs its forward."""
     config = tiny_config(compression_type="mlp")
     compressor = modeling_nsa.NsaCompressor(config)
     phi = compressor.fused_weights()
     assert phi.kind == "mlp" and phi.hidden is compressor.fc1.weight and phi.out_bias is compressor.fc2.bias
+    assert compressor.to(torch.bfloat16).fused_weights() is not None
 
     class Scaled(torch.nn.Linear):
         def forward(self, x):
             return 2 * super().forward(x)
 
-    wrapped = modeling_nsa.NsaCompressor(config)
-    wrapped.fc2 = Scaled(wrapped.fc2.in_features, wrapped.fc2.out_features)
-    assert wrapped.fused_weights() is None
+    class Halved(modeling_nsa.NsaCompressor):
+        def forward(self, blocks):
+            return super().forward(blocks) / 2
+
+    class Marked(torch.Tensor):
+        """A tensor subclass, as quantized or distributed weights are."""
+
+    def changed(change, kind: str = "mlp") -> modeling_nsa.NsaCompressor:
+        module = modeling_nsa.NsaCompressor(tiny_config(compression_type=kind))
+        change(module)
+        return module
+
+    unfused = {
+        "fc2 a Linear subclass": changed(lambda m: setattr(m, "fc2", Scaled(m.fc2.in_features, m.fc2.out_features))),
+        "GELU": changed(lambda m: setattr(m, "act_fn", torch.nn.GELU())),
+        "hooked SiLU": changed(lambda m: m.act_fn.register_forward_hook(lambda module, args, out: out * 2)),
+        "pre-hooked SiLU": changed(lambda m: m.act_fn.register_forward_pre_hook(lambda module, args: None)),
+        "hooked fc1": changed(lambda m: m.fc1.register_forward_hook(lambda module, args, out: None)),
+        "fp64 fc1 bias": changed(lambda m: setattr(m.fc1, "bias", torch.nn.Parameter(m.fc1.bias.detach().double()))),
+        "fp64": changed(lambda m: m.double()),
+        "fp64 linear": changed(lambda m: m.double(), kind="linear"),
+        "subclassed weight": changed(
+            lambda m: setattr(m.fc2, "weight", torch.nn.Parameter(m.fc2.weight.detach().as_subclass(Marked)))
+        ),
+        "hooked linear": changed(lambda m: m.proj.register_forward_pre_hook(lambda module, args: None), "linear"),
+    }
+    for name, module in unfused.items():
+        assert module.fused_weights() is None, name
+    overriding = Halved(config)
+    assert overriding.fused_weights() is None
+    assert changed(lambda m: None, kind="linear").fused_weights().kind == "linear"
     hooked = modeling_nsa.NsaCompressor(tiny_config(compression_type="mean"))
     assert hooked.fused_weights() == ("mean", None, None, None, None)
     hooked.register_forward_hook(lambda module, args, out: out * 2)
