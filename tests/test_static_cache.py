@@ -118,25 +118,31 @@ def test_static_decoding_with_a_hooked_compressor_runs_its_forward_not_the_fused
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_a_static_decoding_step_under_grad_mode_computes_its_compressed_entry_with_autograd(monkeypatch):
-    """The fused compressed entry has no backward: a decoding step of one token per row under grad mode (with an
-    MLP phi the kernel could compute) writes it with the modules' forward, so that a loss on the step's logits
-    reaches phi's weights."""
+def test_a_static_decoding_step_under_grad_mode_takes_the_ops_autograd_records(monkeypatch):
+    """The fused store kernels have no backward: a decoding step of one token per row under grad mode (with an MLP
+    phi the fused entry could compute) stores its token and its compressed entry with the PyTorch ops, so that a
+    loss on the step's logits reaches phi's weights and the projections of the token's K/V, with the gradients of
+    the model without fused kernels."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = tiny_config(pad_token_id=0, eos_token_id=None, nsa_backend="reference", compression_type="mlp",
-                         fused_kernels="triton")
-    model = make_model(config).to(device)
-    assert all(layer.self_attn.compress_key.fused_weights() is not None for layer in model.model.layers)
+    models = [make_model(tiny_config(pad_token_id=0, eos_token_id=None, nsa_backend="reference",
+                                     compression_type="mlp", fused_kernels=name)).to(device)
+              for name in ("triton", "none")]
+    assert all(layer.self_attn.compress_key.fused_weights() is not None for layer in models[0].model.layers)
     calls, entries = count_fused_store_kernels(monkeypatch, device)
-    cache = NsaStaticCache(config, max_cache_len=16)
     prompt = torch.randint(1, 97, (2, 11), device=device)  # the step's token (position 11) ends a block (l 8, d 4)
-    with torch.no_grad():
-        token = model(input_ids=prompt, cache=cache).logits[:, -1:].argmax(-1)
-    model(input_ids=token, cache=cache).logits.sum().backward()
-    assert len(calls) == config.num_hidden_layers and not entries
-    for layer in model.model.layers:
+    for model in models:
+        cache = NsaStaticCache(model.config, max_cache_len=16)
+        with torch.no_grad():
+            token = model(input_ids=prompt, cache=cache).logits[:, -1:].argmax(-1)
+        model(input_ids=token, cache=cache).logits.sum().backward()
+    assert not calls and not entries
+    for layer in models[0].model.layers:
         assert layer.self_attn.compress_key.fc1.weight.grad is not None
-        assert layer.self_attn.compress_value.fc2.weight.grad is not None
+        assert layer.self_attn.k_proj.weight.grad.abs().max() > 0  # the token's own key, read from the cache
+    grads = [dict(model.named_parameters()) for model in models]
+    for name, param in grads[0].items():
+        torch.testing.assert_close(param.grad, grads[1][name].grad, rtol=1e-4, atol=1e-5,
+                                   msg=lambda message, name=name: f"{name}: {message}")
 
 
 def test_static_left_padded_batch_equals_each_row_alone(model):

@@ -409,14 +409,15 @@ class NsaAttention(nn.Module):
         """Store a step in a static cache: its K/V `new_kv` (k_slc, v_slc, k_win, v_win, k_raw, v_raw), then the
         compressed entries it writes, phi and RoPE as in `_compress` over the prompt's own raw K/V (prefill) or the
         layer's raw ring (decoding). A decoding step of one token per row with the fused kernels stores and reads
-        its block back in one launch, and its compressed entry in one more (two for the MLP phi)."""
-        if pointwise is not None and stored.from_ring and positions.shape[0] == 1:
+        its block back in one launch, and its compressed entry in one more (two for the MLP phi). Neither kernel
+        has a backward: under grad mode the step takes the PyTorch ops, whose in-place writes autograd records."""
+        if pointwise is not None and stored.from_ring and positions.shape[0] == 1 and not torch.is_grad_enabled():
             k_blocks, v_blocks = layer.append_token(*new_kv, positions, pointwise.append_token)
             # phi, RoPE and the store in 1-2 launches, from phi's weights alone: not when a compressor runs its own
-            # forward (hooks, LoRA, quantized weights: `fused_weights` is None) nor under grad mode (the kernel
-            # has no backward); those fall back to the modules' forward and the PyTorch write below.
+            # forward (hooks, LoRA, quantized weights: `fused_weights` is None), which then runs below, its
+            # entry written by the PyTorch scatter.
             phis = self.compress_key.fused_weights(), self.compress_value.fused_weights()
-            if all(p is not None for p in phis) and not torch.is_grad_enabled():
+            if all(p is not None for p in phis):
                 layer.store_compressed(stored.slots, k_blocks, v_blocks, *phis, stored.cos, stored.sin,
                                        pointwise.store_compressed)
                 return
