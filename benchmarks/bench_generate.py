@@ -5,7 +5,8 @@
 
 As ../shared/BENCHMARKS.md describes: random weights, bf16, greedy, `eos_token_id=None`, `min_new_tokens =
 max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask. Prefill = generate(max_new_tokens=1);
-decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up. NSA runs its
+decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up (a row gives
+`no_figure`, with both timings, instead when the difference is not positive; `error` is a run that failed). NSA runs its
 default generate() (on CUDA: a kept NsaStaticCache whose eager step replays CUDA graphs,
 `NsaConfig.cuda_graph_decoding`), its static one (`cache_implementation="static"`: NsaStaticCache, which generate()
 compiles with fullgraph=True and CUDA graphs) and, as `nsa-dynamic`, the growing NsaCache with eager steps
@@ -47,6 +48,7 @@ SHAPES = {
 
 
 RUNS = ("nsa", "nsa-static", "nsa-static-kept", "nsa-dynamic", "llama", "llama-static", "llama-static-kept")
+DEVICE = "cuda"  # where the prompts are made (the tests make them on the CPU)
 
 
 def build(kind: str, shape: str, max_positions: int) -> torch.nn.Module:
@@ -113,9 +115,20 @@ def decoding_kernels(prefill: dict[str, tuple[float, int]], full: dict[str, tupl
     return "\n".join([header, *lines])
 
 
+def per_token_figure(prefill_s: float, full_s: float, new_tokens: int) -> dict:
+    """{"ms_per_token": (generate(1 + N) - generate(1)) / N} from the best seconds of each, or, when the first took
+    no longer than the second (a long prompt's run-to-run spread exceeded the whole decode), {"no_figure": why}
+    with both timings rather than a negative figure. A key of its own: "error" is a run that failed (out of
+    memory)."""
+    if full_s > prefill_s:
+        return {"ms_per_token": 1e3 * (full_s - prefill_s) / new_tokens}
+    return {"no_figure": f"generate(1 + N) took {full_s:.4f} s, no longer than generate(1) at {prefill_s:.4f} s: "
+                         "raise --new-tokens or --repeats"}
+
+
 def measure(model, batch: int, context: int, new_tokens: int, repeats: int, profile: bool = False, keep: bool = False,
             **kwargs) -> dict:
-    prompt = torch.randint(1, 32000, (batch, context), device="cuda")
+    prompt = torch.randint(1, 32000, (batch, context), device=DEVICE)
     if keep:
         kwargs["kept"] = kept_cache(model, context + 1 + new_tokens)
     timed_generate(model, prompt, 1 + new_tokens, **kwargs)  # warm-up, compilation included
@@ -123,10 +136,7 @@ def measure(model, batch: int, context: int, new_tokens: int, repeats: int, prof
     prefill = min(timed_generate(model, prompt, 1, **kwargs) for _ in range(repeats))
     full = min(timed_generate(model, prompt, 1 + new_tokens, **kwargs) for _ in range(repeats))
     row = dict(prefill_s=prefill, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-    if full > prefill:
-        row["ms_per_token"] = 1e3 * (full - prefill) / new_tokens
-    else:  # a long prompt's run-to-run spread exceeded the whole decode: no figure rather than a negative one
-        row["error"] = f"generate(1 + N) took no longer than generate(1) ({full:.3f} s): raise --new-tokens or --repeats"
+    row.update(per_token_figure(prefill, full, new_tokens))
     if profile:  # the GPU's share of a token: kernel time of the decoding steps (generate(1 + N) minus generate(1))
         prefill_kernels = generate_kernels(model, prompt, 1, **kwargs)
         full_kernels = generate_kernels(model, prompt, 1 + new_tokens, **kwargs)

@@ -25,7 +25,7 @@ import pstats
 from collections import Counter
 
 import torch
-from bench_generate import build, timed_generate
+from bench_generate import build, per_token_figure, timed_generate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -117,6 +117,15 @@ def decode_timeline(model, prompt: torch.Tensor, new_tokens: int, rows: int) -> 
     return "\n".join(lines)
 
 
+def per_token_text(one: float, many: float, new_tokens: int) -> str:
+    """ms per token from the best seconds of generate(1) and generate(1 + N), as bench_generate measures it, or why
+    there is no figure (the prompt's spread exceeded the decode) rather than a negative one."""
+    figure = per_token_figure(one, many, new_tokens)
+    if "ms_per_token" in figure:
+        return f"{figure['ms_per_token']:.3f} ms per token"
+    return f"no figure per token: {figure['no_figure']}"
+
+
 def timeline_main(args: argparse.Namespace) -> None:
     print(f"# {torch.cuda.get_device_name()}, seed shape, batch 1, NSA default generate() (CUDA-graph decoding)")
     for context in args.contexts:
@@ -126,8 +135,8 @@ def timeline_main(args: argparse.Namespace) -> None:
             timed_generate(model, prompt, 1 + args.new_tokens)
         one = min(timed_generate(model, prompt, 1) for _ in range(3))
         many = min(timed_generate(model, prompt, 1 + args.new_tokens) for _ in range(3))
-        print(f"\n## context {context}: {(many - one) / args.new_tokens * 1e3:.3f} ms per token (bench_generate's "
-              f"measure), prefill {one * 1e3:.1f} ms")
+        print(f"\n## context {context}: {per_token_text(one, many, args.new_tokens)} (bench_generate's measure), "
+              f"prefill {one * 1e3:.1f} ms")
         print(decode_timeline(model, prompt, args.new_tokens, args.rows), flush=True)
         del model
         torch.cuda.empty_cache()
@@ -155,7 +164,7 @@ def main() -> None:
         stats = profile(model, prompt, args.new_tokens)
         stats_items = stats.stats.items()
         launches = sum(calls for (file, _, name), (calls, *_) in stats_items if name == "run" and "jit.py" in file)
-        print(f"\n## {kind}: {(many - one) / args.new_tokens * 1e3:.2f} ms per token, {sum(ops.values()):.0f} PyTorch "
+        print(f"\n## {kind}: {per_token_text(one, many, args.new_tokens)}, {sum(ops.values()):.0f} PyTorch "
               f"ops per token, {launches / args.new_tokens:.1f} Triton launches per forward pass")
         print("ops per token: " + ", ".join(f"{name} {count:.1f}" for name, count in ops.most_common(20)))
         text = io.StringIO()

@@ -235,3 +235,29 @@ def test_a_fully_padded_row_is_not_a_mask_with_holes(use_cache):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
         torch.testing.assert_close(logits[0], model(input_ids=ids[:1], use_cache=use_cache).logits[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("prefill_s", "full_s"), [(2.0, 1.9), (2.0, 2.0)])
+def test_bench_generate_gives_no_figure_when_the_prompts_spread_exceeds_the_decode(monkeypatch, prefill_s, full_s):
+    """bench_generate's ms/token is (generate(1 + N) - generate(1)) / N: when the longer call took no longer (a long
+    prompt's run-to-run spread exceeded the whole decode), the row says why under `no_figure`, both timings in it,
+    and holds no ms_per_token (not a negative or zero one), nor an `error` (a failed run's key); profile_decode_host
+    prints the same instead of a figure. A longer call gives the figure."""
+    from .test_quality_scripts import _load
+
+    bench = _load("bench_generate")
+
+    def timed_generate(model, prompt, new_tokens, **kwargs) -> float:
+        return prefill_s if new_tokens == 1 else full_s
+
+    monkeypatch.setattr(bench, "timed_generate", timed_generate)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 0)
+    row = bench.measure(None, batch=1, context=8, new_tokens=4, repeats=2)
+    assert "ms_per_token" not in row and "error" not in row
+    assert f"{full_s:.4f} s" in row["no_figure"] and f"{prefill_s:.4f} s" in row["no_figure"]
+    assert _load("profile_decode_host").per_token_text(prefill_s, full_s, 4).startswith("no figure")
+    monkeypatch.setattr(bench, "timed_generate", lambda model, prompt, new_tokens, **kwargs: 1.0 + 0.01 * new_tokens)
+    row = bench.measure(None, batch=1, context=8, new_tokens=4, repeats=2)
+    assert row["ms_per_token"] == pytest.approx(10.0) and "no_figure" not in row
