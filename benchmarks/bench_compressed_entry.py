@@ -1,6 +1,8 @@
 """A decoding step's compressed entry, per layer, on a GPU: `store_compressed` (phi, the key's RoPE and the write into
-the compressed stores, one launch or two for the MLP phi) against the PyTorch ops it replaces (`NsaCompressor` for
-keys and values, `apply_rotary`, `write_compressed`'s two scatters), each replayed from a CUDA graph.
+the compressed stores, one launch or two for the MLP phi) against what the default decoding step runs without it
+(`NsaAttention._store_step`'s fallback: `NsaCompressor` for keys and values, the fused kernels' RoPE
+`ops/triton/pointwise.py::apply_rotary`, one launch, as `rotate_all` calls it, and `write_compressed`'s two
+scatters), each replayed from a CUDA graph.
 
     python benchmarks/bench_compressed_entry.py [--shapes seed 1b] [--batches 1 8] [--kinds mlp mean]
 
@@ -16,14 +18,14 @@ import triton
 from bench_decode import SHAPES  # this folder is on the path when run from the repo root
 
 from nsa_hf import NsaConfig
-from nsa_hf.modeling_nsa import NsaCompressor, apply_rotary
-from nsa_hf.ops.triton import store_compressed
+from nsa_hf.modeling_nsa import NsaCompressor
+from nsa_hf.ops.triton import apply_rotary, store_compressed
 
 BLOCK, SLOTS = 32, 4096  # the compressed block l of NSA's defaults; compressed slots per row
 
 
 def measure(shape: str, kind: str, batch: int) -> str:
-    """One row: the fused entry and the PyTorch ops, us per layer and step, and their largest difference."""
+    """One row: the fused entry and the ops it replaces, us per layer and step, and their largest difference."""
     _, heads, dim = SHAPES[shape]
     config = NsaConfig(head_dim=dim, compress_block_size=BLOCK, compression_type=kind)
     phis = [NsaCompressor(config).cuda().to(torch.bfloat16) for _ in "kv"]
@@ -38,8 +40,9 @@ def measure(shape: str, kind: str, batch: int) -> str:
     def fused() -> None:
         store_compressed(*blocks, *weights, cos, sin, slots, *stores)
 
-    def plain() -> None:
-        stores[0].scatter_(1, index, apply_rotary(phis[0](blocks[0]), cos, sin))
+    def plain() -> None:  # the Triton RoPE the step would run (`rotate_all`), not PyTorch's four ops
+        (keys,) = apply_rotary((phis[0](blocks[0]),), cos, sin)
+        stores[0].scatter_(1, index, keys)
         stores[1].scatter_(1, index, phis[1](blocks[1]))
 
     with torch.no_grad():
@@ -57,7 +60,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--kinds", nargs="+", default=["mlp", "mean"], choices=["mlp", "linear", "mean"])
     args = parser.parse_args()
-    print(f"# {torch.cuda.get_device_name()}: us per layer and step (fused / PyTorch ops)")
+    print(f"# {torch.cuda.get_device_name()}: us per layer and step (fused / the ops it replaces)")
     for shape in args.shapes:
         for kind in args.kinds:
             for batch in args.batches:
