@@ -116,14 +116,29 @@ def rotate_all(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor, fused: Pointwis
     return tuple(apply_rotary(x, cos, sin) for x in xs)
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear that runs its own forward: not a subclass (quantized, PEFT), not hooked, not patched."""
+def _plain_module(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """A `kind` module that runs its own forward: not a subclass (quantized, PEFT), not hooked, not patched."""
     return (
-        type(module) is nn.Linear
+        type(module) is kind
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
     )
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that runs its own forward (`_plain_module`)."""
+    return _plain_module(module, nn.Linear)
+
+
+# The dtypes a fused kernel computes in (bf16/fp16 operands, fp32 accumulation; fp32 operands exactly).
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _plain_weight(weight: Tensor) -> bool:
+    """A weight a fused kernel can read in place of its layer: a plain tensor or Parameter (not a tensor subclass,
+    whose own ops a kernel would skip: a quantized or distributed tensor) of a dtype the kernels compute in."""
+    return type(weight) in (Tensor, nn.Parameter) and weight.dtype in _KERNEL_DTYPES
 
 
 def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -249,17 +264,32 @@ class NsaCompressor(nn.Module):
             self.fc2 = nn.Linear(config.compress_intermediate_size, config.head_dim, bias=True)
 
     def fused_weights(self) -> PhiWeights | None:
-        """phi's weights for the fused decoding kernel (`store_compressed`), or None when a layer runs its own forward
-        (LoRA, quantized, hooked), which the kernel would skip."""
+        """phi's weights for the fused decoding kernel (`store_compressed`), which computes `forward` from them
+        alone, or None when that would skip something this module's forward does; the decoding step then runs the
+        forward (`NsaAttention._store_step`). None when the compressor or one of its layers runs a forward of its
+        own (a subclass of the compressor overriding `forward`; forward hooks or pre-hooks; a patched forward;
+        layers other than exactly nn.Linear and, in the MLP, nn.SiLU: LoRA, quantized layers, another activation),
+        or when a weight or bias is not a plain tensor of bf16, fp16 or fp32 (a tensor subclass, a quantized or
+        fp64 weight)."""
+        if type(self).forward is not NsaCompressor.forward:
+            return None
         if self._forward_hooks or self._forward_pre_hooks or "forward" in self.__dict__:
             return None
         if self.compression_type == "mean":
             return PhiWeights("mean")
         if self.compression_type == "linear":
-            return PhiWeights("linear", out=self.proj.weight) if _plain_linear(self.proj) else None
-        if not (_plain_linear(self.fc1) and _plain_linear(self.fc2) and type(self.act_fn) is nn.SiLU):
+            layers = (self.proj,)
+            phi = PhiWeights("linear", out=self.proj.weight)
+        else:
+            layers = (self.fc1, self.fc2)
+            phi = PhiWeights("mlp", self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            if not _plain_module(self.act_fn, nn.SiLU):
+                return None
+        if not all(_plain_linear(layer) for layer in layers):
             return None
-        return PhiWeights("mlp", self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if not all(_plain_weight(weight) for weight in phi[1:] if weight is not None):
+            return None
+        return phi
 
     def forward(self, blocks: Tensor) -> Tensor:
         if self.compression_type == "mean":
@@ -380,11 +410,15 @@ class NsaAttention(nn.Module):
         """Store a step in a static cache: its K/V `new_kv` (k_slc, v_slc, k_win, v_win, k_raw, v_raw), then the
         compressed entries it writes, phi and RoPE as in `_compress` over the prompt's own raw K/V (prefill) or the
         layer's raw ring (decoding). A decoding step of one token per row with the fused kernels stores and reads
-        its block back in one launch, and its compressed entry in one more (two for the MLP phi)."""
-        if pointwise is not None and stored.from_ring and positions.shape[0] == 1:
+        its block back in one launch, and its compressed entry in one more (two for the MLP phi). Neither kernel
+        has a backward: under grad mode the step takes the PyTorch ops, whose in-place writes autograd records."""
+        if pointwise is not None and stored.from_ring and positions.shape[0] == 1 and not torch.is_grad_enabled():
             k_blocks, v_blocks = layer.append_token(*new_kv, positions, pointwise.append_token)
+            # phi, RoPE and the store in 1-2 launches, from phi's weights alone: not when a compressor runs its own
+            # forward (hooks, LoRA, quantized weights: `fused_weights` is None), which then runs below, its
+            # entry written by the PyTorch scatter.
             phis = self.compress_key.fused_weights(), self.compress_value.fused_weights()
-            if all(p is not None for p in phis) and not torch.is_grad_enabled():  # phi, RoPE, store: 1-2 launches
+            if all(p is not None for p in phis):
                 layer.store_compressed(stored.slots, k_blocks, v_blocks, *phis, stored.cos, stored.sin,
                                        pointwise.store_compressed)
                 return

@@ -5,8 +5,9 @@ compressed entry of the block it completes).
 `NsaStaticCacheLayer.append` stores a step's tokens with PyTorch ops (a copy into the selection history, one into
 each mirrored ring, the slots' arithmetic, the counter) and the model then gathers the block of the last l raw
 tokens for phi: about a dozen kernels per layer and step, each of which reads or writes a few kilobytes. Inside a
-recorded decoding step their launches, not their bytes, set the time; this kernel does all of it for one token
-per row. The semantics are `NsaStaticCacheLayer.append` followed by `take_blocks` over the raw ring.
+recorded decoding step their launches, not their bytes, set the time; `append_token` does all of it in one launch,
+for a step of one token per row. Its semantics are `NsaStaticCacheLayer.append` followed by `take_blocks` over the
+raw ring.
 
 The block's compressed entry is then phi (`NsaCompressor`: a mean, a linear map or a two-layer MLP of the block),
 RoPE on the key at the block's last token, and a scatter into the compressed stores (`write_compressed`): up to nine
@@ -183,7 +184,10 @@ def _phi_hidden_kernel(XK, XV, WK, WV, PK, PV, num_rows, features_k, features_v,
                       FP32)
 
 
-_MEAN, _LINEAR, _MLP = 0, 1, 2  # phi's kinds in the kernels
+# phi's kinds, the kernels' MODE: constexpr globals, which the kernels may read (Triton rejects plain globals).
+_MEAN: tl.constexpr = tl.constexpr(0)
+_LINEAR: tl.constexpr = tl.constexpr(1)
+_MLP: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -192,7 +196,7 @@ def _phi_input(X, HIDDEN_BIAS, r, f, r_ok, f_ok, num_rows, features, MODE: tl.co
     """Columns f of phi's output layer's input for rows r: the flat block (linear), or the MLP's hidden layer from
     its shares' pre-activations, its bias and SiLU, in the dtype PyTorch computes it in."""
     mask = r_ok[:, None] & f_ok[None, :]
-    if MODE == 1:
+    if MODE == _LINEAR:
         return tl.load(X + r[:, None] * features + f[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
     pre = tl.zeros((r.shape[0], f.shape[0]), dtype=tl.float32)
     for split in tl.static_range(SPLITS):
@@ -214,7 +218,7 @@ def _phi_output(X, W, HIDDEN_BIAS, row0, num_rows, features, MODE: tl.constexpr,
     r_ok, c_ok = r < num_rows, c < half
     lo = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
     hi = tl.zeros((BLOCK_R, BLOCK_HALF), dtype=tl.float32)
-    if MODE == 0:
+    if MODE == _MEAN:
         mask = r_ok[:, None] & c_ok[None, :]
         for t in range(L):
             x = X + r[:, None] * (L * D) + t * D + c[None, :]
@@ -250,7 +254,7 @@ def _entry_part(X, W, HIDDEN_BIAS, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows,
     if HAS_BIAS:
         lo += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         hi += tl.load(BIAS + half + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    batch_row = r // heads
+    batch_row = r // heads  # int32, as row0, heads and the phase below: B * H rows and B * D phases are small
     head = r % heads
     if ROTATE:  # as `apply_rotary`: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x_hi, x_lo)
         phase = batch_row[:, None] * D + c[None, :]
@@ -259,8 +263,12 @@ def _entry_part(X, W, HIDDEN_BIAS, BIAS, COS, SIN, SLOTS, STORE, row0, num_rows,
         sin_lo = tl.load(SIN + phase, mask=mask, other=0.0).to(tl.float32)
         sin_hi = tl.load(SIN + phase + half, mask=mask, other=0.0).to(tl.float32)
         lo, hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
-    slot = tl.load(SLOTS + batch_row, mask=r_ok, other=0)
-    entry = STORE + batch_row.to(tl.int64)[:, None] * s_b + slot[:, None] * s_t + head[:, None] * s_h + c[None, :]
+    slot = tl.load(SLOTS + batch_row, mask=r_ok, other=0).to(tl.int32)  # < N: an int32 offset
+    # A store may pass 2**31 elements: one int64 base per program, at the tile's first batch row, and int32 offsets
+    # from it (vectors of int64 offsets miscompiled in Triton 3.6); `store_compressed` checks that they fit.
+    first = row0 // heads
+    entry = (_at_row(STORE, first, s_b) + (batch_row - first)[:, None] * s_b + slot[:, None] * s_t
+             + head[:, None] * s_h + c[None, :])
     tl.store(entry, lo.to(STORE.dtype.element_ty), mask=mask)
     tl.store(entry + half, hi.to(STORE.dtype.element_ty), mask=mask)
 
@@ -283,26 +291,66 @@ def _store_compressed_kernel(
                     False, MODE, SPLITS, HAS_BIAS, L, DV, BLOCK_R, BLOCK_HALF_V, BLOCK_F, FP32, DOT_DTYPE)
 
 
-_PHI_KINDS = {"mean": _MEAN, "linear": _LINEAR, "mlp": _MLP}
+_PHI_KINDS = {"mean": _MEAN.value, "linear": _LINEAR.value, "mlp": _MLP.value}
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 # Programs the MLP's hidden layer aims for: its weights (1 MiB per compressor at the seed shape) are read by many
 # programs at once, each a share of the columns and features.
 _HIDDEN_PROGRAMS = 128
 _HIDDEN_BLOCK_I, _HIDDEN_BLOCK_F = 16, 128
+_INT32_LIMIT = 2**31  # offsets added to a program's int64 base stay below it
 
 
-def _check_phi(name: str, phi: PhiWeights, features: int, dim: int) -> None:
+def _check_float(name: str, tensor: Tensor, device: torch.device) -> None:
+    """`tensor` is a kernel operand: of a dtype the kernels compute in, on the blocks' device."""
+    if tensor.dtype not in _TL_DTYPES:
+        raise ValueError(f"`{name}` must be bfloat16, float16 or float32, got {tensor.dtype}.")
+    if tensor.device != device:
+        raise ValueError(f"`{name}` must be on the blocks' device {device}, got {tensor.device}.")
+
+
+def _check_phi(name: str, phi: PhiWeights, features: int, dim: int, device: torch.device) -> None:
+    """`phi` is a `PhiWeights` of the kernels' kinds whose weights fit blocks of `features` (l * D) features and
+    head dim `dim`."""
     if phi.kind not in _PHI_KINDS:
         raise ValueError(f"`{name}.kind` must be one of {tuple(_PHI_KINDS)}, got {phi.kind!r}.")
     if phi.kind == "mean":
         return
+    required = ("hidden", "hidden_bias", "out", "out_bias") if phi.kind == "mlp" else ("out",)
+    for field in required:
+        if getattr(phi, field) is None:
+            raise ValueError(f"`{name}.{field}` must be given for the {phi.kind} phi, got None.")
+    for field in ("hidden", "hidden_bias", "out", "out_bias"):
+        if getattr(phi, field) is not None:
+            _check_float(f"{name}.{field}", getattr(phi, field), device)
     width = phi.hidden.shape[0] if phi.kind == "mlp" else features
-    if phi.kind == "mlp" and tuple(phi.hidden.shape) != (width, features):
+    if phi.kind == "mlp" and (phi.hidden.dim() != 2 or phi.hidden.shape[1] != features):
         raise ValueError(f"`{name}.hidden` must be [I, l * D] = [I, {features}], got {tuple(phi.hidden.shape)}.")
-    if phi.kind == "mlp" and (phi.hidden_bias is None or phi.out_bias is None):
-        raise ValueError(f"`{name}`: the MLP phi has both biases (`hidden_bias`, `out_bias`).")
+    if phi.kind == "mlp" and tuple(phi.hidden_bias.shape) != (width,):
+        raise ValueError(f"`{name}.hidden_bias` must be [I] = [{width}], got {tuple(phi.hidden_bias.shape)}.")
     if tuple(phi.out.shape) != (dim, width):
         raise ValueError(f"`{name}.out` must be [D, {width}] = [{dim}, {width}], got {tuple(phi.out.shape)}.")
+    if phi.out_bias is not None and tuple(phi.out_bias.shape) != (dim,):
+        raise ValueError(f"`{name}.out_bias` must be [D] = [{dim}], got {tuple(phi.out_bias.shape)}.")
+
+
+def _check_store(name: str, store: Tensor, batch: int, heads: int, dim: int, device: torch.device) -> None:
+    """`store` is a compressed store [B, N, H, D] of unit stride in D that the kernel can write."""
+    _check_float(name, store, device)
+    if store.dim() != 4 or (store.shape[0], store.shape[2], store.shape[3]) != (batch, heads, dim):
+        raise ValueError(f"`{name}` must be [B, N, H, D] = [{batch}, N, {heads}, {dim}], got {tuple(store.shape)}.")
+    if store.stride(-1) != 1:
+        raise ValueError(f"`{name}` must have unit stride in its last dim, got strides {store.stride()}.")
+
+
+def _check_tile_offsets(name: str, store: Tensor, batch_rows: int) -> None:
+    """A program of `_store_compressed_kernel` addresses `store` from an int64 base at its tile's first batch row,
+    adding int32 offsets over at most `batch_rows` batch rows: they must stay below 2**31 (a store row of tens of
+    millions of elements: unreachable in practice)."""
+    within_row = sum((size - 1) * stride for size, stride in zip(store.shape[1:], store.stride()[1:], strict=True))
+    largest = (batch_rows - 1) * store.stride(0) + within_row
+    if max(largest, store.stride(0)) >= _INT32_LIMIT:
+        raise ValueError(f"`{name}`: a tile of {batch_rows} batch rows spans offsets up to {largest} (strides "
+                         f"{store.stride()}), past the kernel's int32 offsets; use a smaller batch stride.")
 
 
 def _hidden_shares(width: int, row_tiles: int, features: int) -> int:
@@ -318,55 +366,85 @@ def store_compressed(
 ) -> None:
     """The compressed entries of one block per row, written in place: `cmp_keys[b, slots[b]] = RoPE(phi_k(k
     block), cos[b], sin[b])` and `cmp_values[b, slots[b]] = phi_v(v block)`, per head, as `NsaCompressor`,
-    `apply_rotary` and `NsaStaticCacheLayer.write_compressed` compute them (accumulated in fp32, rounded where
-    PyTorch rounds the MLP's hidden layer, and once at the end). `k_blocks`/`v_blocks` [B, 1, l, H, D]:
-    `append_token`'s blocks (views of [B, H, l, D] storage); `cos`/`sin` [B, 1, D]; `slots` [B, 1]; the stores
-    [B, N, H, D]. One launch (two for the MLP phi). No autograd: a decoding step's cache write."""
+    `apply_rotary` and `NsaStaticCacheLayer.write_compressed` compute them. It accumulates in fp32 and rounds to
+    the blocks' dtype at the MLP's hidden layer (once, after SiLU: the output GEMM's input, which PyTorch rounds
+    after fc1 and again after SiLU) and once at the end, so in bf16/fp16 it rounds less often than PyTorch (which
+    also rounds phi's output before RoPE); in fp32 its GEMMs are exact fp32 (no TF32), as PyTorch's default
+    matmul. Weights of another float dtype than the blocks are cast to the blocks' dtype, as autocast would.
+
+    `k_blocks`/`v_blocks` [B, 1, l, H, D] (D may differ between them): `append_token`'s blocks (views of
+    [B, H, l, D] storage), of one dtype; `cos`/`sin` [B, 1, D]; `slots` [B, 1], integers; the stores [B, N, H, D],
+    unit stride in D. Every tensor on one device, every float one bf16, fp16 or fp32; a bad argument raises a
+    ValueError naming it before any launch. One launch (two for the MLP phi). No autograd: a decoding step's cache
+    write (the model takes this path only without grad mode)."""
+    if k_blocks.dim() != 5 or v_blocks.dim() != 5:
+        raise ValueError(f"`k_blocks` and `v_blocks` must be [B, 1, l, H, D], got {tuple(k_blocks.shape)} and "
+                         f"{tuple(v_blocks.shape)}.")
     batch, one, block, heads, dim = k_blocks.shape
     dim_v = v_blocks.shape[-1]
     if one != 1 or v_blocks.shape[:4] != k_blocks.shape[:4]:
         raise ValueError(f"store_compressed takes one block per row: `k_blocks` [B, 1, l, H, D], `v_blocks` alike, "
                          f"got {tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}.")
+    device = k_blocks.device
+    _check_float("k_blocks", k_blocks, device)
+    _check_float("v_blocks", v_blocks, device)
+    if v_blocks.dtype != k_blocks.dtype:
+        raise ValueError(f"`v_blocks` must have the dtype of `k_blocks` ({k_blocks.dtype}), got {v_blocks.dtype}.")
     if phi_k.kind != phi_v.kind:
         raise ValueError(f"`phi_k` and `phi_v` must be of one kind, got {phi_k.kind!r} and {phi_v.kind!r}.")
     if dim % 2 or dim_v % 2:
-        raise ValueError(f"head dims must be even (RoPE's halves), got {dim} and {dim_v}.")
-    _check_phi("phi_k", phi_k, block * dim, dim)
-    _check_phi("phi_v", phi_v, block * dim_v, dim_v)
+        raise ValueError(f"the head dims of `k_blocks` and `v_blocks` must be even (RoPE's halves), got {dim} and "
+                         f"{dim_v}.")
+    _check_phi("phi_k", phi_k, block * dim, dim, device)
+    _check_phi("phi_v", phi_v, block * dim_v, dim_v, device)
+    if phi_k.kind == "mlp" and phi_v.hidden.shape[0] != phi_k.hidden.shape[0]:
+        raise ValueError(f"`phi_v.hidden` must have the hidden width of `phi_k.hidden` ({phi_k.hidden.shape[0]}), "
+                         f"got {phi_v.hidden.shape[0]}.")
+    if (phi_k.out_bias is None) != (phi_v.out_bias is None):
+        raise ValueError("`phi_k.out_bias` and `phi_v.out_bias` must both be given or both be None.")
+    for name, table in (("cos", cos), ("sin", sin)):
+        _check_float(name, table, device)
+        if table.numel() != batch * dim:
+            raise ValueError(f"`{name}` must be [B, 1, D] = [{batch}, 1, {dim}], got {tuple(table.shape)}.")
+    if slots.numel() != batch or slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
+        raise ValueError(f"`slots` must be [B, 1] = [{batch}, 1] integers, got {tuple(slots.shape)} {slots.dtype}.")
+    if slots.device != device:
+        raise ValueError(f"`slots` must be on the blocks' device {device}, got {slots.device}.")
+    _check_store("cmp_keys", cmp_keys, batch, heads, dim, device)
+    _check_store("cmp_values", cmp_values, batch, heads, dim_v, device)
+    rows = batch * heads
+    block_r = min(64, _pow2(rows))
+    batch_rows = min(batch, (block_r - 1) // heads + 2)  # the most batch rows one tile of rows touches
+    _check_tile_offsets("cmp_keys", cmp_keys, batch_rows)
+    _check_tile_offsets("cmp_values", cmp_values, batch_rows)
+
     # [B, H, l, D] contiguous: each row's block is l * D features in phi's order (`NsaCompressor` flattens (l, D)).
     xk = k_blocks.transpose(-3, -2).contiguous()
     xv = v_blocks.transpose(-3, -2).contiguous()
-    rows = batch * heads
     fp32 = xk.dtype == torch.float32
-    block_r = min(64, _pow2(rows))
     mode = _PHI_KINDS[phi_k.kind]
     features_k, features_v = block * dim, block * dim_v
     weights_k = weights_v = hidden_bias_k = hidden_bias_v = bias_k = bias_v = xk  # unread placeholders
     splits = 1
-    if mode == _MLP:
+    if mode == _MLP.value:
         width = phi_k.hidden.shape[0]
-        if phi_v.hidden.shape[0] != width:
-            raise ValueError(
-                f"`phi_k` and `phi_v` must have one hidden width, got {width} and {phi_v.hidden.shape[0]}."
-            )
         row_tiles = _cdiv(rows, block_r)
         splits = _hidden_shares(width, row_tiles, max(features_k, features_v))
-        share_k, share_v = (_cdiv(_cdiv(f, splits), _HIDDEN_BLOCK_F) * _HIDDEN_BLOCK_F for f in (features_k, features_v))
-        partial_k, partial_v = (torch.empty(splits, rows, width, device=xk.device, dtype=torch.float32) for _ in "kv")
+        share_k, share_v = (_cdiv(_cdiv(f, splits), _HIDDEN_BLOCK_F) * _HIDDEN_BLOCK_F
+                            for f in (features_k, features_v))
+        partial_k, partial_v = (torch.empty(splits, rows, width, device=device, dtype=torch.float32) for _ in "kv")
         _phi_hidden_kernel[(_cdiv(width, _HIDDEN_BLOCK_I), row_tiles, 2 * splits)](
             xk, xv, phi_k.hidden.contiguous(), phi_v.hidden.contiguous(), partial_k, partial_v, rows, features_k,
             features_v, width, share_k, share_v, BLOCK_R=block_r, BLOCK_I=_HIDDEN_BLOCK_I, BLOCK_F=_HIDDEN_BLOCK_F,
             FP32=fp32, num_warps=4,
         )
         xk, xv, features_k, features_v = partial_k, partial_v, width, width
-        hidden_bias_k, hidden_bias_v = phi_k.hidden_bias, phi_v.hidden_bias
-    if mode != _MEAN:
+        hidden_bias_k, hidden_bias_v = phi_k.hidden_bias.contiguous(), phi_v.hidden_bias.contiguous()
+    if mode != _MEAN.value:
         weights_k, weights_v = phi_k.out.contiguous(), phi_v.out.contiguous()
     has_bias = phi_k.out_bias is not None
-    if has_bias != (phi_v.out_bias is not None):
-        raise ValueError("`phi_k` and `phi_v` must both have an output bias or neither.")
     if has_bias:
-        bias_k, bias_v = phi_k.out_bias, phi_v.out_bias
+        bias_k, bias_v = phi_k.out_bias.contiguous(), phi_v.out_bias.contiguous()
     _store_compressed_kernel[(_cdiv(rows, block_r), 2)](
         xk, xv, weights_k, weights_v, hidden_bias_k, hidden_bias_v, bias_k, bias_v,
         cos.reshape(batch, dim).contiguous(), sin.reshape(batch, dim).contiguous(), slots.reshape(batch).contiguous(),
