@@ -103,8 +103,8 @@ def test_static_decoding_with_a_hooked_compressor_runs_its_forward_not_the_fused
         layer.self_attn.compress_key.register_forward_hook(lambda module, args, out: fired.append(out.shape))
     calls, entries = count_fused_store_kernels(monkeypatch, device)
     prompt, new_tokens = torch.randint(1, 97, (2, 9), device=device), 10
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                  cache_implementation="static", disable_compile=True)
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "output_scores": True,
+              "return_dict_in_generate": True, "cache_implementation": "static", "disable_compile": True}
     hooked.generate(prompt, **{**kwargs, "max_new_tokens": 1})  # the prompt alone: how often its pass fires
     prompt_fired = len(fired)
     got = hooked.generate(prompt, **kwargs)
