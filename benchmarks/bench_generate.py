@@ -6,7 +6,9 @@
 As ../shared/BENCHMARKS.md describes: random weights, bf16, greedy, `eos_token_id=None`, `min_new_tokens =
 max_new_tokens`, prompt ids drawn without the pad id, an all-ones attention mask. Prefill = generate(max_new_tokens=1);
 decode ms/token = (generate(1 + N) - generate(1)) / N, best of `--repeats` runs after a warm-up (a row gives
-`no_figure`, with both timings, instead when the difference is not positive; `error` is a run that failed). NSA runs its
+`no_figure`, with both timings, instead when the difference is not positive; `error` is a run that failed). Every row
+also gives `step_ms_per_token`, timed inside the 1 + N call from the first token to the last (`StepClock`): it holds
+where a long prompt's spread swamps the difference of two calls (large batches at long context). NSA runs its
 default generate() (on CUDA: a kept NsaStaticCache whose eager step replays CUDA graphs,
 `NsaConfig.cuda_graph_decoding`), its static one (`cache_implementation="static"`: NsaStaticCache, which generate()
 compiles with fullgraph=True and CUDA graphs) and, as `nsa-dynamic`, the growing NsaCache with eager steps
@@ -30,10 +32,11 @@ import gc
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache, StoppingCriteria, StoppingCriteriaList
 
 from bench_decode import copy_bandwidth, nsa_keys_read  # this folder is on the path when run from the repo root
 from bench_training import kernel_totals
@@ -78,10 +81,35 @@ def kept_cache(model, max_cache_len: int):
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
-def timed_generate(model, prompt: torch.Tensor, new_tokens: int, kept=None, **kwargs) -> float:
+class StepClock(StoppingCriteria):
+    """Never stops generation; notes the host clock each time generate() asks whether to stop, once per token.
+
+    generate() waits for the GPU at every step (its check that all rows finished), so the time from the first call
+    (right after the prompt's token) to the last, over the tokens between, is the decoding step's period as the user
+    feels it, with no prompt in it: a figure that holds where a long prompt's run-to-run spread swamps the
+    difference of two generate() calls."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(self.clock())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def ms_per_token(self) -> float:
+        if len(self.times) < 2:
+            raise ValueError(f"StepClock needs at least two steps (a prompt token and a decoded one), saw {len(self.times)}")
+        return 1e3 * (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, kept=None, clock: StepClock | None = None,
+                   **kwargs) -> float:
     if kept is not None:  # a fresh generation in the same buffers
         kept.reset()
         kwargs[CACHE_KWARG] = kept
+    if clock is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
@@ -134,9 +162,11 @@ def measure(model, batch: int, context: int, new_tokens: int, repeats: int, prof
     timed_generate(model, prompt, 1 + new_tokens, **kwargs)  # warm-up, compilation included
     torch.cuda.reset_peak_memory_stats()
     prefill = min(timed_generate(model, prompt, 1, **kwargs) for _ in range(repeats))
-    full = min(timed_generate(model, prompt, 1 + new_tokens, **kwargs) for _ in range(repeats))
+    clocks = [StepClock() for _ in range(repeats)]
+    full = min(timed_generate(model, prompt, 1 + new_tokens, clock=clock, **kwargs) for clock in clocks)
     row = dict(prefill_s=prefill, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     row.update(per_token_figure(prefill, full, new_tokens))
+    row["step_ms_per_token"] = min(clock.ms_per_token() for clock in clocks)
     if profile:  # the GPU's share of a token: kernel time of the decoding steps (generate(1 + N) minus generate(1))
         prefill_kernels = generate_kernels(model, prompt, 1, **kwargs)
         full_kernels = generate_kernels(model, prompt, 1 + new_tokens, **kwargs)

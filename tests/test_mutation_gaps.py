@@ -247,7 +247,9 @@ def test_bench_generate_gives_no_figure_when_the_prompts_spread_exceeds_the_deco
 
     bench = _load("bench_generate")
 
-    def timed_generate(model, prompt, new_tokens, **kwargs) -> float:
+    def timed_generate(model, prompt, new_tokens, clock=None, **kwargs) -> float:
+        if clock is not None:  # the steps' own clock: 3 ms a token, whatever the two calls took
+            clock.times += [0.003 * step for step in range(new_tokens)]
         return prefill_s if new_tokens == 1 else full_s
 
     monkeypatch.setattr(bench, "timed_generate", timed_generate)
@@ -257,7 +259,31 @@ def test_bench_generate_gives_no_figure_when_the_prompts_spread_exceeds_the_deco
     row = bench.measure(None, batch=1, context=8, new_tokens=4, repeats=2)
     assert "ms_per_token" not in row and "error" not in row
     assert f"{full_s:.4f} s" in row["no_figure"] and f"{prefill_s:.4f} s" in row["no_figure"]
+    assert row["step_ms_per_token"] == pytest.approx(3.0)
     assert _load("profile_decode_host").per_token_text(prefill_s, full_s, 4).startswith("no figure")
-    monkeypatch.setattr(bench, "timed_generate", lambda model, prompt, new_tokens, **kwargs: 1.0 + 0.01 * new_tokens)
+    monkeypatch.setattr(bench, "timed_generate", lambda model, prompt, new_tokens, clock=None, **kwargs:
+                        (clock is not None and clock.times.extend(range(new_tokens))) or 1.0 + 0.01 * new_tokens)
     row = bench.measure(None, batch=1, context=8, new_tokens=4, repeats=2)
     assert row["ms_per_token"] == pytest.approx(10.0) and "no_figure" not in row
+
+
+def test_bench_generate_step_clock_times_the_decoding_steps_of_a_real_generate_call():
+    """StepClock is asked once per generated token (the prompt's first, then each decoded one), never stops the
+    call, and gives (last - first) / tokens between: with a clock that advances 1 s per read, exactly 1000 ms."""
+    from transformers import StoppingCriteriaList
+
+    from .test_quality_scripts import _load
+
+    bench = _load("bench_generate")
+    ticks = iter(range(1000))
+    clock = bench.StepClock(clock=lambda: float(next(ticks)))
+    model = make_model(tiny_config())
+    prompt = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+    assert out.shape == (2, 11 + 6)
+    assert len(clock.times) == 6
+    assert clock.ms_per_token() == pytest.approx(1000.0)
+    with pytest.raises(ValueError, match="at least two steps"):
+        bench.StepClock().ms_per_token()
