@@ -249,7 +249,7 @@ def test_bench_generate_gives_no_figure_when_the_prompts_spread_exceeds_the_deco
 
     def timed_generate(model, prompt, new_tokens, clock=None, **kwargs) -> float:
         if clock is not None:  # the steps' own clock: 3 ms a token, whatever the two calls took
-            clock.times += [0.003 * step for step in range(new_tokens)]
+            clock.times += [0.003 * step + (step > 0) for step in range(new_tokens)]  # the prompt's 1 s at the 2nd
         return prefill_s if new_tokens == 1 else full_s
 
     monkeypatch.setattr(bench, "timed_generate", timed_generate)
@@ -269,14 +269,15 @@ def test_bench_generate_gives_no_figure_when_the_prompts_spread_exceeds_the_deco
 
 def test_bench_generate_step_clock_times_the_decoding_steps_of_a_real_generate_call():
     """StepClock is asked once per generated token (the prompt's first, then each decoded one), never stops the
-    call, and gives (last - first) / tokens between: with a clock that advances 1 s per read, exactly 1000 ms."""
+    call, and gives (last - second) / steps between, leaving out the prompt's GPU work still queued at the first
+    ask: with a clock that advances 1 s per read but 100 s at the second, exactly 1000 ms."""
     from transformers import StoppingCriteriaList
 
     from .test_quality_scripts import _load
 
     bench = _load("bench_generate")
-    ticks = iter(range(1000))
-    clock = bench.StepClock(clock=lambda: float(next(ticks)))
+    ticks = iter([0.0, 100.0, 101.0, 102.0, 103.0, 104.0])
+    clock = bench.StepClock(clock=lambda: next(ticks))
     model = make_model(tiny_config())
     prompt = torch.randint(1, 97, (2, 11))
     with torch.no_grad():
@@ -285,5 +286,7 @@ def test_bench_generate_step_clock_times_the_decoding_steps_of_a_real_generate_c
     assert out.shape == (2, 11 + 6)
     assert len(clock.times) == 6
     assert clock.ms_per_token() == pytest.approx(1000.0)
-    with pytest.raises(ValueError, match="at least two steps"):
-        bench.StepClock().ms_per_token()
+    short = bench.StepClock()
+    short.times = [0.0, 1.0]
+    with pytest.raises(ValueError, match="at least three steps"):
+        short.ms_per_token()
