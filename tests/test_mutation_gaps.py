@@ -261,8 +261,12 @@ def test_bench_generate_gives_no_figure_when_the_prompts_spread_exceeds_the_deco
     assert f"{full_s:.4f} s" in row["no_figure"] and f"{prefill_s:.4f} s" in row["no_figure"]
     assert row["step_ms_per_token"] == pytest.approx(3.0)
     assert _load("profile_decode_host").per_token_text(prefill_s, full_s, 4).startswith("no figure")
-    monkeypatch.setattr(bench, "timed_generate", lambda model, prompt, new_tokens, clock=None, **kwargs:
-                        (clock is not None and clock.times.extend(range(new_tokens))) or 1.0 + 0.01 * new_tokens)
+    def ten_ms_a_token(model, prompt, new_tokens, clock=None, **kwargs) -> float:
+        if clock is not None:
+            clock.times += list(range(new_tokens))
+        return 1.0 + 0.01 * new_tokens
+
+    monkeypatch.setattr(bench, "timed_generate", ten_ms_a_token)
     row = bench.measure(None, batch=1, context=8, new_tokens=4, repeats=2)
     assert row["ms_per_token"] == pytest.approx(10.0) and "no_figure" not in row
 
