@@ -206,6 +206,8 @@ def main() -> None:
            if len(parts) != 3 or parts[0] not in SHAPES or not all(part.isdigit() for part in parts[1:])]
     if bad:
         parser.error(f"--extra takes shape:context:batch (a shape of {sorted(SHAPES)}, integers), got {bad}")
+    if args.new_tokens < 2:  # the step clock times from the second token to the last: at least two decoded
+        parser.error(f"--new-tokens must be at least 2, got {args.new_tokens}")
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s", flush=True)
     rows = []

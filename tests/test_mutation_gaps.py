@@ -294,3 +294,16 @@ def test_bench_generate_step_clock_times_the_decoding_steps_of_a_real_generate_c
     short.times = [0.0, 1.0]
     with pytest.raises(ValueError, match="at least three steps"):
         short.ms_per_token()
+
+
+def test_bench_generate_refuses_fewer_than_two_new_tokens_before_any_work(monkeypatch, capsys):
+    """The step clock times from the second token to the last, so `--new-tokens 1` is refused by name at the
+    command line, before a model is built or the GPU touched."""
+    from .test_quality_scripts import _load
+
+    bench = _load("bench_generate")
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: pytest.fail("the GPU was touched"))
+    monkeypatch.setattr("sys.argv", ["bench_generate.py", "--new-tokens", "1"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--new-tokens must be at least 2, got 1" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,7 +100,25 @@ def test_retrieval_benchmark_runs_and_writes_its_results(tmp_path):
     assert set(saved["accuracy"]) == {"nsa", "llama", "nsa window only"} == set(record["accuracy"])
     for accuracy in saved["accuracy"].values():
         assert set(accuracy) == {"48/0.0", "48/0.9", "64/0.0", "64/0.9"}
-        assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+@pytest.mark.parametrize(("wrong_last_digit", "expected"), [(False, 1.0), (True, 0.0)])
+def test_retrieval_score_counts_a_sample_right_only_when_every_digit_is(wrong_last_digit, expected):
+    """score() is the share of samples whose answer digits are all predicted: a model that predicts each next token
+    scores 1 everywhere, and one that misses only the last digit scores 0 (a per-digit mean would give 1/2)."""
+    retrieval = _load("quality_retrieval")
+    args = retrieval.build_parser().parse_args(TINY)
+
+    class NextToken(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+            logits = torch.nn.functional.one_hot(input_ids.roll(-1, dims=1), args.vocab).float()
+            if wrong_last_digit:
+                logits[:, -2] = logits[:, -2].roll(1, dims=-1)
+            return SimpleNamespace(logits=logits)
+
+    accuracy = retrieval.score(NextToken(), args, "cpu")
+    assert set(accuracy) == {"48/0.0", "48/0.9", "64/0.0", "64/0.9"}
+    assert all(value == expected for value in accuracy.values())
 
 
 def test_retrieval_models_option_trains_only_the_named_model(tmp_path):
