@@ -109,20 +109,46 @@ def window_only(model: NsaForCausalLM):
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, float]:
-    """Accuracy (every digit right) by 'length/depth', on fresh samples the training never saw."""
+def predict(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """By 'length/depth', on fresh samples the training never saw: (key digits, predicted digits), each
+    [samples, digits], a digit predicted as the argmax after the correct prefix."""
     model.eval()
     generator = torch.Generator().manual_seed(args.seed + 1)
-    results = {}
+    predictions = {}
     for length in args.lengths:
         for depth in args.depths:
             ids, labels = make_batch(args.samples, length, args.digits, args.vocab, generator,
                                      depths=torch.full((args.samples,), depth))
             with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.fp32 and device == "cuda"):
                 logits = model(input_ids=ids.to(device), use_cache=False).logits[:, -args.digits - 1 : -1]
-            correct = (logits.argmax(-1).cpu() == labels[:, -args.digits :]).all(-1)
-            results[f"{length}/{depth}"] = correct.float().mean().item()
-    return results
+            predictions[f"{length}/{depth}"] = (labels[:, -args.digits :], logits.argmax(-1).cpu())
+    return predictions
+
+
+def accuracy_by_cell(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Accuracy (every digit right) by 'length/depth'."""
+    return {cell: (predicted == key).all(-1).float().mean().item() for cell, (key, predicted) in predictions.items()}
+
+
+def accuracy_by_key(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float | list[float]]:
+    """Over every cell: accuracy on keys whose digits all differ and on keys where a digit repeats (a copy that
+    finds each next digit by matching the one before, as an induction head does, is ambiguous only there), the
+    share of such keys, and each digit's own accuracy (after the correct prefix)."""
+    keys = torch.cat([key for key, _ in predictions.values()])
+    right = torch.cat([predicted == key for key, predicted in predictions.values()])
+    repeated = torch.tensor([len(set(row.tolist())) < len(row) for row in keys], dtype=torch.bool)
+    whole = right.all(-1).float()
+
+    def mean(values: torch.Tensor) -> float:
+        return values.mean().item() if values.numel() else float("nan")
+
+    return {"distinct digits": mean(whole[~repeated]), "repeated digit": mean(whole[repeated]),
+            "share repeated": repeated.float().mean().item(), "by digit": right.float().mean(0).tolist()}
+
+
+def score(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, float]:
+    """Accuracy (every digit right) by 'length/depth', on fresh samples the training never saw."""
+    return accuracy_by_cell(predict(model, args, device))
 
 
 def plot(record: dict, path: Path) -> None:
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "lengths": args.lengths, "depths": args.depths, "chance": 10.0 ** -args.digits,
-        "accuracy": {}, "losses": {}, "train_seconds": {}, "complete": False,
+        "accuracy": {}, "by_key": {}, "losses": {}, "train_seconds": {}, "complete": False,
     }
     results = "retrieval_conversion" if args.conversion else "retrieval"
 
@@ -251,17 +277,22 @@ def main(argv: list[str] | None = None) -> dict:
         record["losses"][name] = quality_common.train(model, batches, args.steps, args.lr, args.seed, device,
                                                       bf16=not args.fp32)
         record["train_seconds"][name] = time.perf_counter() - start
-        record["accuracy"][name] = score(model, args, device)
+        scored = {name: predict(model, args, device)}
         if isinstance(model, NsaForCausalLM):
             with window_only(model):
-                record["accuracy"][f"{name} window only"] = score(model, args, device)
+                scored[f"{name} window only"] = predict(model, args, device)
+        for run, predictions in scored.items():
+            record["accuracy"][run] = accuracy_by_cell(predictions)
+            record["by_key"][run] = accuracy_by_key(predictions)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
         save()  # after each model: a run cut short by a time limit keeps the models it finished
     for run, accuracy in record["accuracy"].items():
         mean = sum(accuracy.values()) / len(accuracy)
-        print(f"{run}: mean accuracy {mean:.3f} (chance {record['chance']:.0e})", flush=True)
+        by_key = record["by_key"][run]
+        print(f"{run}: mean accuracy {mean:.3f} (chance {record['chance']:.0e}); keys with distinct digits "
+              f"{by_key['distinct digits']:.3f}, with a repeated digit {by_key['repeated digit']:.3f}", flush=True)
     record["complete"] = True
     save()
     plot(record, args.out / f"{results}.png")

@@ -100,6 +100,8 @@ def test_retrieval_benchmark_runs_and_writes_its_results(tmp_path):
     assert set(saved["accuracy"]) == {"nsa", "llama", "nsa window only"} == set(record["accuracy"])
     for accuracy in saved["accuracy"].values():
         assert set(accuracy) == {"48/0.0", "48/0.9", "64/0.0", "64/0.9"}
+    assert set(saved["by_key"]) == set(saved["accuracy"])
+    assert all(len(by_key["by digit"]) == 2 for by_key in saved["by_key"].values())
 
 
 @pytest.mark.parametrize(("wrong_last_digit", "expected"), [(False, 1.0), (True, 0.0)])
@@ -192,3 +194,19 @@ def test_retrieval_benchmark_builds_the_nsa_model_with_the_branch_kv_it_is_given
     for mode in ("independent", "shared"):
         model = retrieval.build("nsa", retrieval.build_parser().parse_args([*TINY, "--branch-kv", mode]))
         assert model.config.branch_kv == mode and model.config.window_size == 16
+
+
+def test_accuracy_by_key_splits_keys_with_a_repeated_digit_and_scores_each_digit():
+    """Two cells, four samples: distinct keys right and wrong once, repeated keys right once and wrong once. The
+    split counts a sample by whether any digit of its key repeats (not only neighbours), and each digit's accuracy
+    is over every sample."""
+    retrieval = _load("quality_retrieval")
+    keys = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 3], [3, 4, 3, 6], [5, 5, 6, 7]])
+    predicted = keys.clone()
+    predicted[1, 3] = 4  # a distinct key, last digit wrong
+    predicted[3, 1] = 6  # a repeated key, second digit wrong
+    cells = {"64/0.0": (keys[:2], predicted[:2]), "64/0.9": (keys[2:], predicted[2:])}
+    by_key = retrieval.accuracy_by_key(cells)
+    assert by_key["distinct digits"] == 0.5 and by_key["repeated digit"] == 0.5 and by_key["share repeated"] == 0.5
+    assert by_key["by digit"] == [1.0, 0.75, 1.0, 0.75]
+    assert retrieval.accuracy_by_cell(cells) == {"64/0.0": 0.5, "64/0.9": 0.5}
