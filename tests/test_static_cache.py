@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from nsa_hf import NsaCache, NsaForCausalLM, NsaStaticCache, modeling_nsa
+from nsa_hf import NsaCache, NsaConfig, NsaForCausalLM, NsaStaticCache, modeling_nsa
 from nsa_hf.compat import CACHE_KWARG
 
 from .factories import make_model, tiny_config
@@ -354,6 +354,27 @@ def test_static_cache_memory_at_32k_is_close_to_a_dense_static_cache(branch_kv, 
         model(input_ids=torch.randint(1, 97, (1, 40)), cache=cache)
     dense = config.num_hidden_layers * 2 * length * config.num_key_value_heads * config.head_dim * 4
     assert dense <= cache.nbytes() <= bound * dense  # the selection history alone is a dense K/V cache
+
+
+@pytest.mark.parametrize("branch_kv", ["independent", "shared"])
+def test_cache_memory_script_counts_every_buffer_against_transformers_static_cache(branch_kv):
+    """benchmarks/cache_memory.py (issue 15's memory target is about the caches): per layer and K or V, the
+    history L, the compressed store (one slot per stride d up to L, and a scratch slot), the raw ring 2(l + r) and,
+    with independent K/V only, the window ring 2(w + r), against transformers' StaticCache of the same shape (2 x L
+    per layer). From 32k tokens both modes stay within the 1.15x target; at 4k the independent window K/V do not."""
+    from .test_quality_scripts import _load
+
+    memory = _load("cache_memory")
+    config = NsaConfig(**memory.SHAPES["seed"])
+    heads, dim, layers, rollback = config.num_key_value_heads, config.head_dim, config.num_hidden_layers, 64
+    l, d, w = config.compress_block_size, config.compress_stride, config.window_size
+    for length in (4096 + 65, 32768 + 65, 131072 + 65):
+        nsa, dense = memory.cache_bytes("seed", branch_kv, length)
+        slots = length + (length - l) // d + 1 + 1 + 2 * (l + rollback)
+        slots += 2 * (w + rollback) if branch_kv == "independent" else 0
+        assert dense == layers * 2 * length * heads * dim * 2
+        assert nsa == layers * 2 * slots * heads * dim * 2
+        assert nsa / dense <= 1.15 or (length < 32768 and branch_kv == "independent")
 
 
 def test_generate_compiles_the_static_decoding_step_as_one_graph(model):
