@@ -204,9 +204,9 @@ def test_accuracy_by_key_splits_keys_with_a_repeated_digit_and_scores_each_digit
     keys = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 3], [3, 4, 3, 6], [5, 5, 6, 7]])
     predicted = keys.clone()
     predicted[1, 3] = 4  # a distinct key, last digit wrong
-    predicted[3, 1] = 6  # a repeated key, second digit wrong
+    predicted[3, 1:3] = 9  # a repeated key, second and third digits wrong
     cells = {"64/0.0": (keys[:2], predicted[:2]), "64/0.9": (keys[2:], predicted[2:])}
     by_key = retrieval.accuracy_by_key(cells)
     assert by_key["distinct digits"] == 0.5 and by_key["repeated digit"] == 0.5 and by_key["share repeated"] == 0.5
-    assert by_key["by digit"] == [1.0, 0.75, 1.0, 0.75]
+    assert by_key["by digit"] == [1.0, 0.75, 0.75, 0.75]  # by sample it would be [1, 0.75, 1, 0.5]
     assert retrieval.accuracy_by_cell(cells) == {"64/0.0": 0.5, "64/0.9": 0.5}
