@@ -7,8 +7,8 @@ NsaStaticCache allocates, made on the meta device (no memory, no GPU):
 
 What a static NsaCache holds per layer beyond the dense history (keys and values): the compressed store (one entry
 per stride d, so 1/d of the history), a ring of l + r raw tokens (r = max_rollback) for the next compressed block,
-both twice over, and with `branch_kv="independent"` a ring of w + r window tokens, twice over. The rings do not grow
-with the length, so the ratio falls as the context grows.
+and with `branch_kv="independent"` a ring of w + r window tokens; each ring is allocated twice over, so that a read
+never wraps. The rings do not grow with the length, so the ratio falls as the context grows.
 """
 
 from __future__ import annotations
