@@ -136,7 +136,7 @@ def accuracy_by_key(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -
     share of such keys, and each digit's own accuracy (after the correct prefix)."""
     keys = torch.cat([key for key, _ in predictions.values()])
     right = torch.cat([predicted == key for key, predicted in predictions.values()])
-    repeated = torch.tensor([len(set(row.tolist())) < len(row) for row in keys], dtype=torch.bool)
+    repeated = (keys.sort(-1).values.diff(dim=-1) == 0).any(-1)  # sorted, a repeated digit sits beside its twin
     whole = right.all(-1).float()
 
     def mean(values: torch.Tensor) -> float:
@@ -144,11 +144,6 @@ def accuracy_by_key(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -
 
     return {"distinct digits": mean(whole[~repeated]), "repeated digit": mean(whole[repeated]),
             "share repeated": repeated.float().mean().item(), "by digit": right.float().mean(0).tolist()}
-
-
-def score(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, float]:
-    """Accuracy (every digit right) by 'length/depth', on fresh samples the training never saw."""
-    return accuracy_by_cell(predict(model, args, device))
 
 
 def plot(record: dict, path: Path) -> None:

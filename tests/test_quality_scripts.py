@@ -106,8 +106,9 @@ def test_retrieval_benchmark_runs_and_writes_its_results(tmp_path):
 
 @pytest.mark.parametrize(("wrong_last_digit", "expected"), [(False, 1.0), (True, 0.0)])
 def test_retrieval_score_counts_a_sample_right_only_when_every_digit_is(wrong_last_digit, expected):
-    """score() is the share of samples whose answer digits are all predicted: a model that predicts each next token
-    scores 1 everywhere, and one that misses only the last digit scores 0 (a per-digit mean would give 1/2)."""
+    """accuracy_by_cell(predict()) is the share of samples whose answer digits are all predicted: a model that
+    predicts each next token scores 1 everywhere, and one that misses only the last digit scores 0 (a per-digit mean
+    would give 1/2)."""
     retrieval = _load("quality_retrieval")
     args = retrieval.build_parser().parse_args(TINY)
 
@@ -118,7 +119,7 @@ def test_retrieval_score_counts_a_sample_right_only_when_every_digit_is(wrong_la
                 logits[:, -2] = logits[:, -2].roll(1, dims=-1)
             return SimpleNamespace(logits=logits)
 
-    accuracy = retrieval.score(NextToken(), args, "cpu")
+    accuracy = retrieval.accuracy_by_cell(retrieval.predict(NextToken(), args, "cpu"))
     assert set(accuracy) == {"48/0.0", "48/0.9", "64/0.0", "64/0.9"}
     assert all(value == expected for value in accuracy.values())
 
