@@ -109,7 +109,8 @@ def window_only(model: NsaForCausalLM):
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, args: argparse.Namespace, device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def predict(model: torch.nn.Module, args: argparse.Namespace,
+            device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """By 'length/depth', on fresh samples the training never saw: (key digits, predicted digits), each
     [samples, digits], a digit predicted as the argmax after the correct prefix."""
     model.eval()
