@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,6 +161,20 @@ def test_retrieval_conversion_mode_trains_short_dense_then_compares_converted_an
     assert (tmp_path / "retrieval_conversion.json").is_file() and (tmp_path / "retrieval_conversion.png").is_file()
 
 
+def test_lm_eval_loss_of_a_uniform_predictor_is_log_vocab():
+    """eval_loss is the mean next-token cross entropy over the rows, in batches (the last one short): a model with
+    zero logits predicts every token with 1/V, so ln V, whatever the rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = _load("quality_lm")
+    vocab = 50
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    torch.nn.init.zeros_(model.lm_head.weight)
+    rows = torch.randint(0, vocab, (5, 12))
+    assert lm.eval_loss(model, rows, batch=2, device="cpu") == pytest.approx(math.log(vocab), rel=1e-5)
+
+
 def test_lm_benchmark_trains_both_models_on_the_same_data_and_reports_eval_losses(tmp_path):
     record = _load("quality_lm").main(
         ["--seq-len", "64", "--window", "16", "--block", "8", "--selected", "3", "--hidden", "32", "--layers", "1",
@@ -167,7 +182,6 @@ def test_lm_benchmark_trains_both_models_on_the_same_data_and_reports_eval_losse
          "--max-eval-rows", "2", "--corpus-chars", "40000", "--nsa-backend", "reference", "--out", str(tmp_path)]
     )
     assert set(record["eval_loss"]) == {"nsa", "llama"}
-    assert all(0 < loss < 20 for loss in record["eval_loss"].values())
     assert record["nsa_over_dense"] == record["eval_loss"]["nsa"] / record["eval_loss"]["llama"]
     assert (tmp_path / "lm.json").is_file() and (tmp_path / "lm.png").is_file()
 
